@@ -1,0 +1,15 @@
+"""zotune: fine-tune language models with zeroth-order optimization (forward passes only).
+
+Example:
+    >>> import torch, zotune
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = zotune.MeZO(model.named_parameters(), lr=1e-3, eps=1e-3)
+    >>> isinstance(opt, torch.optim.Optimizer)
+    True
+"""
+
+from .core import ParamSpace, UpdateLog, ZOOptimizer, replay
+from .methods import MeZO, MeZOConfig
+
+__version__ = "0.1.0"
+__all__ = ["MeZO", "MeZOConfig", "ParamSpace", "UpdateLog", "ZOOptimizer", "__version__", "replay"]

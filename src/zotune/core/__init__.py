@@ -1,0 +1,46 @@
+"""The ZO core: depends on torch only (no transformers import here).
+
+A ZO update is Σ_i c_i z(seed_i); z is regenerated from its seed, tensor by tensor, never stored. The pieces:
+:class:`ParamSpace` (what moves), :class:`DirectionSampler` (how z is drawn and applied), :class:`Estimator` (which
+forwards run), :class:`UpdateRule` (how the projected gradients become an update) and the facade
+:class:`ZOOptimizer` (a ``torch.optim.Optimizer``).
+"""
+
+from .estimators import ESTIMATORS, Estimate, Estimator, OnePoint, TwoPoint, read_loss
+from .log import UpdateLog, UpdateRecord
+from .optimizer import ZOOptimizer, replay
+from .rng import BLOCK, derive_seed, tensor_seed
+from .rules import RULES, ZOSGD, UpdateRule
+from .samplers import SAMPLERS, BlockSampler, DirectionSampler, Gaussian, Op, Rademacher, Scale, Z, make_sampler
+from .space import Entry, ParamSpace, default_decay
+
+__all__ = [
+    "BLOCK",
+    "ESTIMATORS",
+    "RULES",
+    "SAMPLERS",
+    "BlockSampler",
+    "DirectionSampler",
+    "Entry",
+    "Estimate",
+    "Estimator",
+    "Gaussian",
+    "OnePoint",
+    "Op",
+    "ParamSpace",
+    "Rademacher",
+    "Scale",
+    "TwoPoint",
+    "UpdateLog",
+    "UpdateRecord",
+    "UpdateRule",
+    "Z",
+    "ZOOptimizer",
+    "ZOSGD",
+    "default_decay",
+    "derive_seed",
+    "make_sampler",
+    "read_loss",
+    "replay",
+    "tensor_seed",
+]
