@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .samplers import DirectionSampler, Z
@@ -49,14 +50,15 @@ class Estimate:
 
 
 def read_loss(value: Tensor | float) -> float:
-    """The closure's loss as a finite Python float (fp32 read); ValueError for a non-scalar or a NaN/inf."""
+    """The closure's loss as a finite Python float, read in fp32 (fp64 kept); ValueError for non-scalar or NaN/inf."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(
                 f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)} "
                 "(reduce it, e.g. loss.mean())"
             )
-        value = float(value.detach().float())
+        v = value.detach()
+        value = float(v if v.dtype == torch.float64 else v.float())  # fp32 at least, fp64 kept
     elif isinstance(value, (int, float)):
         value = float(value)
     else:

@@ -38,7 +38,7 @@ from .samplers import SAMPLERS, DirectionSampler, Z, make_sampler
 from .space import DecayMask, ParamSpace, _is_quantized, check_tensor
 
 
-def _check_hparams(lr: Any, eps: Any, weight_decay: Any) -> None:
+def check_hparams(lr: Any, eps: Any, weight_decay: Any) -> None:
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"invalid learning rate lr={lr!r}: must be a finite number >= 0")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -80,12 +80,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         masks: Mapping[str, Tensor] | None = None,
         method: str = "zo",
     ):
-        _check_hparams(lr, eps, weight_decay)
+        check_hparams(lr, eps, weight_decay)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         for g in self.param_groups:
-            _check_hparams(g["lr"], g["eps"], g["weight_decay"])
+            check_hparams(g["lr"], g["eps"], g["weight_decay"])
         self.sampler = make_sampler(sampler)
         self.estimator = estimator if estimator is not None else TwoPoint()
         self.rule = rule if rule is not None else ZOSGD()
@@ -157,7 +157,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("ZO optimizers need a closure that returns the loss: opt.step(lambda: model(**b).loss)")
         for g in self.param_groups:  # schedulers or users may have edited the groups
-            _check_hparams(g["lr"], g["eps"], g["weight_decay"])
+            check_hparams(g["lr"], g["eps"], g["weight_decay"])
         if not self._validated:
             # One unperturbed forward on the first step: a closure that returns a non-scalar or a NaN is rejected
             # before any parameter is touched (later NaNs are undone to rounding before the error is raised).

@@ -187,9 +187,16 @@ _SHIFTS: dict[torch.device, Tensor] = {}
 
 
 class Rademacher(BlockSampler):
-    """z uniform on {-1, +1}^d (Spall's SPSA). Cheaper to draw than Gaussian: 32 signs per random 32-bit word."""
+    """z uniform on {-1, +1}^d (Spall's SPSA). Cheaper to draw than Gaussian: 32 signs per random 32-bit word.
+
+    Runs one block at a time by default: the bit expansion is done by torch ops that already use every core, and
+    extra block threads would only oversubscribe them (the Gaussian draw, by contrast, is serial per generator).
+    """
 
     name = "rademacher"
+
+    def __init__(self, workers: int | None = 1):
+        super().__init__(workers)
 
     def _fill(self, out: Tensor, gen: torch.Generator) -> None:
         n = out.numel()

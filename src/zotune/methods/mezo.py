@@ -21,12 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import SAMPLERS, ZOSGD, TwoPoint, ZOOptimizer
+from ..core.optimizer import check_hparams
 from ..core.space import DecayMask
 from .registry import register_method
 
@@ -43,16 +43,7 @@ class MeZOConfig:
     seed: int = field(default=0, metadata={"help": "run seed: direction i of step t uses hash(seed, t, i)"})
 
     def __post_init__(self) -> None:
-        for k in ("lr", "eps", "weight_decay"):
-            v = getattr(self, k)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"MeZO {k}={v!r} must be a finite number")
-        if self.lr < 0:
-            raise ValueError(f"MeZO lr={self.lr} must be >= 0")
-        if self.eps <= 0:
-            raise ValueError(f"MeZO eps={self.eps} must be > 0 (paper: 1e-3)")
-        if self.weight_decay < 0:
-            raise ValueError(f"MeZO weight_decay={self.weight_decay} must be >= 0")
+        check_hparams(self.lr, self.eps, self.weight_decay)
         if int(self.num_directions) != self.num_directions or self.num_directions < 1:
             raise ValueError(f"MeZO num_directions={self.num_directions} must be an integer >= 1")
         if self.sampler not in SAMPLERS:

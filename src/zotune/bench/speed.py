@@ -1,0 +1,282 @@
+"""Speed and memory of a ZO step, as ratios measured in one process.
+
+Measured at one batch shape on one model, all in the same process, in this order:
+forward time; MeZO step time (Gaussian and Rademacher z); a *reference-style* MeZO step written as the MeZO paper's
+code does it (4 passes over the weights, a fresh ``torch.randn`` per tensor per pass, out-of-place
+``p.data = p.data + ...``); peak memory of inference, of a ZO step, of the reference step and of a first-order AdamW
+step. Peak memory is peak RSS on CPU (the kernel's high-water mark, reset between phases through
+``/proc/self/clear_refs``) and ``torch.cuda.max_memory_allocated`` on CUDA.
+
+Targets (foundation issue): step ÷ (2 × forward) ≤ 1.25 (Gaussian), ≤ 1.15 (Rademacher) on CPU, ≤ 1.05 on GPU;
+peak(ZO step) ÷ peak(inference) ≤ 1.05.
+
+Example (the committed numbers come from this command):
+    python -m zotune.bench --model smollm2-135m --batch 16 --seq 64 --out bench/results/cpu-smollm2.json
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import ZOOptimizer
+
+
+# ------------------------------------------------------------------------------------------------ memory probes
+def _rss_peak_reset() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the new high-water mark starts clean
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of the code inside (bytes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _rss_peak_reset()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = _rss_peak()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# -------------------------------------------------------------------------------------- reference-style MeZO step
+class ReferenceMeZO:
+    """MeZO as its reference code does it (large_models/trainer.py), for comparison only.
+
+    4 passes over the weights (+ε, −2ε, +ε, update), each drawing a fresh ``torch.randn`` per tensor, applied out
+    of place (``p.data = p.data + c * z``). The reference seeds the *global* RNG; here a dedicated generator is used
+    (same cost) so the benchmark does not disturb anything else.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, eps: float, seed: int = 0):
+        self.params, self.lr, self.eps, self.seed = params, lr, eps, seed
+        self.gen = torch.Generator(device=params[0].device)
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        self.gen.manual_seed(seed)
+        for p in self.params:
+            z = torch.randn(p.shape, generator=self.gen, device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * self.eps * z
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> float:
+        self.seed += 1
+        self._perturb(self.seed, 1)
+        plus = closure().item()
+        self._perturb(self.seed, -2)
+        minus = closure().item()
+        self._perturb(self.seed, 1)
+        g = (plus - minus) / (2 * self.eps)
+        self.gen.manual_seed(self.seed)
+        for p in self.params:
+            z = torch.randn(p.shape, generator=self.gen, device=p.device, dtype=p.dtype)
+            p.data = p.data - self.lr * g * z
+        return (plus + minus) / 2
+
+
+# ------------------------------------------------------------------------------------------------------ the bench
+def _batch(tokenizer: Any, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from ..tasks import read_sst2
+
+    rows = read_sst2("train", limit=batch * 4)
+    text = [" ".join(r["sentence"] for r in rows[i::batch]) for i in range(batch)]  # long enough for `seq` tokens
+    enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def bench_speed_memory(
+    model_name: str = "smollm2-135m",
+    *,
+    batch: int = 16,
+    seq: int = 64,
+    device: str = "cpu",
+    dtype: str = "float32",
+    reps: int = 5,
+    adamw: bool = True,
+) -> dict[str, Any]:
+    """Measure forward/step times and peak memories; returns a dict of raw numbers and ratios."""
+    from ..models import load
+
+    dev = torch.device(device)
+    model, tok = load(model_name, dtype=dtype, device=device)
+    model.eval()
+    b = _batch(tok, batch, seq, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss() -> torch.Tensor:
+        return model(**b).loss
+
+    res: dict[str, Any] = {
+        "model": model_name,
+        "params": sum(p.numel() for p in params),
+        "batch": batch,
+        "seq": seq,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "reps": reps,
+    }
+    with torch.no_grad():
+        loss()  # warm-up (allocator, kernels)
+        with PeakMemory(dev) as mem:
+            fwd = _timed(loss, dev, reps)
+    res["forward_s"] = statistics.median(fwd)
+    res["peak_inference_bytes"] = mem.peak
+
+    for sampler in ("gaussian", "rademacher"):
+        opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, sampler=sampler, method="mezo")
+        opt.step(loss)  # warm-up (includes the one-off closure check)
+        with PeakMemory(dev) as mem:
+            t = _timed(lambda opt=opt: opt.step(loss), dev, reps)
+        res[f"mezo_{sampler}_step_s"] = statistics.median(t)
+        res[f"peak_mezo_{sampler}_bytes"] = mem.peak
+        del opt
+
+    ref = ReferenceMeZO(params, lr=1e-7, eps=1e-3)
+    ref.step(loss)
+    with PeakMemory(dev) as mem:
+        t = _timed(lambda r=ref: r.step(loss), dev, max(2, reps // 2))
+    res["reference_step_s"] = statistics.median(t)
+    res["peak_reference_bytes"] = mem.peak
+    del ref
+
+    if adamw:
+        adam = torch.optim.AdamW(params, lr=1e-5)
+
+        def fo_step() -> None:
+            adam.zero_grad(set_to_none=True)
+            loss().backward()
+            adam.step()
+
+        fo_step()  # allocates the Adam moments: the steady state is what a user pays
+        with PeakMemory(dev) as mem:
+            t = _timed(fo_step, dev, max(2, reps // 2))
+        res["adamw_step_s"] = statistics.median(t)
+        res["peak_adamw_bytes"] = mem.peak
+        adam.zero_grad(set_to_none=True)
+        del adam
+
+    two_fwd = 2 * res["forward_s"]
+    inf = res["peak_inference_bytes"]
+    res["ratios"] = {
+        "mezo_gaussian_step_over_2fwd": res["mezo_gaussian_step_s"] / two_fwd,
+        "mezo_rademacher_step_over_2fwd": res["mezo_rademacher_step_s"] / two_fwd,
+        "reference_step_over_2fwd": res["reference_step_s"] / two_fwd,
+        "peak_mezo_gaussian_over_inference": res["peak_mezo_gaussian_bytes"] / inf,
+        "peak_mezo_rademacher_over_inference": res["peak_mezo_rademacher_bytes"] / inf,
+        "peak_reference_over_inference": res["peak_reference_bytes"] / inf,
+    }
+    if adamw:
+        res["ratios"]["peak_adamw_over_inference"] = res["peak_adamw_bytes"] / inf
+        res["ratios"]["adamw_step_over_2fwd"] = res["adamw_step_s"] / two_fwd
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """A plain-text table of one benchmark result."""
+    mb = 1 / 2**20
+    lines = [
+        f"model {res['model']} ({res['params'] / 1e6:.1f} M params), batch {res['batch']} x {res['seq']} tokens, "
+        f"{res['device']} ({res['device_name']}), {res['dtype']}, {res['threads']} threads, torch {res['torch']}",
+        f"{'':34}{'time (s)':>10}{'÷ 2×fwd':>10}{'peak (MiB)':>12}{'÷ inference':>13}",
+        f"{'forward (inference)':34}{res['forward_s']:10.3f}{'':10}{res['peak_inference_bytes'] * mb:12.0f}{1:13.3f}",
+    ]
+    rows = [
+        ("MeZO step, Gaussian z", "mezo_gaussian_step_s", "peak_mezo_gaussian_bytes"),
+        ("MeZO step, Rademacher z", "mezo_rademacher_step_s", "peak_mezo_rademacher_bytes"),
+        ("reference-style MeZO step", "reference_step_s", "peak_reference_bytes"),
+        ("first-order AdamW step", "adamw_step_s", "peak_adamw_bytes"),
+    ]
+    for label, tk, mk in rows:
+        if tk in res:
+            lines.append(
+                f"{label:34}{res[tk]:10.3f}{res[tk] / (2 * res['forward_s']):10.3f}"
+                f"{res[mk] * mb:12.0f}{res[mk] / res['peak_inference_bytes']:13.3f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="zotune bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="packaged name, HF folder, .gguf file or hub id")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-adamw", action="store_true", help="skip the first-order AdamW step")
+    p.add_argument("--out", default=None, help="write the raw result as JSON here")
+    a = p.parse_args(argv)
+    if a.batch < 1 or a.seq < 1 or a.reps < 1:
+        p.error("--batch, --seq and --reps must be >= 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = bench_speed_memory(
+        a.model, batch=a.batch, seq=a.seq, device=a.device, dtype=a.dtype, reps=a.reps, adamw=not a.no_adamw
+    )
+    res["command"] = "python -m zotune.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    print(format_table(res))
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0
