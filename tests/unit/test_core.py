@@ -147,9 +147,9 @@ def test_three_passes_three_draws_per_step():
             self.passes += 1
             super().apply_(space, program)
 
-        def _block(self, *a, **k):
+        def _gen_into(self, *a, **k):
             self.draws += 1
-            return super()._block(*a, **k)
+            return super()._gen_into(*a, **k)
 
     model = tiny_model("llama")
     s = Counting()

@@ -144,12 +144,24 @@ def bench_speed_memory(
     dtype: str = "float32",
     reps: int = 5,
     adamw: bool = True,
+    random_init: bool = False,
 ) -> dict[str, Any]:
     """Measure forward/step times and peak memories; returns a dict of raw numbers and ratios."""
-    from ..models import load
-
     dev = torch.device(device)
-    model, tok = load(model_name, dtype=dtype, device=device)
+    if random_init:
+        # Same shapes, random weights: times and memory depend on shapes only, and a machine that cannot hold the
+        # converted weights (the GPU box takes 64 MiB of files) still measures the real architecture.
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = AutoConfig.from_pretrained(model_name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).to(dev)
+        tok = AutoTokenizer.from_pretrained(model_name)
+    else:
+        from ..models import load
+
+        model, tok = load(model_name, dtype=dtype, device=device)
     model.eval()
     b = _batch(tok, batch, seq, dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,30 +180,47 @@ def bench_speed_memory(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "reps": reps,
+        "random_init": random_init,
     }
+    opts = {
+        f"mezo_{name}": ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, sampler=name, method="mezo")
+        for name in ("gaussian", "rademacher")
+    }
+    steps: dict[str, Callable[[], Any]] = {k: (lambda o=o: o.step(loss)) for k, o in opts.items()}
+    ref = ReferenceMeZO(params, lr=1e-7, eps=1e-3)
+    steps["reference"] = lambda: ref.step(loss)
     with torch.no_grad():
         loss()  # warm-up (allocator, kernels)
-        with PeakMemory(dev) as mem:
-            fwd = _timed(loss, dev, reps)
-    res["forward_s"] = statistics.median(fwd)
-    res["peak_inference_bytes"] = mem.peak
+    for fn in steps.values():
+        fn()  # warm-up (includes the one-off closure check of the ZO optimizers)
+    keys = ["forward", *steps]
 
-    for sampler in ("gaussian", "rademacher"):
-        opt = ZOOptimizer(model.named_parameters(), lr=1e-7, eps=1e-3, sampler=sampler, method="mezo")
-        opt.step(loss)  # warm-up (includes the one-off closure check)
-        with PeakMemory(dev) as mem:
-            t = _timed(lambda opt=opt: opt.step(loss), dev, reps)
-        res[f"mezo_{sampler}_step_s"] = statistics.median(t)
-        res[f"peak_mezo_{sampler}_bytes"] = mem.peak
-        del opt
+    def call(key: str) -> Any:
+        if key == "forward":
+            with torch.no_grad():
+                return loss()
+        return steps[key]()
 
-    ref = ReferenceMeZO(params, lr=1e-7, eps=1e-3)
-    ref.step(loss)
-    with PeakMemory(dev) as mem:
-        t = _timed(lambda r=ref: r.step(loss), dev, max(2, reps // 2))
-    res["reference_step_s"] = statistics.median(t)
-    res["peak_reference_bytes"] = mem.peak
-    del ref
+    # Memory: one phase per kind, in this order, before any timing: the reference step's out-of-place updates
+    # churn the allocator (glibc then keeps freed blocks), which would inflate whatever is measured after it.
+    peaks: dict[str, int] = {}
+    for key in keys:
+        with PeakMemory(dev) as mem:
+            call(key)
+            call(key)
+        peaks[key] = mem.peak
+    # Time: interleaved rounds, each timing one forward and one step of each kind, so that drift of a shared
+    # machine (clock, neighbours) hits all of them alike; ratios are taken per round, then the median.
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(reps):
+        for key in keys:
+            times[key] += _timed(lambda key=key: call(key), dev, 1)
+    res["forward_s"] = statistics.median(times["forward"])
+    res["peak_inference_bytes"] = peaks["forward"]
+    res["rounds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
+    for key in steps:
+        res[f"{key}_step_s"] = statistics.median(times[key])
+        res[f"peak_{key}_bytes"] = peaks[key]
 
     if adamw:
         adam = torch.optim.AdamW(params, lr=1e-5)
@@ -211,10 +240,14 @@ def bench_speed_memory(
 
     two_fwd = 2 * res["forward_s"]
     inf = res["peak_inference_bytes"]
+
+    def per_round(key: str) -> float:
+        return statistics.median(t / (2 * f) for t, f in zip(times[key], times["forward"], strict=True))
+
     res["ratios"] = {
-        "mezo_gaussian_step_over_2fwd": res["mezo_gaussian_step_s"] / two_fwd,
-        "mezo_rademacher_step_over_2fwd": res["mezo_rademacher_step_s"] / two_fwd,
-        "reference_step_over_2fwd": res["reference_step_s"] / two_fwd,
+        "mezo_gaussian_step_over_2fwd": per_round("mezo_gaussian"),
+        "mezo_rademacher_step_over_2fwd": per_round("mezo_rademacher"),
+        "reference_step_over_2fwd": per_round("reference"),
         "peak_mezo_gaussian_over_inference": res["peak_mezo_gaussian_bytes"] / inf,
         "peak_mezo_rademacher_over_inference": res["peak_mezo_rademacher_bytes"] / inf,
         "peak_reference_over_inference": res["peak_reference_bytes"] / inf,
@@ -234,18 +267,21 @@ def format_table(res: dict[str, Any]) -> str:
         f"{'':34}{'time (s)':>10}{'÷ 2×fwd':>10}{'peak (MiB)':>12}{'÷ inference':>13}",
         f"{'forward (inference)':34}{res['forward_s']:10.3f}{'':10}{res['peak_inference_bytes'] * mb:12.0f}{1:13.3f}",
     ]
+    r = res["ratios"]
     rows = [
-        ("MeZO step, Gaussian z", "mezo_gaussian_step_s", "peak_mezo_gaussian_bytes"),
-        ("MeZO step, Rademacher z", "mezo_rademacher_step_s", "peak_mezo_rademacher_bytes"),
-        ("reference-style MeZO step", "reference_step_s", "peak_reference_bytes"),
-        ("first-order AdamW step", "adamw_step_s", "peak_adamw_bytes"),
+        ("MeZO step, Gaussian z", "mezo_gaussian"),
+        ("MeZO step, Rademacher z", "mezo_rademacher"),
+        ("reference-style MeZO step", "reference"),
+        ("first-order AdamW step", "adamw"),
     ]
-    for label, tk, mk in rows:
-        if tk in res:
+    for label, key in rows:
+        if f"{key}_step_s" in res:
+            peak = res[f"peak_{key}_bytes"]
             lines.append(
-                f"{label:34}{res[tk]:10.3f}{res[tk] / (2 * res['forward_s']):10.3f}"
-                f"{res[mk] * mb:12.0f}{res[mk] / res['peak_inference_bytes']:13.3f}"
+                f"{label:34}{res[f'{key}_step_s']:10.3f}{r[f'{key}_step_over_2fwd']:10.3f}"
+                f"{peak * mb:12.0f}{peak / res['peak_inference_bytes']:13.3f}"
             )
+    lines.append("time ratios: median over interleaved rounds of step ÷ (2 × that round's forward)")
     return "\n".join(lines)
 
 
@@ -261,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-adamw", action="store_true", help="skip the first-order AdamW step")
+    p.add_argument("--random-init", action="store_true", help="model = config + tokenizer of --model, random weights")
     p.add_argument("--out", default=None, help="write the raw result as JSON here")
     a = p.parse_args(argv)
     if a.batch < 1 or a.seq < 1 or a.reps < 1:
@@ -268,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = bench_speed_memory(
-        a.model, batch=a.batch, seq=a.seq, device=a.device, dtype=a.dtype, reps=a.reps, adamw=not a.no_adamw
+        a.model,
+        batch=a.batch,
+        seq=a.seq,
+        device=a.device,
+        dtype=a.dtype,
+        reps=a.reps,
+        adamw=not a.no_adamw,
+        random_init=a.random_init,
     )
     res["command"] = "python -m zotune.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     print(format_table(res))

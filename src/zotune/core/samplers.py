@@ -52,6 +52,21 @@ class Scale:
 Op = Z | Scale
 Program = Callable[[Entry], Sequence[Op]]
 
+
+@dataclass(frozen=True)
+class _Job:
+    """One block of one tensor and a run of its program's ops that share one z (seed None: Scale ops only)."""
+
+    entry: Entry
+    start: int
+    n: int
+    seed: int | None
+    ops: list[Op]
+    first: bool  # first run of this block: a masked tensor gathers its selected values here
+    last: bool  # last run: a masked tensor scatters them back here
+
+
+_CHUNK = 16384  # elements per elementwise op inside worker threads: below ATen's grain size (32768), no OpenMP
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
@@ -98,76 +113,119 @@ class BlockSampler(DirectionSampler):
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        self._local = threading.local()  # per thread: generator and z buffer per device
+        self._local = threading.local()  # per thread: a generator (and a z buffer) per device
 
     @abstractmethod
     def _fill(self, out: Tensor, gen: torch.Generator) -> None:
         """Fill ``out`` (1-D fp32, at most BLOCK elements) with i.i.d. draws from ``gen``."""
 
-    def _scratch(self, device: torch.device) -> tuple[torch.Generator, Tensor]:
-        cache = self._local.__dict__.setdefault("scratch", {})
+    def _generator(self, device: torch.device) -> torch.Generator:
+        cache = self._local.__dict__.setdefault("gens", {})
         if device not in cache:
-            cache[device] = (torch.Generator(device=device), torch.empty(BLOCK, dtype=torch.float32, device=device))
+            cache[device] = torch.Generator(device=device)
         return cache[device]
 
-    def _block(self, tseed: int, block: int, n: int, device: torch.device) -> Tensor:
-        gen, buf = self._scratch(device)
-        gen.manual_seed(block_seed(tseed, block))
-        out = buf[:n]
+    def _buffer(self, device: torch.device) -> Tensor:
+        cache = self._local.__dict__.setdefault("bufs", {})
+        if device not in cache:
+            cache[device] = torch.empty(BLOCK, dtype=torch.float32, device=device)
+        return cache[device]
+
+    def _gen_into(self, out: Tensor, name: str, seed: int, block: int) -> Tensor:
+        """Block ``block`` of z(seed) for tensor ``name``, written into ``out`` (its length is the block's)."""
+        gen = self._generator(out.device)
+        gen.manual_seed(block_seed(tensor_seed(seed, name), block))
         self._fill(out, gen)
         return out
 
-    def _run(self, tasks: list[tuple[Entry, Sequence[Op], int, int]]) -> None:
-        for entry, ops, start, n in tasks:
-            flat = entry.param.data.view(-1)
-            if entry.index is None:
-                target = flat[start : start + n]
-            else:
-                idx = entry.index[start : start + n]
-                target = flat.index_select(0, idx)  # gather the selected entries, update them densely, scatter back
-            block = start // BLOCK
-            last_seed, z = None, None
+    @staticmethod
+    def _jobs(space: ParamSpace, program: Program) -> list[_Job]:
+        """Cut every tensor's program into blocks, and each block's ops into runs that share one z."""
+        jobs: list[_Job] = []
+        for entry in space:
+            ops = list(program(entry))
+            if not ops:
+                continue
+            runs: list[tuple[int | None, list[Op]]] = []  # (seed of the run's z, or None: only Scale so far)
             for op in ops:
-                if isinstance(op, Scale):
-                    target.mul_(op.factor)
-                    continue
-                if op.seed != last_seed:  # consecutive ops on one seed reuse the block of z already in cache
-                    z = self._block(tensor_seed(op.seed, entry.name), block, n, target.device)
-                    last_seed = op.seed
-                target.add_(z, alpha=op.coef)
-            if entry.index is not None:
-                flat.index_copy_(0, idx, target)
+                seed = op.seed if isinstance(op, Z) else None
+                if runs and (seed is None or runs[-1][0] in (None, seed)):
+                    if runs[-1][0] is None:
+                        runs[-1] = (seed, runs[-1][1])
+                    runs[-1][1].append(op)
+                else:
+                    runs.append((seed, [op]))
+            for start in range(0, entry.numel, BLOCK):
+                n = min(BLOCK, entry.numel - start)
+                for i, (seed, run) in enumerate(runs):
+                    jobs.append(_Job(entry, start, n, seed, run, i == 0, i == len(runs) - 1))
+        return jobs
 
     def apply_(self, space: ParamSpace, program: Program) -> None:
-        tasks: list[tuple[Entry, Sequence[Op], int, int]] = []
-        for entry in space:
-            ops = program(entry)
-            if ops:
-                tasks += [(entry, ops, s, min(BLOCK, entry.numel - s)) for s in range(0, entry.numel, BLOCK)]
-        if not tasks:
+        jobs = self._jobs(space, program)
+        if not jobs:
             return
         workers = self.workers or torch.get_num_threads()
-        if workers == 1 or tasks[0][0].param.device.type != "cpu" or len(tasks) == 1:
-            self._run(tasks)
+        if workers == 1 or jobs[0].entry.param.device.type != "cpu":
+            self._run(jobs, chunk=None)
             return
-        # Contiguous shares of roughly equal element counts, one per worker; this thread runs the last share.
-        total = sum(t[3] for t in tasks)
-        shares: list[list] = [[] for _ in range(workers)]
-        acc = 0
-        for t in tasks:
-            shares[min(workers - 1, acc * workers // total)].append(t)
-            acc += t[3]
-        futures = [_pool(workers).submit(self._run, s) for s in shares[:-1] if s]
-        self._run(shares[-1])
-        for f in futures:
-            f.result()
+        # Each worker draws *and* applies a contiguous share of the blocks. Its elementwise ops run on chunks below
+        # torch's OpenMP grain size, so no OpenMP team is started inside a worker thread: teams started there
+        # would oversubscribe the cores during the pass and slow the next forward.
+        total = sum(j.n for j in jobs if j.first)
+        shares: list[list[_Job]] = [[] for _ in range(workers)]
+        acc, w = 0, 0
+        for job in jobs:  # the runs of one block stay together (a masked block gathers once, scatters once)
+            if job.first:
+                w = min(workers - 1, acc * workers // total)
+                acc += job.n
+            shares[w].append(job)
+        futures = [_pool(workers).submit(self._run, sh, _CHUNK) for sh in shares[:-1] if sh]
+        try:
+            self._run(shares[-1], _CHUNK)
+        finally:
+            for f in futures:
+                f.result()
+
+    def _run(self, jobs: list[_Job], chunk: int | None) -> None:
+        buf = None
+        gathered = None
+        for job in jobs:
+            z = None
+            if job.seed is not None:
+                if buf is None:
+                    buf = self._buffer(job.entry.param.device)
+                z = self._gen_into(buf[: job.n], job.entry.name, job.seed, job.start // BLOCK)
+            gathered = self._apply_job(job, z, gathered, chunk)
+
+    @staticmethod
+    def _apply_job(job: _Job, z: Tensor | None, gathered: Tensor | None, chunk: int | None) -> Tensor | None:
+        """Run one job's ops on its block; returns the gathered values of a masked block between its runs."""
+        entry = job.entry
+        flat = entry.param.data.view(-1)
+        if entry.index is None:
+            target = flat[job.start : job.start + job.n]
+        else:  # masked: gather the selected values once per block, update them densely, scatter them back
+            if job.first:
+                gathered = flat.index_select(0, entry.index[job.start : job.start + job.n])
+            target = gathered
+        step = chunk or job.n
+        for c in range(0, job.n, step):
+            t = target[c : c + step]
+            for op in job.ops:
+                if isinstance(op, Scale):
+                    t.mul_(op.factor)
+                else:
+                    t.add_(z[c : c + step], alpha=op.coef)
+        if entry.index is not None and job.last:
+            flat.index_copy_(0, entry.index[job.start : job.start + job.n], target)
+            return None
+        return gathered
 
     def draw(self, entry: Entry, seed: int) -> Tensor:
         out = torch.empty(entry.numel, dtype=torch.float32, device=entry.param.device)
-        tseed = tensor_seed(seed, entry.name)
         for s in range(0, entry.numel, BLOCK):
-            n = min(BLOCK, entry.numel - s)
-            out[s : s + n] = self._block(tseed, s // BLOCK, n, out.device)
+            self._gen_into(out[s : s + min(BLOCK, entry.numel - s)], entry.name, seed, s // BLOCK)
         return out.view_as(entry.param) if entry.index is None else out
 
     def config(self) -> dict[str, Any]:
@@ -199,6 +257,9 @@ class Rademacher(BlockSampler):
         super().__init__(workers)
 
     def _fill(self, out: Tensor, gen: torch.Generator) -> None:
+        if out.device.type != "cpu":  # on a GPU, drawing is cheap and kernel launches are not: 3 kernels, not 6
+            out.random_(0, 2, generator=gen).mul_(2).sub_(1)
+            return
         n = out.numel()
         nw = (n + 31) // 32
         words = self._words(out.device)[:nw].random_(-(2**31), 2**31, generator=gen)
