@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import require_or_skip
+from real_support import require_or_skip
 
 import zotune
 from zotune.cli import _sst2_batch

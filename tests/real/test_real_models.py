@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_or_skip
+from real_support import require_or_skip
 
 from zotune.models import PACKAGED, ModelLoadError, load, resolve
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, tiny_batch, tiny_model
 
 import zotune
 from zotune.core import (

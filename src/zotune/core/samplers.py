@@ -58,9 +58,10 @@ class _Job:
     """One block of one tensor and a run of its program's ops that share one z (seed None: Scale ops only)."""
 
     entry: Entry
+    flat: Tensor  # the parameter's storage as 1-D (a view)
     start: int
     n: int
-    seed: int | None
+    bseed: int | None  # generator seed of this block of z, None for a run of Scale ops only
     ops: list[Op]
     first: bool  # first run of this block: a masked tensor gathers its selected values here
     last: bool  # last run: a masked tensor scatters them back here
@@ -131,10 +132,10 @@ class BlockSampler(DirectionSampler):
             cache[device] = torch.empty(BLOCK, dtype=torch.float32, device=device)
         return cache[device]
 
-    def _gen_into(self, out: Tensor, name: str, seed: int, block: int) -> Tensor:
-        """Block ``block`` of z(seed) for tensor ``name``, written into ``out`` (its length is the block's)."""
+    def _gen_into(self, out: Tensor, bseed: int) -> Tensor:
+        """One block of z, drawn from a generator seeded with ``bseed`` into ``out`` (the block's length)."""
         gen = self._generator(out.device)
-        gen.manual_seed(block_seed(tensor_seed(seed, name), block))
+        gen.manual_seed(bseed)
         self._fill(out, gen)
         return out
 
@@ -155,10 +156,13 @@ class BlockSampler(DirectionSampler):
                     runs[-1][1].append(op)
                 else:
                     runs.append((seed, [op]))
+            flat = entry.param.data.view(-1)
+            tseeds = {seed: tensor_seed(seed, entry.name) for seed, _ in runs if seed is not None}
             for start in range(0, entry.numel, BLOCK):
-                n = min(BLOCK, entry.numel - start)
+                n, block = min(BLOCK, entry.numel - start), start // BLOCK
                 for i, (seed, run) in enumerate(runs):
-                    jobs.append(_Job(entry, start, n, seed, run, i == 0, i == len(runs) - 1))
+                    bseed = None if seed is None else block_seed(tseeds[seed], block)
+                    jobs.append(_Job(entry, flat, start, n, bseed, run, i == 0, i == len(runs) - 1))
         return jobs
 
     def apply_(self, space: ParamSpace, program: Program) -> None:
@@ -172,7 +176,7 @@ class BlockSampler(DirectionSampler):
         # Each worker draws *and* applies a contiguous share of the blocks. Its elementwise ops run on chunks below
         # torch's OpenMP grain size, so no OpenMP team is started inside a worker thread: teams started there
         # would oversubscribe the cores during the pass and slow the next forward.
-        total = sum(j.n for j in jobs if j.first)
+        total = sum(j.n for j in jobs if j.first)  # elements to move: shares are balanced on this
         shares: list[list[_Job]] = [[] for _ in range(workers)]
         acc, w = 0, 0
         for job in jobs:  # the runs of one block stay together (a masked block gathers once, scatters once)
@@ -192,40 +196,42 @@ class BlockSampler(DirectionSampler):
         gathered = None
         for job in jobs:
             z = None
-            if job.seed is not None:
+            if job.bseed is not None:
                 if buf is None:
-                    buf = self._buffer(job.entry.param.device)
-                z = self._gen_into(buf[: job.n], job.entry.name, job.seed, job.start // BLOCK)
+                    buf = self._buffer(job.flat.device)
+                z = self._gen_into(buf[: job.n], job.bseed)
             gathered = self._apply_job(job, z, gathered, chunk)
 
     @staticmethod
     def _apply_job(job: _Job, z: Tensor | None, gathered: Tensor | None, chunk: int | None) -> Tensor | None:
         """Run one job's ops on its block; returns the gathered values of a masked block between its runs."""
-        entry = job.entry
-        flat = entry.param.data.view(-1)
-        if entry.index is None:
-            target = flat[job.start : job.start + job.n]
+        index = job.entry.index
+        if index is None:
+            target = job.flat[job.start : job.start + job.n]
         else:  # masked: gather the selected values once per block, update them densely, scatter them back
             if job.first:
-                gathered = flat.index_select(0, entry.index[job.start : job.start + job.n])
+                gathered = job.flat.index_select(0, index[job.start : job.start + job.n])
             target = gathered
-        step = chunk or job.n
-        for c in range(0, job.n, step):
-            t = target[c : c + step]
+        if chunk is None or chunk >= job.n:
+            pieces = [(target, z)]
+        else:
+            pieces = [(target[c : c + chunk], None if z is None else z[c : c + chunk]) for c in range(0, job.n, chunk)]
+        for t, zc in pieces:
             for op in job.ops:
                 if isinstance(op, Scale):
                     t.mul_(op.factor)
                 else:
-                    t.add_(z[c : c + step], alpha=op.coef)
-        if entry.index is not None and job.last:
-            flat.index_copy_(0, entry.index[job.start : job.start + job.n], target)
+                    t.add_(zc, alpha=op.coef)
+        if index is not None and job.last:
+            job.flat.index_copy_(0, index[job.start : job.start + job.n], target)
             return None
         return gathered
 
     def draw(self, entry: Entry, seed: int) -> Tensor:
         out = torch.empty(entry.numel, dtype=torch.float32, device=entry.param.device)
+        tseed = tensor_seed(seed, entry.name)
         for s in range(0, entry.numel, BLOCK):
-            self._gen_into(out[s : s + min(BLOCK, entry.numel - s)], entry.name, seed, s // BLOCK)
+            self._gen_into(out[s : s + min(BLOCK, entry.numel - s)], block_seed(tseed, s // BLOCK))
         return out.view_as(entry.param) if entry.index is None else out
 
     def config(self) -> dict[str, Any]:
