@@ -38,13 +38,15 @@ def test_perturb_restore_cycle_on_real_weights(model_copy):
     opt = zotune.MeZO(model.named_parameters(), eps=1e-3)
     sampler, seed = Gaussian(), 1234
     sampler.apply_(opt.space, lambda e: [Z(seed, 1e-3)])
-    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+    assert not torch.equal(model.lm_head.weight, before["model.embed_tokens.weight"])  # tied: listed once
     sampler.apply_(opt.space, lambda e: [Z(seed, -1e-3)])
     exact = total = 0
     for e in opt.space:
         theta, now = before[e.name], e.param.detach()
         z = sampler.draw(e, seed)
-        same_binade = torch.frexp(theta).exponent == torch.frexp(theta + 1e-3 * z).exponent
+        mant, expo = torch.frexp(theta)
+        # θ + εz in θ's binade, θ not a power of two (its binade's lower edge, where the grid below is finer)
+        same_binade = (expo == torch.frexp(theta + 1e-3 * z).exponent) & (mant.abs() != 0.5)
         assert torch.equal(now[same_binade], theta[same_binade]), e.name  # representable: bit-exact
         step = torch.nextafter(theta.abs() + 1e-3 * z.abs(), torch.tensor(float("inf"))) - (
             theta.abs() + 1e-3 * z.abs()
@@ -52,7 +54,7 @@ def test_perturb_restore_cycle_on_real_weights(model_copy):
         assert ((now - theta).abs() <= step).all(), e.name  # elsewhere: within one rounding
         exact += int((now == theta).sum())
         total += theta.numel()
-    assert exact / total > 0.9  # measured 0.925 on SmolLM2-135M at eps = 1e-3
+    assert exact / total > 0.98  # measured 0.9895 on SmolLM2-135M at eps = 1e-3 (max error 1.2e-7)
 
 
 def test_three_mezo_steps_on_sst2_then_replay(model_copy, sst2_rows):
