@@ -138,7 +138,10 @@ def test_perturb_restore_bounded(sampler, dtype):
         assert torch.equal(w[same], theta[same])
 
 
-def test_three_passes_three_draws_per_step():
+@pytest.mark.parametrize("n, passes, draws", [(1, 3, 3), (2, 6, 7)])
+def test_passes_and_draws_per_step(n, passes, draws):
+    """n = 1: 3 passes, 3 draws of z (reference MeZO: 4 and 4). n = 2: the last direction's restore and update
+    share one draw in the final pass."""
     class Counting(Gaussian):
         def __init__(self):
             super().__init__()
@@ -154,10 +157,11 @@ def test_three_passes_three_draws_per_step():
 
     model = tiny_model("llama")
     s = Counting()
-    opt = ZOOptimizer(model.named_parameters(), lr=1e-3, sampler=s, weight_decay=0.1)
+    opt = ZOOptimizer(model.named_parameters(), lr=1e-3, sampler=s, weight_decay=0.1, estimator=TwoPoint(n))
+    opt._validated = True  # count the step itself, not the one-off closure check
     opt.step(loss_closure(model, tiny_batch()))
     blocks = sum(1 for _ in opt.space)  # every tensor of the tiny model fits in one block
-    assert (s.passes, s.draws) == (3, 3 * blocks)
+    assert (s.passes, s.draws) == (passes, draws * blocks)
 
 
 # ------------------------------------------------------------------------------------------ unbiasedness vs autograd

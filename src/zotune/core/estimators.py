@@ -75,7 +75,11 @@ class Estimator(ABC):
     """Base class of forward-only gradient estimators."""
 
     name: ClassVar[str]
-    num_directions: int = 1
+
+    def __init__(self, num_directions: int = 1):
+        if int(num_directions) != num_directions or num_directions < 1:
+            raise ValueError(f"num_directions must be an integer >= 1, got {num_directions}")
+        self.num_directions = int(num_directions)
 
     @abstractmethod
     def estimate(
@@ -124,11 +128,6 @@ class TwoPoint(Estimator):
 
     name = "two_point"
 
-    def __init__(self, num_directions: int = 1):
-        if int(num_directions) != num_directions or num_directions < 1:
-            raise ValueError(f"num_directions must be an integer >= 1, got {num_directions}")
-        self.num_directions = int(num_directions)
-
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])
         for i, s in enumerate(seeds):
@@ -153,11 +152,6 @@ class OnePoint(Estimator):
     """
 
     name = "one_point"
-
-    def __init__(self, num_directions: int = 1):
-        if int(num_directions) != num_directions or num_directions < 1:
-            raise ValueError(f"num_directions must be an integer >= 1, got {num_directions}")
-        self.num_directions = int(num_directions)
 
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])

@@ -50,7 +50,9 @@ class ZOSGD(UpdateRule):
             ops.append(Scale(1.0 - lr * wd))
         # A group perturbed with its own ε_j sees (ℓ+ − ℓ−)/2 ≈ ε_j zᵀ∇, so its g is rescaled by ε_0/ε_j (unbiased).
         scale = est.eps / group["eps"] / len(est.grads)
-        ops += [Z(s, -lr * g * scale) for s, g in zip(est.seeds, est.grads, strict=True) if lr and g]
+        # Last direction first: the pending restore before these ops uses its z, so one draw serves both.
+        pairs = list(zip(est.seeds, est.grads, strict=True))[::-1]
+        ops += [Z(s, -lr * g * scale) for s, g in pairs if lr and g]
         return ops
 
 
