@@ -3,7 +3,7 @@
     zotune demo                    # MeZO on SmolLM2-135M-Instruct and real SST-2 examples: loss in and out
     zotune bench --out r.json      # speed and memory ratios of a ZO step (see zotune.bench)
 
-The training CLI (``train``, ``eval``, ``replay``, ``plot`` with YAML configs) is built on the same pieces.
+``train``, ``eval``, ``replay`` and ``plot`` (YAML configs, run directories) are the next subcommands to come.
 """
 
 from __future__ import annotations

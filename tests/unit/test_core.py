@@ -142,6 +142,7 @@ def test_perturb_restore_bounded(sampler, dtype):
 def test_passes_and_draws_per_step(n, passes, draws):
     """n = 1: 3 passes, 3 draws of z (reference MeZO: 4 and 4). n = 2: the last direction's restore and update
     share one draw in the final pass."""
+
     class Counting(Gaussian):
         def __init__(self):
             super().__init__()

@@ -22,16 +22,23 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder holding ``glue/``, ``superglue/``, ``lm-bff/`` and ``imdb/``."""
-    candidates = [explicit] if explicit else []
-    if os.environ.get("ZOTUNE_DATA"):
-        candidates.append(os.environ["ZOTUNE_DATA"])
+    """The folder holding ``glue/``, ``superglue/``, ``lm-bff/`` and ``imdb/``.
+
+    An explicit folder (argument, else ``$ZOTUNE_DATA``) must be valid: it never falls back to another one.
+    Otherwise ``../shared/data`` is looked for beside the current directory and beside this checkout.
+    """
+    chosen = explicit or os.environ.get("ZOTUNE_DATA")
+    if chosen:
+        if not (Path(chosen) / "glue").is_dir():
+            source = "given" if explicit else "from $ZOTUNE_DATA"
+            raise DataNotFoundError(f"data folder {chosen} ({source}) has no glue/ folder: not the benchmark data")
+        return Path(chosen).resolve()
     repo = Path(__file__).resolve().parents[3]  # src/zotune/tasks/local.py -> checkout root
-    candidates += [Path.cwd() / ".." / "shared" / "data", repo / ".." / "shared" / "data"]
+    candidates = [Path.cwd() / ".." / "shared" / "data", repo / ".." / "shared" / "data"]
     for c in candidates:
-        if c and (Path(c) / "glue").is_dir():
-            return Path(c).resolve()
-    looked = ", ".join(str(Path(c)) for c in candidates if c)
+        if (c / "glue").is_dir():
+            return c.resolve()
+    looked = ", ".join(str(c) for c in candidates)
     raise DataNotFoundError(f"benchmark data not found (looked in: {looked}); set ZOTUNE_DATA to the data folder")
 
 

@@ -1,0 +1,25 @@
+"""The runnable examples in the public docstrings must run."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "zotune",
+    "zotune.core.rng",
+    "zotune.core.space",
+    "zotune.core.samplers",
+    "zotune.core.optimizer",
+    "zotune.methods.mezo",
+    "zotune.methods.registry",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no runnable example"
+    assert result.failed == 0
