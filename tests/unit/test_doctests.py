@@ -15,6 +15,9 @@ MODULES = [
     "zotune.core.optimizer",
     "zotune.methods.mezo",
     "zotune.methods.registry",
+    "zotune.tasks",
+    "zotune.tasks.scoring",
+    "zotune.tasks.icl",
 ]
 
 

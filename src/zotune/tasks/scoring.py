@@ -1,0 +1,656 @@
+"""Scoring examples with a causal LM: candidate log-likelihoods, training losses, greedy generation, F1/EM.
+
+MeZO's protocol (``docs/algorithms.md`` section 0): a classification or multiple-choice example is predicted by the
+argmax over its candidates of the *length-normalized* log-probability (the mean over the candidate's tokens) of the
+candidate given the prompt; a generation example by greedy decoding (at most 50 new tokens, stop at ``"\\n"``),
+scored with SQuAD-normalized token F1 (and exact match).
+
+**Tokenization.** The prompt and each candidate are tokenized *separately* and their ids concatenated, so the tokens
+scored are exactly the candidate's own tokens, whatever the tokenizer would merge across the boundary. The prompt
+gets the tokenizer's leading special tokens (a BOS, if it adds one); the candidate gets none. With byte-level BPE
+tokenizers (GPT-2, Llama 3, SmolLM2) a word after a space is its own token *with* the space, so candidates carry
+their leading space (``" great"``, not ``"great"``) and prompts end without one (``"... It was"``).
+
+**Batching.** All (example, candidate) pairs are scored together: pairs are sorted by length, cut into batches of
+``batch_size`` sequences, padded on the tokenizer's ``padding_side`` (with ``attention_mask``, plus
+``position_ids`` when padding on the left), and each batch is one forward pass. Only the logits the candidates need
+are computed (``logits_to_keep``), in fp32 before the log-softmax. Scores do not depend on the batch size or the
+padding side beyond floating-point noise.
+
+**Truncation.** A prompt + candidate longer than ``max_length`` (default: the model's maximum positions) loses the
+*start* of its prompt (after the leading special tokens): the candidate and the end of the prompt are kept. Nothing
+is dropped silently: pass a ``stats`` dict to receive the counts, and a warning is logged.
+
+Example:
+    >>> import torch
+    >>> from zotune.tasks.scoring import f1_score, exact_match
+    >>> round(f1_score("the cat sat", ["a cat sat down"]), 4)
+    0.8
+    >>> exact_match("The Cat!", ["cat"])
+    1.0
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Example
+
+__all__ = [
+    "answer_lm_loss",
+    "classification_loss",
+    "exact_match",
+    "f1_score",
+    "generate_answers",
+    "model_max_length",
+    "normalize_answer",
+    "score_candidates",
+    "score_with_head",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tokenization
+
+
+def model_max_length(model: Any, tokenizer: Any = None) -> int | None:
+    """The longest sequence ``model`` accepts: its config's maximum positions, else the tokenizer's limit, or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        return value
+    return None
+
+
+def _leading_specials(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (a BOS, a [CLS]); trailing ones (EOS, [SEP]) are unused."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_specials) - len(plain) + 1):
+        if with_specials[start : start + len(plain)] == plain:
+            return list(with_specials[:start])
+    return []
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text without special tokens (one batched call; duplicates are tokenized once)."""
+    unique = list(dict.fromkeys(texts))
+    if not unique:
+        return []
+    ids = tokenizer(unique, add_special_tokens=False)["input_ids"]
+    table = dict(zip(unique, ids, strict=True))
+    return [list(table[t]) for t in texts]
+
+
+@dataclass
+class _Pair:
+    ids: list[int]  # context ids followed by the candidate's ids
+    n_cand: int  # number of candidate tokens (at the end of ids)
+    truncated: bool
+
+
+def _build_pairs(
+    tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str], max_length: int | None
+) -> list[_Pair]:
+    """One pair per (prompt, candidate), the prompt cut from the left (after its leading specials) when too long."""
+    specials = _leading_specials(tokenizer)
+    prompt_ids = _encode(tokenizer, prompts)
+    cand_ids = _encode(tokenizer, candidates)
+    pairs = []
+    for prompt, cand, p_ids, c_ids in zip(prompts, candidates, prompt_ids, cand_ids, strict=True):
+        if not c_ids:
+            raise ValueError(f"candidate {cand!r} has no tokens: it cannot be scored")
+        truncated = False
+        if max_length is not None and len(specials) + len(p_ids) + len(c_ids) > max_length:
+            keep = max_length - len(specials) - len(c_ids)
+            if keep < 0 or len(specials) + keep < 1:
+                raise ValueError(
+                    f"candidate {cand!r} has {len(c_ids)} tokens: with max_length={max_length} no prompt token is left"
+                )
+            p_ids = p_ids[len(p_ids) - keep :] if keep > 0 else []
+            truncated = True
+        context = specials + p_ids
+        if not context:
+            raise ValueError(
+                f"prompt {prompt[:40]!r} has no tokens and the tokenizer adds no BOS: the first candidate token "
+                "would have no context"
+            )
+        pairs.append(_Pair(context + c_ids, len(c_ids), truncated))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# batched forward passes
+
+
+def _unwrap(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _forward_params(model: Any) -> set[str]:
+    try:
+        return set(inspect.signature(_unwrap(model).forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def _pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
+    """``input_ids``, ``attention_mask``, ``position_ids`` (left padding only) and each row's start offset."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    starts = []
+    for row, seq in enumerate(seqs):
+        start = width - len(seq) if side == "left" else 0
+        ids[row, start : start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, start : start + len(seq)] = 1
+        starts.append(start)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if side == "left" else None
+    return (
+        ids.to(device),
+        mask.to(device),
+        None if position_ids is None else position_ids.to(device),
+        starts,
+    )
+
+
+@dataclass
+class _Batch:
+    rows: list[int]  # indices into the pair list
+    kwargs: dict[str, Any]
+    gather_rows: Tensor  # per candidate token: batch row
+    gather_pos: Tensor  # per candidate token: position in the kept logits
+    targets: Tensor  # per candidate token: the token id
+    owner: Tensor  # per candidate token: index of its pair within this batch
+
+
+def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int | None) -> list[_Batch]:
+    """Pairs sorted by length (longest first) and cut into padded batches, with the gather indices of their tokens."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].ids))
+    size = batch_size or max(len(order), 1)
+    params = _forward_params(model)
+    device = _device(model)
+    pad_id = _pad_id(tokenizer)
+    side = getattr(tokenizer, "padding_side", "right")
+    out = []
+    for lo in range(0, len(order), size):
+        rows = order[lo : lo + size]
+        seqs = [pairs[i].ids for i in rows]
+        ids, mask, pos_ids, starts = _pad(seqs, pad_id, side, device)
+        width = ids.shape[1]
+        # the logit at position t predicts token t+1: candidate tokens at [end-n, end) need logits [end-n-1, end-1)
+        first = min(s + len(q) - pairs[i].n_cand - 1 for i, s, q in zip(rows, starts, seqs, strict=True))
+        keep = width - first
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if pos_ids is not None:
+            kwargs["position_ids"] = pos_ids
+        offset = 0
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = keep
+            offset = first
+        elif "num_logits_to_keep" in params:
+            kwargs["num_logits_to_keep"] = keep
+            offset = first
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        g_rows, g_pos, tgts, owner = [], [], [], []
+        for j, (i, s, q) in enumerate(zip(rows, starts, seqs, strict=True)):
+            n = pairs[i].n_cand
+            end = s + len(q)
+            g_rows += [j] * n
+            g_pos += [t - 1 - offset for t in range(end - n, end)]
+            tgts += q[len(q) - n :]
+            owner += [j] * n
+        out.append(
+            _Batch(
+                rows,
+                kwargs,
+                torch.tensor(g_rows, device=device),
+                torch.tensor(g_pos, device=device),
+                torch.tensor(tgts, device=device),
+                torch.tensor(owner, device=device),
+            )
+        )
+    return out
+
+
+def _pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[_Pair], *, mean: bool = True) -> tuple[Tensor, Tensor]:
+    """One forward: per pair of the batch, the (mean or summed) candidate log-prob, and per token its log-prob."""
+    logits = model(**batch.kwargs).logits
+    selected = logits[batch.gather_rows, batch.gather_pos].float()  # [tokens, vocab] in fp32
+    token_lp = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    sums = torch.zeros(len(batch.rows), dtype=torch.float32, device=token_lp.device).index_add(
+        0, batch.owner, token_lp
+    )
+    if mean:
+        counts = torch.tensor([pairs[i].n_cand for i in batch.rows], dtype=torch.float32, device=sums.device)
+        sums = sums / counts
+    return sums, token_lp
+
+
+def _score_pairs(
+    model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int | None, stats: dict[str, Any] | None
+) -> Tensor:
+    """Mean candidate log-prob of every pair, in the pairs' order (differentiable when grad is enabled)."""
+    device = _device(model)
+    batches = _batches(model, tokenizer, pairs, batch_size)
+    values = [_pair_logprobs(model, batch, pairs)[0] for batch in batches]
+    if stats is not None:
+        stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
+        stats["n_tokens"] = stats.get("n_tokens", 0) + sum(b.kwargs["input_ids"].numel() for b in batches)
+    if not pairs:
+        return torch.zeros(0, device=device)
+    order = torch.tensor([i for batch in batches for i in batch.rows], device=device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=device)
+    return torch.cat(values)[inverse]  # back to the pairs' order (differentiable)
+
+
+def _flatten(examples: Sequence[Example], prompts: Sequence[str] | None) -> tuple[list[str], list[str], list[int]]:
+    """(prompt, candidate) of every pair, and the number of candidates of each example."""
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
+    flat_prompts, flat_cands, sizes = [], [], []
+    for idx, ex in enumerate(examples):
+        if not ex.candidates:
+            raise ValueError(f"example {idx} ({ex.kind}) has no candidates to score: {ex.meta or ex.prompt[:40]!r}")
+        prompt = ex.prompt if prompts is None else prompts[idx]
+        flat_prompts += [prompt] * len(ex.candidates)
+        flat_cands += list(ex.candidates)
+        sizes.append(len(ex.candidates))
+    return flat_prompts, flat_cands, sizes
+
+
+def _record_truncation(stats: dict[str, Any] | None, pairs: Sequence[_Pair], sizes: Sequence[int], what: str) -> int:
+    n_truncated, pos = 0, 0
+    for size in sizes:
+        n_truncated += any(p.truncated for p in pairs[pos : pos + size])
+        pos += size
+    n_pairs = sum(p.truncated for p in pairs)
+    if n_truncated:
+        logger.warning(
+            "%s: %d of %d examples had their prompt cut from the left to fit", what, n_truncated, len(sizes)
+        )
+    if stats is not None:
+        stats["n_examples"] = stats.get("n_examples", 0) + len(sizes)
+        stats["n_pairs"] = stats.get("n_pairs", 0) + len(pairs)
+        stats["n_truncated"] = stats.get("n_truncated", 0) + n_truncated
+        stats["n_truncated_pairs"] = stats.get("n_truncated_pairs", 0) + n_pairs
+    return n_truncated
+
+
+def _split(values: Sequence[float], sizes: Sequence[int]) -> list[list[float]]:
+    out, pos = [], 0
+    for size in sizes:
+        out.append(list(values[pos : pos + size]))
+        pos += size
+    return out
+
+
+def _calibration_prompts(examples: Sequence[Example], calibration_prompt: str | Sequence[str] | None) -> list[str]:
+    if isinstance(calibration_prompt, str):
+        return [calibration_prompt] * len(examples)
+    if calibration_prompt is not None:
+        if len(calibration_prompt) != len(examples):
+            raise ValueError(f"got {len(calibration_prompt)} calibration prompts for {len(examples)} examples")
+        return list(calibration_prompt)
+    found = [ex.meta.get("calibration_prompt") for ex in examples]
+    if any(not isinstance(p, str) for p in found):
+        raise ValueError(
+            "calibrated scoring needs a content-free prompt: pass calibration_prompt=task.calibration_prompt "
+            "(e.g. 'N/A It was'), or put one in each example's meta['calibration_prompt']"
+        )
+    return found  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public API: scoring and losses
+
+
+def score_candidates(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    prompts: Sequence[str] | None = None,
+    calibrated: bool = False,
+    calibration_prompt: str | Sequence[str] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> list[list[float]]:
+    """Length-normalized log-probability of every candidate of every example (no gradient).
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``, or a PEFT wrapper of one).
+        tokenizer: its tokenizer, with a pad token; its ``padding_side`` is honoured.
+        examples: examples with ``candidates``.
+        batch_size: sequences (pairs of an example and one candidate) per forward pass.
+        max_length: the longest prompt + candidate; longer prompts are cut from the left. Default: the model's
+            maximum positions.
+        prompts: prompts to use instead of ``example.prompt`` (e.g. with in-context demonstrations), one per example.
+        calibrated: subtract from each score the score of the same candidate after a content-free prompt
+            (Zhao et al. 2021; MeZO's ``--sfc``). Both are length-normalized the same way.
+        calibration_prompt: the content-free prompt (``Task.calibration_prompt``): one string for all examples, one
+            per example, or None to read ``example.meta["calibration_prompt"]``.
+        stats: a dict that receives counts: ``n_examples``, ``n_pairs``, ``n_truncated`` (examples with a cut
+            prompt), ``n_truncated_pairs``, ``n_forward`` (forward passes), ``n_tokens`` (padded tokens).
+
+    Returns:
+        ``scores[i][j]``: the mean over the tokens of candidate ``j`` of example ``i`` of their log-probability
+        (fp32), minus the content-free score when ``calibrated``. The prediction is the argmax over ``j``.
+    """
+    flat_prompts, flat_cands, sizes = _flatten(examples, prompts)
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    pairs = _build_pairs(tokenizer, flat_prompts, flat_cands, limit)
+    _record_truncation(stats, pairs, sizes, "score_candidates")
+    extra: list[_Pair] = []
+    cf_index: dict[tuple[str, str], int] = {}
+    if calibrated:
+        cf_prompts = _calibration_prompts(examples, calibration_prompt)
+        keys = []
+        for cf, ex in zip(cf_prompts, examples, strict=True):
+            keys += [(cf, c) for c in ex.candidates or []]
+        unique = list(dict.fromkeys(keys))
+        cf_index = {k: len(pairs) + n for n, k in enumerate(unique)}
+        extra = _build_pairs(tokenizer, [k[0] for k in unique], [k[1] for k in unique], limit)
+    with torch.no_grad():
+        values = _score_pairs(model, tokenizer, pairs + extra, batch_size, stats).tolist()
+    if calibrated:
+        values = [v - values[cf_index[k]] for v, k in zip(values[: len(pairs)], keys, strict=True)]
+    return _split(values, sizes)
+
+
+def classification_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    prompts: Sequence[str] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Tensor:
+    """MeZO's ``train_as_classification`` loss: cross-entropy over the candidates, mean over examples.
+
+    Each candidate's logit is its mean token log-probability (as in :func:`score_candidates`), so the loss is
+    ``mean_i CE(scores_i, label_i)``. Differentiable (it works for first-order baselines too) and a ZO closure:
+    ``opt.step(lambda: classification_loss(model, tokenizer, batch))``. ``batch_size=None`` scores all pairs in
+    one forward pass. Examples may have different numbers of candidates.
+    """
+    if any(ex.label is None for ex in examples):
+        raise ValueError("classification_loss needs labelled examples (label is None)")
+    flat_prompts, flat_cands, sizes = _flatten(examples, prompts)
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    pairs = _build_pairs(tokenizer, flat_prompts, flat_cands, limit)
+    _record_truncation(stats, pairs, sizes, "classification_loss")
+    scores = _score_pairs(model, tokenizer, pairs, batch_size, stats)
+    width = max(sizes)
+    logits = torch.full((len(sizes), width), float("-inf"), dtype=scores.dtype, device=scores.device)
+    mask = torch.zeros((len(sizes), width), dtype=torch.bool, device=scores.device)
+    for i, size in enumerate(sizes):
+        mask[i, :size] = True
+    logits = logits.masked_scatter(mask, scores)
+    labels = torch.tensor([ex.label for ex in examples], device=scores.device)
+    return F.cross_entropy(logits, labels)
+
+
+def answer_lm_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    prompts: Sequence[str] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Tensor:
+    """Teacher-forced LM loss on the gold continuation's tokens only (the prompt is masked out).
+
+    The gold continuation is ``example.gold``: the labelled candidate (multiple choice, e.g. COPA) or the first
+    answer (generation, e.g. SQuAD). As in MeZO (``option_len`` masking with the usual mean cross-entropy), the
+    loss is the mean negative log-probability over all gold tokens of the batch. Differentiable; a ZO closure.
+    """
+    golds = []
+    for idx, ex in enumerate(examples):
+        if ex.gold is None:
+            raise ValueError(f"example {idx} has no gold continuation (no label or answers)")
+        golds.append(ex.gold)
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
+    texts = [ex.prompt for ex in examples] if prompts is None else list(prompts)
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    pairs = _build_pairs(tokenizer, texts, golds, limit)
+    _record_truncation(stats, pairs, [1] * len(pairs), "answer_lm_loss")
+    batches = _batches(model, tokenizer, pairs, batch_size)
+    total = torch.zeros((), dtype=torch.float32, device=_device(model))
+    for batch in batches:
+        _, token_lp = _pair_logprobs(model, batch, pairs, mean=False)
+        total = total - token_lp.sum()
+    if stats is not None:
+        stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
+    return total / sum(p.n_cand for p in pairs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# generation
+
+
+class _StopOnString:
+    """A stopping criterion: a row is done once its new text contains ``stop``."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, stop: str) -> None:
+        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, stop
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 50,
+    stop: str | None = "\n",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    prompts: Sequence[str] | None = None,
+    stats: dict[str, Any] | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding: at most ``max_new_tokens`` tokens, cut at ``stop`` and EOS.
+
+    Each answer is the decoded new text up to (not including) the first ``stop``, with surrounding whitespace
+    stripped. Prompts longer than ``max_length - max_new_tokens`` are cut from the left and counted in ``stats``.
+    """
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if prompts is not None and len(prompts) != len(examples):
+        raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
+    texts = [ex.prompt for ex in examples] if prompts is None else list(prompts)
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    budget = None if limit is None else limit - max_new_tokens
+    if budget is not None and budget < 1:
+        raise ValueError(f"max_length={limit} leaves no room for a prompt with max_new_tokens={max_new_tokens}")
+    specials = _leading_specials(tokenizer)
+    seqs, n_truncated = [], 0
+    for ids in _encode(tokenizer, texts):
+        if budget is not None and len(specials) + len(ids) > budget:
+            keep = budget - len(specials)
+            ids = ids[len(ids) - keep :] if keep > 0 else []
+            n_truncated += 1
+        seq = specials + ids
+        if not seq:
+            raise ValueError("an empty prompt (and no BOS) cannot be continued")
+        seqs.append(seq)
+    if n_truncated:
+        logger.warning("generate_answers: %d of %d prompts were cut from the left to fit", n_truncated, len(seqs))
+    if stats is not None:
+        stats["n_examples"] = stats.get("n_examples", 0) + len(seqs)
+        stats["n_truncated"] = stats.get("n_truncated", 0) + n_truncated
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_id=eos,
+    )
+    device = _device(model)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    answers = [""] * len(seqs)
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        ids, mask, _, _ = _pad([seqs[i] for i in rows], _pad_id(tokenizer), "left", device)
+        criteria = StoppingCriteriaList([_StopOnString(tokenizer, ids.shape[1], stop)] if stop else [])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
+            )
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        for row, text in zip(rows, texts, strict=True):
+            if stop:
+                text = text.split(stop, 1)[0]
+            answers[row] = text.strip()
+    return answers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SQuAD metrics
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((collections.Counter(p) & collections.Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(pred: str, answers: Sequence[str]) -> float:
+    """SQuAD token F1 of ``pred`` against the best of the gold ``answers``.
+
+    Example:
+        >>> f1_score("the cat sat", ["a cat sat down"])   # tokens {cat, sat} vs {cat, sat, down}: P=1, R=2/3
+        0.8
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    return max((_f1(pred, a) for a in answers), default=0.0)
+
+
+def exact_match(pred: str, answers: Sequence[str]) -> float:
+    """1.0 when ``pred`` equals one of the gold ``answers`` after SQuAD normalization, else 0.0.
+
+    Example:
+        >>> exact_match("The Eiffel Tower.", ["Eiffel tower", "the tower"])
+        1.0
+    """
+    if isinstance(answers, str):
+        answers = [answers]
+    norm = normalize_answer(pred)
+    return float(any(norm == normalize_answer(a) for a in answers))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# encoder with a classification head
+
+
+def score_with_head(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    text_field: str = "text",
+    pair_field: str | None = None,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    stats: dict[str, Any] | None = None,
+) -> list[list[float]]:
+    """Logits over the labels of a sequence-classification model (e.g. MiniLM with a head), for the raw text.
+
+    The text is ``example.meta[text_field]`` when present, else ``example.prompt``; with ``pair_field`` the second
+    segment is ``example.meta[pair_field]`` (sentence pairs, e.g. RTE). Texts longer than ``max_length`` (default:
+    the model's maximum positions) are truncated by the tokenizer and counted in ``stats["n_truncated"]``. The
+    prediction is the argmax; ``logits[i][example.label]`` is the gold class.
+    """
+    firsts = [str(ex.meta.get(text_field, ex.prompt)) for ex in examples]
+    seconds = None
+    if pair_field is not None:
+        missing = [i for i, ex in enumerate(examples) if pair_field not in ex.meta]
+        if missing:
+            raise ValueError(f"examples {missing[:5]} have no meta[{pair_field!r}]")
+        seconds = [str(ex.meta[pair_field]) for ex in examples]
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    device = _device(model)
+    logits_out: list[list[float]] = []
+    n_truncated = 0
+    with torch.no_grad():
+        for lo in range(0, len(examples), batch_size):
+            args = [firsts[lo : lo + batch_size]]
+            if seconds is not None:
+                args.append(seconds[lo : lo + batch_size])
+            if limit is not None:
+                full = tokenizer(*args, truncation=False)["input_ids"]
+                n_truncated += sum(len(ids) > limit for ids in full)
+            enc = tokenizer(*args, padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            logits_out += model(**enc).logits.float().tolist()
+    if n_truncated:
+        logger.warning("score_with_head: %d of %d texts were truncated", n_truncated, len(examples))
+    if stats is not None:
+        stats["n_examples"] = stats.get("n_examples", 0) + len(examples)
+        stats["n_truncated"] = stats.get("n_truncated", 0) + n_truncated
+    return logits_out
