@@ -21,6 +21,7 @@ from zotune.tasks.scoring import (
     exact_match,
     f1_score,
     generate_answers,
+    head_loss,
     normalize_answer,
     score_candidates,
     score_with_head,
@@ -385,6 +386,21 @@ def test_score_with_head():
     assert result["kind"] == "head" and result["n_truncated"] == 1
     hits = sum(max(range(3), key=r.__getitem__) == ex.label for r, ex in zip(got, exs, strict=True))
     assert result["accuracy"] == pytest.approx(hits / 3)
+
+
+def test_head_loss_is_ce_of_head_logits_with_gradient():
+    model, tok = _tiny_bert(), make_tokenizer("right")
+    exs = [Example("a dog", [" a", " b", " c"], label=2), Example("the cat", [" a", " b", " c"], label=0)]
+    logits = torch.tensor(score_with_head(model, tok, exs))
+    want = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0]))
+    loss = head_loss(model, tok, exs, batch_size=1)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+    loss.backward()
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="out of range for a head with 3 labels"):
+        head_loss(model, tok, [Example("x", [" a"], label=5)])
+    with pytest.raises(ValueError, match="labelled"):
+        head_loss(model, tok, [Example("x", [" a"])])
 
 
 # ----------------------------------------------------------------------------------------------------------------

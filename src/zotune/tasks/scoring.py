@@ -53,6 +53,7 @@ __all__ = [
     "exact_match",
     "f1_score",
     "generate_answers",
+    "head_loss",
     "model_max_length",
     "normalize_answer",
     "score_candidates",
@@ -608,6 +609,46 @@ def exact_match(pred: str, answers: Sequence[str]) -> float:
 # encoder with a classification head
 
 
+def _head_batches(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    text_field: str,
+    pair_field: str | None,
+    batch_size: int | None,
+    max_length: int | None,
+    stats: dict[str, Any] | None,
+    what: str,
+) -> list[dict[str, Tensor]]:
+    """Tokenized, padded batches of the raw text(s) of ``examples`` for a sequence-classification model."""
+    firsts = [str(ex.meta.get(text_field, ex.prompt)) for ex in examples]
+    seconds = None
+    if pair_field is not None:
+        missing = [i for i, ex in enumerate(examples) if pair_field not in ex.meta]
+        if missing:
+            raise ValueError(f"examples {missing[:5]} have no meta[{pair_field!r}]")
+        seconds = [str(ex.meta[pair_field]) for ex in examples]
+    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
+    device = _device(model)
+    step = batch_size or max(len(examples), 1)
+    out, n_truncated = [], 0
+    for lo in range(0, len(examples), step):
+        args = [firsts[lo : lo + step]]
+        if seconds is not None:
+            args.append(seconds[lo : lo + step])
+        if limit is not None:
+            n_truncated += sum(len(ids) > limit for ids in tokenizer(*args, truncation=False)["input_ids"])
+        enc = tokenizer(*args, padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt")
+        out.append({k: v.to(device) for k, v in enc.items()})
+    if n_truncated:
+        logger.warning("%s: %d of %d texts were truncated (cut at the end)", what, n_truncated, len(examples))
+    if stats is not None:
+        stats["n_examples"] = stats.get("n_examples", 0) + len(examples)
+        stats["n_truncated"] = stats.get("n_truncated", 0) + n_truncated
+        stats["n_forward"] = stats.get("n_forward", 0) + len(out)
+    return out
+
+
 def score_with_head(
     model: Any,
     tokenizer: Any,
@@ -623,34 +664,39 @@ def score_with_head(
 
     The text is ``example.meta[text_field]`` when present, else ``example.prompt``; with ``pair_field`` the second
     segment is ``example.meta[pair_field]`` (sentence pairs, e.g. RTE). Texts longer than ``max_length`` (default:
-    the model's maximum positions) are truncated by the tokenizer and counted in ``stats["n_truncated"]``. The
-    prediction is the argmax; ``logits[i][example.label]`` is the gold class.
+    the model's maximum positions) are truncated at the end by the tokenizer and counted in
+    ``stats["n_truncated"]``. The prediction is the argmax; ``logits[i][example.label]`` is the gold class.
     """
-    firsts = [str(ex.meta.get(text_field, ex.prompt)) for ex in examples]
-    seconds = None
-    if pair_field is not None:
-        missing = [i for i, ex in enumerate(examples) if pair_field not in ex.meta]
-        if missing:
-            raise ValueError(f"examples {missing[:5]} have no meta[{pair_field!r}]")
-        seconds = [str(ex.meta[pair_field]) for ex in examples]
-    limit = max_length if max_length is not None else model_max_length(model, tokenizer)
-    device = _device(model)
-    logits_out: list[list[float]] = []
-    n_truncated = 0
+    batches = _head_batches(
+        model, tokenizer, examples, text_field, pair_field, batch_size, max_length, stats, "score_with_head"
+    )
     with torch.no_grad():
-        for lo in range(0, len(examples), batch_size):
-            args = [firsts[lo : lo + batch_size]]
-            if seconds is not None:
-                args.append(seconds[lo : lo + batch_size])
-            if limit is not None:
-                full = tokenizer(*args, truncation=False)["input_ids"]
-                n_truncated += sum(len(ids) > limit for ids in full)
-            enc = tokenizer(*args, padding=True, truncation=limit is not None, max_length=limit, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
-            logits_out += model(**enc).logits.float().tolist()
-    if n_truncated:
-        logger.warning("score_with_head: %d of %d texts were truncated", n_truncated, len(examples))
-    if stats is not None:
-        stats["n_examples"] = stats.get("n_examples", 0) + len(examples)
-        stats["n_truncated"] = stats.get("n_truncated", 0) + n_truncated
-    return logits_out
+        return [row for enc in batches for row in model(**enc).logits.float().tolist()]
+
+
+def head_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    text_field: str = "text",
+    pair_field: str | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Tensor:
+    """Cross-entropy of a sequence-classification head on the gold labels, mean over examples.
+
+    The training loss of the encoder path (MiniLM + head, any ``AutoModelForSequenceClassification``): the same
+    inputs as :func:`score_with_head`. Differentiable (first-order baselines) and a ZO closure.
+    """
+    if any(ex.label is None for ex in examples):
+        raise ValueError("head_loss needs labelled examples (label is None)")
+    batches = _head_batches(
+        model, tokenizer, examples, text_field, pair_field, batch_size, max_length, stats, "head_loss"
+    )
+    logits = torch.cat([model(**enc).logits.float() for enc in batches])
+    labels = torch.tensor([ex.label for ex in examples], device=logits.device)
+    if labels.max() >= logits.shape[-1]:
+        raise ValueError(f"label {int(labels.max())} is out of range for a head with {logits.shape[-1]} labels")
+    return F.cross_entropy(logits, labels)
