@@ -1,102 +1,300 @@
 """The ``zotune`` command line.
 
-    zotune demo                    # MeZO on SmolLM2-135M-Instruct and real SST-2 examples: loss in and out
-    zotune bench --out r.json      # speed and memory ratios of a ZO step (see zotune.bench)
+    zotune train --config recipes/smollm2-sst2-mezo.yaml --train.steps 2000   # YAML + dotted overrides
+    zotune eval runs/smollm2-135m-sst2-mezo-s0 --split test                  # a run's best weights, a model
+    zotune replay runs/smollm2-135m-sst2-mezo-s0 --out merged/                # weights from base + update log
+    zotune plot runs/a runs/b --out curves.png                                # loss and dev-metric curves
+    zotune bench --out r.json                                                 # speed and memory ratios
 
-``train``, ``eval``, ``replay`` and ``plot`` (YAML configs, run directories) are the next subcommands to come.
+``zotune COMMAND --help`` lists each command's options (``train``'s come from the config dataclasses).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------------------------------------------------
+# train
 
 
-def _sst2_batch(tokenizer, rows, max_length: int = 64):
-    """MeZO's SST-2 prompt ``<sentence> It was`` + `` great``/`` terrible``; the loss is on the label word only."""
-    import torch
+def train_parser() -> Any:
+    """The jsonargparse parser of ``zotune train``: flags, YAML and ``--help`` from the run config dataclasses."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    words = {0: " terrible", 1: " great"}
-    ids, labels = [], []
-    for r in rows:
-        prompt = tokenizer(r["sentence"] + " It was", add_special_tokens=False)["input_ids"][: max_length - 4]
-        target = tokenizer(words[r["label"]], add_special_tokens=False)["input_ids"]
-        ids.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    batch = {
-        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-    }
-    return batch
+    from .train.config import run_config_class
 
-
-def demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="zotune demo",
-        description="Fine-tune the default model with MeZO on a few real SST-2 examples; print the loss in and out.",
+    parser = ArgumentParser(
+        prog="zotune train",
+        description="Fine-tune a model on a task (ZO methods, or the first-order baselines), into a run directory.",
+        exit_on_error=False,
+        allow_abbrev=False,
     )
-    p.add_argument("--model", default="smollm2-135m", help="packaged name, HF folder, .gguf file or hub id")
-    p.add_argument("--examples", type=int, default=16, help="SST-2 training examples (one fixed batch)")
-    p.add_argument("--steps", type=int, default=30, help="MeZO steps (2 forwards each)")
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="gaussian", choices=["gaussian", "rademacher"])
-    p.add_argument("--data", default=None, help="data folder (default: $ZOTUNE_DATA or ../shared/data)")
-    a = p.parse_args(argv)
-    if a.examples < 1 or a.steps < 1:
-        p.error("--examples and --steps must be >= 1")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe; later flags override it")
+    parser.add_class_arguments(run_config_class(), None, fail_untyped=False)
+    return parser
 
-    import torch
-    from tqdm.auto import tqdm
 
-    import zotune
-    from zotune.models import load
-    from zotune.tasks import read_sst2
+def _precheck(argv: list[str], cls: type) -> None:
+    """Unknown keys in the YAML files and flags, with the closest valid key (before jsonargparse's own errors)."""
+    import yaml
 
-    rows = read_sst2("train", limit=a.examples, data_dir=a.data)
-    print(f"[zotune] loading {a.model} ...", flush=True)
-    model, tok = load(a.model)
-    batch = _sst2_batch(tok, rows)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[zotune] {n_params / 1e6:.1f} M parameters; {len(rows)} SST-2 examples, prompt '<sentence> It was'")
+    from .train.config import ConfigError, check_keys, unknown_key_error, valid_keys
 
-    def loss() -> torch.Tensor:
-        return model(**batch).loss
+    keys = set(valid_keys(cls))
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+            if not path.is_file():
+                raise ConfigError(f"--config: no such file {path}")
+            try:
+                tree = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+            try:
+                check_keys(tree, cls)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+        elif arg.startswith("--") and arg not in ("--config", "--help", "--print_config"):
+            key = arg[2:].split("=", 1)[0]
+            if key not in keys and not key.startswith("print_config"):
+                raise unknown_key_error(key, cls)
 
-    opt = zotune.MeZO(model.named_parameters(), lr=a.lr, eps=a.eps, seed=a.seed, sampler=a.sampler)
-    with torch.no_grad():
-        loss_in = loss().item()
-    print(f"[zotune] loss in : {loss_in:.4f}")
-    t0 = time.perf_counter()
-    bar = tqdm(range(a.steps), desc="MeZO", unit="step")
-    for _ in bar:
-        step_loss = opt.step(loss)
-        bar.set_postfix(loss=f"{step_loss.item():.4f}")
-    dt = time.perf_counter() - t0
-    with torch.no_grad():
-        loss_out = loss().item()
-    print(f"[zotune] loss out: {loss_out:.4f}  ({loss_out - loss_in:+.4f} after {a.steps} steps, {dt:.0f} s)")
-    print(f"[zotune] update log: {len(opt.update_log)} records; replay(base, log) rebuilds these weights")
+
+def parse_train_args(argv: list[str]) -> Any:
+    """``argv`` (YAML recipes and flags) -> a validated run config."""
+    from jsonargparse import ArgumentError
+
+    from .train.config import ConfigError, run_config_class, run_config_from_dict
+
+    cls = run_config_class()
+    _precheck(argv, cls)
+    parser = train_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ConfigError(str(err).replace("\n", " ")) from None
+    tree = ns.as_dict()
+    tree.pop("config", None)
+    tree.pop("__path__", None)
+    return run_config_from_dict(tree, cls)
+
+
+def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        train_parser().print_help()
+        return 0
+    import logging
+
+    from .train import TrainingStopped, train
+
+    logging.basicConfig(level=logging.INFO, format="[zotune] %(message)s")
+    cfg = parse_train_args(argv)
+    try:
+        results = train(cfg, argv=["zotune", "train", *argv])
+    except TrainingStopped as err:
+        print(f"zotune train: stopped: {err}", file=sys.stderr)
+        return 3
+    _print_results(results)
     return 0
+
+
+def _print_results(r: dict[str, Any]) -> None:
+    m = r["metric"]
+    line = f"[zotune] {r['task']} {m}: "
+    parts = []
+    if r.get("zero_shot_test") is not None:
+        parts.append(f"zero-shot test {r['zero_shot_test']:.3f}")
+    if r.get("zero_shot_dev") is not None:
+        parts.append(f"zero-shot dev {r['zero_shot_dev']:.3f}")
+    parts.append(f"best dev {r['best_dev']:.3f} (step {r['best_step']})")
+    if r.get("test") is not None:
+        parts.append(f"fine-tuned test {r['test']:.3f} (n={r['test_n']})")
+    print(line + ", ".join(parts))
+    if r.get("stopped"):
+        print(f"[zotune] stopped early: {r['stopped']}")
+    print(f"[zotune] {r['steps']} steps, {r['forwards']} forward passes, {r['train_seconds']:.0f} s; run: {r['run']}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _run_config(run: Path) -> Any:
+    import yaml
+
+    from .train.config import run_config_from_dict
+
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    return run_config_from_dict(tree)
+
+
+def load_for_eval(target: str, *, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, run config or None)`` for a run directory (its best weights) or any model."""
+    from .train import checkpoint as ckpt
+    from .train.loop import load_model
+
+    path = Path(target)
+    if (path / "config.yaml").exists() and (path / "metrics.jsonl").exists():
+        cfg = _run_config(path)
+        from .tasks import get_task
+        from .train.data import resolve_task
+
+        task = resolve_task(cfg.data.task) if cfg.data.task else get_task("sst2")
+        model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+        best = ckpt.latest_checkpoint(path, "best")
+        if best is None:
+            raise ValueError(f"{path}: the run has no best weights yet (RUN/best)")
+        ckpt.load_trainable(model, best / "trainable.safetensors")
+        return model, tok, cfg
+    from .models import load
+
+    model, tok = load(target, dtype=dtype, device=None if device == "auto" else device)
+    if device == "auto":
+        import torch
+
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model, tok, None
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="zotune eval",
+        description="Evaluate a run's best weights, or any model (zero-shot or in-context), on a task split.",
+    )
+    p.add_argument("target", help="a run directory, or a model (packaged name, folder, .gguf, hub id)")
+    p.add_argument("--task", default=None, help="task name or task YAML (default: the run's task, else sst2)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split of the run's protocol")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-seed", type=int, default=None, help="default: the run's data seed, else 0")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many examples")
+    p.add_argument("--icl", type=int, default=0, help="k in-context demonstrations from the train split")
+    p.add_argument("--calibrated", action="store_true", help="content-free calibration (classification tasks)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    a = p.parse_args(argv)
+    if a.limit is not None and a.limit < 1 or a.icl < 0 or a.batch_size < 1:
+        p.error("--limit and --batch-size must be >= 1, --icl >= 0")
+
+    from .tasks import evaluate
+    from .train.config import DataConfig
+    from .train.data import build_splits, resolve_task
+
+    model, tok, cfg = load_for_eval(a.target, dtype=a.dtype, device=a.device)
+    data = cfg.data if cfg is not None else DataConfig()
+    overrides = {"task": a.task, "data_dir": a.data_dir, "seed": a.data_seed}
+    data = DataConfig(**{**data.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    task = resolve_task(data.task)
+    splits = build_splits(data, task)
+    examples = splits[a.split][: a.limit] if a.limit else splits[a.split]
+    res = evaluate(
+        model,
+        tok,
+        examples,
+        batch_size=a.batch_size,
+        calibrated=a.calibrated,
+        calibration_prompt=task.calibration_prompt,
+        demos=splits["train"] if a.icl else None,
+        k=a.icl,
+        seed=data.seed,
+        max_length=data.max_length,
+    )
+    res = {"target": a.target, "task": task.name, "split": a.split, "protocol": splits.protocol, **res}
+    metric = "f1" if "f1" in res else "accuracy"
+    print(f"[zotune] {task.name} {a.split} {metric}: {res[metric]:.4f} (n={res['n']}, truncated {res['n_truncated']})")
+    if a.out:
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(a.out, json.dumps(res, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# replay
+
+
+def cmd_replay(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="zotune replay",
+        description="Rebuild fine-tuned weights from the base model and a ZO update log, and save them (HF format).",
+    )
+    p.add_argument("run", nargs="?", default=None, help="a ZO run directory (its config and RUN/updates.jsonl)")
+    p.add_argument("--base", default=None, help="base model instead of a run (with --log)")
+    p.add_argument("--log", type=Path, default=None, help="update log (default: RUN/updates.jsonl)")
+    p.add_argument("--steps", type=int, default=None, help="replay only the first N steps")
+    p.add_argument("--out", type=Path, required=True, help="output folder (save_pretrained, safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    if (a.run is None) == (a.base is None):
+        p.error("give a run directory, or --base MODEL with --log FILE")
+    if a.base is not None and a.log is None:
+        p.error("--base needs --log")
+    if a.out.exists() and any(a.out.iterdir()) and not a.overwrite:
+        raise ValueError(f"{a.out} exists; pass --overwrite to replace it")
+
+    from .core import UpdateLog, replay
+    from .train.loop import export_model, load_model
+
+    if a.run is not None:
+        run = Path(a.run)
+        if not (run / "config.yaml").exists():
+            raise ValueError(f"{run} is not a zotune run directory (no config.yaml)")
+        cfg = _run_config(run)
+        from .train.data import resolve_task
+
+        task = resolve_task(cfg.data.task)
+        model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+        log_path = a.log or run / "updates.jsonl"
+    else:
+        from .models import load
+
+        model, tok = load(a.base)
+        log_path = a.log
+    if not Path(log_path).exists():
+        raise ValueError(f"no update log at {log_path} (only ZO runs have one)")
+    log = UpdateLog.load(log_path)
+    n = replay(model, log, steps=a.steps)
+    export_model(model, tok, a.out)
+    print(f"[zotune] replayed {n} steps of {log_path} -> {a.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _bench(argv: list[str]) -> int:
+    from .bench.speed import main
+
+    return main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from .train.plot import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "plot": _plot, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": demo, "bench": lambda rest: __import__("zotune.bench.speed").bench.speed.main(rest)}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nzotune: unknown command {argv[0]!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
+            print(f"\nzotune: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
+    from .models import ModelLoadError
+
     try:
-        return commands[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad input or missing files: one line, no traceback
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:  # bad input or missing files: one line
         print(f"zotune {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

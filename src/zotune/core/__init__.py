@@ -6,7 +6,7 @@ forwards run), :class:`UpdateRule` (how the projected gradients become an update
 :class:`ZOOptimizer` (a ``torch.optim.Optimizer``).
 """
 
-from .estimators import ESTIMATORS, Estimate, Estimator, OnePoint, TwoPoint, read_loss
+from .estimators import ESTIMATORS, Estimate, Estimator, NonFiniteLossError, OnePoint, TwoPoint, read_loss
 from .log import UpdateLog, UpdateRecord
 from .optimizer import ZOOptimizer, replay
 from .rng import BLOCK, derive_seed, tensor_seed
@@ -24,6 +24,7 @@ __all__ = [
     "Entry",
     "Estimate",
     "Estimator",
+    "NonFiniteLossError",
     "Gaussian",
     "OnePoint",
     "Op",

@@ -49,6 +49,10 @@ class Estimate:
     eps: float = math.nan  # ε of param group 0, the one g was divided by
 
 
+class NonFiniteLossError(ValueError):
+    """The closure returned NaN or inf (the parameters are restored before it is raised)."""
+
+
 def read_loss(value: Tensor | float) -> float:
     """The closure's loss as a finite Python float, read in fp32 (fp64 kept); ValueError for non-scalar or NaN/inf."""
     if isinstance(value, Tensor):
@@ -64,7 +68,7 @@ def read_loss(value: Tensor | float) -> float:
     else:
         raise ValueError(f"the closure must return a scalar loss (tensor or float), got {type(value).__name__}")
     if not math.isfinite(value):
-        raise ValueError(
+        raise NonFiniteLossError(
             f"the closure returned a non-finite loss ({value}); lower lr or eps, or run the model in fp32/bf16 "
             "instead of fp16"
         )

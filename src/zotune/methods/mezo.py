@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..core import SAMPLERS, ZOSGD, TwoPoint, ZOOptimizer
@@ -33,14 +33,23 @@ from .registry import register_method
 
 @dataclass
 class MeZOConfig:
-    """Hyperparameters of MeZO."""
+    """Hyperparameters of MeZO.
 
-    lr: float = field(default=1e-6, metadata={"help": "learning rate η (paper: 1e-6 or 1e-7 for full fine-tuning)"})
-    eps: float = field(default=1e-3, metadata={"help": "perturbation size ε (paper: 1e-3)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay λ on matrices (ndim >= 2)"})
-    num_directions: int = field(default=1, metadata={"help": "directions averaged per step (n-SPSA); 2n forwards"})
-    sampler: str = field(default="gaussian", metadata={"help": "distribution of z: gaussian or rademacher"})
-    seed: int = field(default=0, metadata={"help": "run seed: direction i of step t uses hash(seed, t, i)"})
+    Args:
+        lr: learning rate η (paper: 1e-6 or 1e-7 for full fine-tuning of OPT).
+        eps: perturbation size ε (paper: 1e-3).
+        weight_decay: decoupled weight decay λ on matrices (ndim >= 2).
+        num_directions: directions averaged per step (n-SPSA); 2n forwards per step.
+        sampler: distribution of z: gaussian or rademacher.
+        seed: run seed: direction i of step t uses hash(seed, t, i) (zotune train sets it from the run's seed).
+    """
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    num_directions: int = 1
+    sampler: str = "gaussian"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_hparams(self.lr, self.eps, self.weight_decay)

@@ -1,0 +1,34 @@
+"""Training: run configs, the training loop, checkpoints and run directories.
+
+Example::
+
+    >>> from zotune.train import run_config_from_dict
+    >>> cfg = run_config_from_dict({"data": {"task": "sst2"}, "mezo": {"lr": 1e-6, "eps": 1e-3}})
+    >>> cfg.method, cfg.train.batch_size
+    ('mezo', 16)
+"""
+
+from .config import (
+    AdamWConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    run_config_class,
+    run_config_from_dict,
+)
+from .loop import TrainingStopped, train
+
+__all__ = [
+    "AdamWConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TrainingStopped",
+    "run_config_class",
+    "run_config_from_dict",
+    "train",
+]

@@ -1,0 +1,417 @@
+"""Run configuration: dataclasses are the one source of truth for the YAML files, the flags and ``--help``.
+
+A run config has four fixed sections (``model``, ``data``, ``train``, and the top-level keys) plus one section per
+optimization method: every ZO method registered in :mod:`zotune.methods` (``mezo``, ...) and the first-order
+baselines (``adamw``). ``method`` picks which section is used; the others are ignored.
+
+YAML and flags are parsed by jsonargparse (``zotune train --config r.yaml --train.steps 2000``). Unknown keys are
+rejected here first, with the closest valid key, because a typo in a fine-tuning config otherwise silently trains
+with the default.
+
+Example:
+    >>> cfg = run_config_from_dict({"method": "mezo", "mezo": {"lr": 1e-6}, "train": {"steps": 10}})
+    >>> cfg.train.steps, cfg.mezo.lr, cfg.method
+    (10, 1e-06, 'mezo')
+    >>> run_config_from_dict({"train": {"stepz": 10}})
+    Traceback (most recent call last):
+    ...
+    zotune.train.config.ConfigError: unknown key 'train.stepz' (did you mean 'train.steps'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from ..methods import METHODS
+
+__all__ = [
+    "AdamWConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_digest",
+    "config_to_dict",
+    "run_config_class",
+    "run_config_from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A bad run configuration: the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune.
+
+    Args:
+        name: packaged name (``smollm2-135m``, ``minilm-l6``), Hugging Face folder, ``.gguf`` file or hub id.
+        dtype: float32, bfloat16 or float16 (float16 is fragile under ZO: its ± losses round to equal values).
+        device: auto (cuda when available, else cpu), cpu, cuda or cuda:N.
+        kind: causal-lm, seq-cls (a classification head: encoders such as MiniLM), or null (the model's own kind).
+        lora: train LoRA adapters instead of all weights (peft); the base stays frozen.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_targets: module names that get adapters (null: q_proj and v_proj, or peft's default for the model).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "auto"
+    kind: str | None = None
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.kind", self.kind, ("causal-lm", "seq-cls", None))
+        _positive("model.lora_r", self.lora_r)
+        _positive("model.lora_alpha", self.lora_alpha)
+
+
+@dataclass
+class DataConfig:
+    """The task and how its splits are drawn.
+
+    Args:
+        task: a registered task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, sst5, trec,
+            ...) or the path of a YAML/JSON file describing a task of your own (see zotune.tasks.custom).
+        data_dir: folder of local data files (default: $ZOTUNE_DATA, ../shared/data or ./data; else the hub).
+        protocol: mezo (n_train/n_dev drawn from train, n_test from validation) or kshot (LM-BFF: k per class).
+        k: examples per class for the kshot protocol.
+        seed: data seed: which examples are drawn, and the order batches are taken in.
+        n_train: training examples (mezo protocol).
+        n_dev: dev examples (mezo protocol; null: 500, or 100 for CB and COPA).
+        n_test: test examples (at most).
+        max_length: longest sequence in tokens (null: the model's maximum positions); longer prompts are cut from
+            the left, keeping the answer, and counted.
+        objective: what the training loss is: auto (classification tasks: cross-entropy over the candidates;
+            multiple-choice and generation: LM loss on the gold answer; a seq-cls model: its head), or
+            classification, lm, accuracy, f1 (the last two are non-differentiable: ZO methods only).
+    """
+
+    task: str = "sst2"
+    data_dir: str | None = None
+    protocol: str = "mezo"
+    k: int = 16
+    seed: int = 0
+    n_train: int = 1000
+    n_dev: int | None = None
+    n_test: int = 1000
+    max_length: int | None = None
+    objective: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("data.protocol", self.protocol, ("mezo", "kshot"))
+        _choice("data.objective", self.objective, ("auto", "classification", "lm", "accuracy", "f1"))
+        for name in ("k", "n_train", "n_test"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.n_dev is not None:
+            _positive("data.n_dev", self.n_dev)
+        if self.max_length is not None:
+            _positive("data.max_length", self.max_length)
+        _non_negative("data.seed", self.seed)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        steps: optimizer steps (a ZO step runs 2 forwards per micro-batch).
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per step (ZO: the ± losses are averaged over them under one perturbation).
+        max_forwards: stop once this many forward passes have run (null: no budget).
+        schedule: learning-rate schedule: constant, linear (to 0) or cosine (to 0).
+        warmup_steps: linear warm-up steps before the schedule.
+        eval_every: evaluate on dev every this many steps (0: only at the start and the end).
+        eval_limit: dev examples used per evaluation (null: all).
+        eval_batch_size: examples per forward when evaluating.
+        test: evaluate the best-on-dev weights on the test split at the end.
+        test_at_start: also evaluate the untouched model on test (the zero-shot baseline of the run).
+        checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        export: write the best model in Hugging Face format (save_pretrained, safetensors) to RUN/model.
+        watchdog: stop with a hint on a NaN/inf loss, a loss collapsed to 0, or a loss diverging above
+            divergence x the initial loss for patience steps in a row.
+        patience: consecutive steps of collapse or divergence before the watchdog stops the run.
+        divergence: loss / initial loss above which a step counts as diverging.
+        progress: show a progress bar.
+        tensorboard: also write TensorBoard events to RUN/tb (when tensorboard is installed).
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_forwards: int | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 100
+    eval_limit: int | None = None
+    eval_batch_size: int = 32
+    test: bool = True
+    test_at_start: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 1
+    export: bool = False
+    watchdog: bool = True
+    patience: int = 20
+    divergence: float = 10.0
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "patience"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            _non_negative(f"train.{name}", getattr(self, name))
+        for name in ("max_forwards", "eval_limit"):
+            if getattr(self, name) is not None:
+                _positive(f"train.{name}", getattr(self, name))
+        _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        if not self.divergence > 1:
+            raise ConfigError(f"train.divergence={self.divergence} must be > 1")
+
+
+@dataclass
+class AdamWConfig:
+    """First-order baseline: AdamW with backpropagation (full fine-tuning, or LoRA with model.lora).
+
+    Args:
+        lr: learning rate (MeZO's FT baseline: 1e-5 full, 1e-4 LoRA).
+        weight_decay: decoupled weight decay on matrices.
+        beta1: Adam β1.
+        beta2: Adam β2.
+        eps: Adam ε.
+        max_grad_norm: clip the gradient norm to this (0: no clipping).
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0 or not self.weight_decay >= 0 or not self.eps > 0 or not self.max_grad_norm >= 0:
+            raise ConfigError(f"adamw: bad hyperparameters {self}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"adamw: betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
+
+
+FO_METHODS: dict[str, type] = {"adamw": AdamWConfig}
+"""First-order baselines (backpropagation), by name."""
+
+
+@dataclass
+class RunConfig:
+    """A fine-tuning run: model, data, loop, method, and where the run directory goes.
+
+    Args:
+        method: which optimization method section is used (a ZO method such as mezo, or adamw).
+        seed: run seed: ZO directions (hash of seed, step, direction), LoRA initialisation, dropout.
+        out: the run directory (null: runs/<model>-<task>-<method>-s<seed>).
+        overwrite: replace an existing run directory (otherwise an existing one is an error).
+        resume: continue the run in out from its newest complete checkpoint.
+        allow_config_change: let resume continue with a config that differs from the checkpoint's.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "mezo"
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    allow_config_change: bool = False
+
+    def __post_init__(self) -> None:
+        known = sorted({*METHODS, *FO_METHODS})
+        if self.method not in known:
+            close = difflib.get_close_matches(str(self.method), known, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"method={self.method!r} is not one of: {', '.join(known)}{hint}")
+        _non_negative("seed", self.seed)
+
+    def method_config(self) -> Any:
+        """The section of the chosen method."""
+        return getattr(self, self.method)
+
+    @property
+    def is_zo(self) -> bool:
+        return self.method in METHODS
+
+
+_RESUME_MAY_CHANGE = {"train.steps", "train.max_forwards", "train.progress", "train.tensorboard", "resume"}
+_RESUME_MAY_CHANGE |= {"overwrite", "allow_config_change", "out"}
+
+
+def run_config_class() -> type:
+    """``RunConfig`` plus one section per registered method (built now, so methods registered later appear)."""
+    sections = {**{name: m.config_cls for name, m in METHODS.items()}, **FO_METHODS}
+    extra = [(name, cls, field(default_factory=cls)) for name, cls in sorted(sections.items())]
+    cls = dataclasses.make_dataclass("RunConfig", extra, bases=(RunConfig,))
+    cls.__doc__ = RunConfig.__doc__
+    cls.__module__ = __name__
+    return cls
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise ConfigError(f"{key}={value!r} is not one of: {shown}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}={value!r} must be a non-negative integer")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation of raw dicts (YAML) and dotted keys (flags)
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) config dataclass."""
+    out = []
+    for f in fields(cls):
+        key = prefix + f.name
+        out.append(key)
+        sub = _dataclass_type(cls, f)
+        if sub is not None:
+            out += valid_keys(sub, key + ".")
+    return out
+
+
+def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
+    hint = typing.get_type_hints(cls).get(f.name)
+    return hint if isinstance(hint, type) and is_dataclass(hint) else None
+
+
+def unknown_key_error(key: str, cls: type) -> ConfigError:
+    keys = valid_keys(cls)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part only: compare within the same section
+        head, _, tail = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == head]
+        close = [f"{head}.{c}" if head else c for c in difflib.get_close_matches(tail, siblings, n=1, cutoff=0.3)]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def check_keys(tree: Any, cls: type, prefix: str = "", root: type | None = None) -> None:
+    """Raise :class:`ConfigError` on the first key of ``tree`` (a nested dict) that ``cls`` does not have."""
+    root = root or cls
+    if not isinstance(tree, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(tree).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    for key, value in tree.items():
+        if key not in names:
+            raise unknown_key_error(prefix + str(key), root)
+        sub = _dataclass_type(cls, names[key])
+        if sub is not None and value is not None:
+            check_keys(value, sub, f"{prefix}{key}.", root)
+
+
+def run_config_from_dict(tree: dict[str, Any], cls: type | None = None) -> Any:
+    """Build a run config from a nested dict (e.g. parsed YAML), checking keys, types and values."""
+    cls = cls or run_config_class()
+    check_keys(tree, cls)
+    return _build(cls, tree, "")
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in tree:
+            continue
+        value, key = tree[f.name], prefix + f.name
+        sub = _dataclass_type(cls, f)
+        if sub is not None:
+            kwargs[f.name] = _build(sub, value or {}, key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, value, hints[f.name])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, list[str], X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0]) if len(inner) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    if hint in ok and not ok[hint](value):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain nested dict (for YAML, the run directory and digests)."""
+    return asdict(cfg)
+
+
+def config_digest(tree: dict[str, Any], ignore: set[str] = _RESUME_MAY_CHANGE) -> str:
+    """A short hash of the config without the keys that may change on resume."""
+    flat = {k: v for k, v in flatten(tree).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: set[str] = _RESUME_MAY_CHANGE) -> list[str]:
+    """Keys whose values differ between two config dicts, as ``key: a -> b`` lines."""
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted((set(fa) | set(fb)) - ignore)
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]

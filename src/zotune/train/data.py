@@ -1,0 +1,136 @@
+"""Data for a run: the task, its splits, a stateless batch order, and the training objective.
+
+The batch order is a pure function of (data seed, micro-batch index): the stream of training examples is the
+concatenation of one seeded permutation per epoch, and micro-batch ``i`` is its slice ``[i·B, (i+1)·B)``. So a
+resumed run needs no data-loader state to continue exactly where it stopped.
+
+Example:
+    >>> from zotune.tasks import Example
+    >>> order = BatchOrder([Example(str(i), [" a", " b"], label=0) for i in range(5)], batch_size=2, seed=0)
+    >>> [[ex.prompt for ex in order.batch(i)] for i in range(3)]   # epoch 2 starts inside batch 2
+    [['4', '3'], ['0', '2'], ['1', '0']]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..core.rng import derive_seed
+from ..tasks import (
+    Example,
+    Splits,
+    Task,
+    accuracy_objective,
+    answer_lm_loss,
+    classification_loss,
+    f1_objective,
+    get_task,
+    head_loss,
+    kshot_splits,
+    mezo_splits,
+    task_from_config,
+)
+from .config import ConfigError, DataConfig
+
+__all__ = ["BatchOrder", "build_splits", "make_objective", "resolve_task"]
+
+
+def resolve_task(spec: str) -> Task:
+    """A registered task name, or the path of a YAML/JSON file that describes a user task."""
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise ConfigError(f"data.task: task file {path} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            import json
+
+            tree = json.loads(text)
+        else:
+            import yaml
+
+            tree = yaml.safe_load(text)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"data.task: {path} must hold a mapping (name, files, template, verbalizer, ...)")
+        tree.setdefault("base_dir", str(path.parent))
+        tree.setdefault("name", path.stem)
+        return task_from_config(tree)
+    return get_task(spec)
+
+
+def build_splits(cfg: DataConfig, task: Task) -> Splits:
+    """Train/dev/test examples by the configured protocol (see :mod:`zotune.tasks.sampling`)."""
+    if cfg.protocol == "kshot":
+        return kshot_splits(task, k=cfg.k, seed=cfg.seed, data_dir=cfg.data_dir, n_test=cfg.n_test)
+    return mezo_splits(
+        task, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, data_dir=cfg.data_dir
+    )
+
+
+class BatchOrder:
+    """Micro-batch ``i`` of a seeded, epoch-wise shuffled stream of ``examples`` (stateless, so resumable)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples, self.batch_size, self.seed = list(examples), batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.examples)))
+            random.Random(derive_seed(self.seed, epoch, 0x0DA7A)).shuffle(order)  # own RNG: global state untouched
+            self._perms = {epoch: order}  # only the current epoch is needed
+        return self._perms[epoch]
+
+    def batch(self, i: int) -> list[Example]:
+        n, out = len(self.examples), []
+        for j in range(i * self.batch_size, (i + 1) * self.batch_size):
+            out.append(self.examples[self._perm(j // n)[j % n]])
+        return out
+
+    def epoch(self, i: int) -> float:
+        """Epochs completed before micro-batch ``i``."""
+        return i * self.batch_size / len(self.examples)
+
+
+def objective_name(cfg: DataConfig, task: Task, model_kind: str) -> str:
+    """The concrete objective of ``cfg.objective`` (``auto`` resolved) for this task and model."""
+    if model_kind == "seq-cls":
+        if cfg.objective not in ("auto", "classification"):
+            raise ConfigError(f"data.objective={cfg.objective!r}: a seq-cls model trains its head (auto)")
+        return "head"
+    if cfg.objective != "auto":
+        if cfg.objective == "classification" and task.kind != "classification":
+            raise ConfigError(f"data.objective=classification needs a classification task, {task.name} is {task.kind}")
+        if cfg.objective == "accuracy" and task.kind == "generation":
+            raise ConfigError(f"data.objective=accuracy: {task.name} is a generation task (use f1)")
+        if cfg.objective == "f1" and task.kind != "generation":
+            raise ConfigError(f"data.objective=f1 needs a generation task, {task.name} is {task.kind}")
+        return cfg.objective
+    if task.kind == "classification" and task.train_as_classification:
+        return "classification"
+    return "lm"
+
+
+def make_objective(
+    name: str, model: Any, tokenizer: Any, *, max_length: int | None, batch_size: int | None = None
+) -> Callable[[Sequence[Example]], Tensor]:
+    """``loss(examples)`` for the objective ``name`` (see :func:`objective_name`); lower is better."""
+    kw: dict[str, Any] = {"max_length": max_length, "batch_size": batch_size}
+    if name == "classification":
+        return lambda exs: classification_loss(model, tokenizer, exs, **kw)
+    if name == "lm":
+        return lambda exs: answer_lm_loss(model, tokenizer, exs, **kw)
+    if name == "head":
+        return lambda exs: head_loss(model, tokenizer, exs, **kw)
+    if name == "accuracy":
+        return lambda exs: accuracy_objective(model, tokenizer, exs, **kw)
+    if name == "f1":
+        return lambda exs: f1_objective(model, tokenizer, exs, max_length=max_length)
+    raise ValueError(f"unknown objective {name!r}")

@@ -1,0 +1,499 @@
+"""The training loop: one function, :func:`train`, for every ZO method and the first-order baselines.
+
+Per step: take ``grad_accum`` micro-batches (a pure function of the data seed and the step, so a resumed run sees
+the same batches), run the method's step (ZO: ``opt.step(closure)`` where the closure averages the loss of the
+micro-batches under one perturbation; first order: backward on each micro-batch, clip, ``opt.step()``), log a
+metrics line, and now and then evaluate on dev, keep the best-on-dev weights, and write a checkpoint. At the end the
+best weights are evaluated on test. Everything goes to the run directory::
+
+    RUN/config.yaml      the resolved config          RUN/metrics.jsonl   one line per step / evaluation
+    RUN/env.json         versions, seeds, command     RUN/updates.jsonl   ZO update log (seeds + scalars)
+    RUN/checkpoints/     resumable checkpoints        RUN/best/           best-on-dev trainable weights
+    RUN/results.json     the final numbers            RUN/plot.png        loss and dev curves
+
+Example (a tiny random model; real runs go through ``zotune train``)::
+
+    >>> from zotune.train import run_config_from_dict, train
+    >>> cfg = run_config_from_dict({"model": {"name": "path/to/model"}, "train": {"steps": 100}})  # doctest: +SKIP
+    >>> results = train(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import NonFiniteLossError
+from ..core.rng import derive_seed
+from ..methods import METHODS
+from ..tasks import Example, evaluate, model_max_length
+from . import checkpoint as ckpt
+from .config import ConfigError, config_diff, config_digest, config_to_dict
+from .data import BatchOrder, build_splits, make_objective, objective_name, resolve_task
+
+__all__ = ["TrainingStopped", "train"]
+
+logger = logging.getLogger("zotune.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The watchdog stopped the run (NaN/inf, collapsed or diverging loss); the message says why and what to try."""
+
+
+@dataclass
+class LoopState:
+    """Everything about the loop's progress that a checkpoint must restore (the rest is in the weights/optimizer)."""
+
+    step: int = 0
+    forwards: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    initial_loss: float | None = None
+    bad_steps: int = 0
+    seconds: float = 0.0
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(cfg: Any, seed: int, num_labels: int | None) -> tuple[Any, Any, str]:
+    """Load the model (and wrap it with LoRA); random initialisations (LoRA, a new head) come from ``seed``."""
+    from ..models import load as load_fn
+
+    model_cfg = cfg.model
+    kind = model_cfg.kind
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's global RNG as it was
+        torch.manual_seed(derive_seed(seed, 0, 0x1417))
+        model, tokenizer = load_fn(
+            model_cfg.name,
+            kind=kind,
+            dtype=model_cfg.dtype,
+            device=_device(model_cfg.device),
+            num_labels=num_labels if kind == "seq-cls" else None,
+        )
+        kind = kind or ("seq-cls" if type(model).__name__.endswith("ForSequenceClassification") else "causal-lm")
+        if model_cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets = model_cfg.lora_targets
+            if targets is None:
+                names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+                targets = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= names else None
+            lora = LoraConfig(
+                r=model_cfg.lora_r,
+                lora_alpha=model_cfg.lora_alpha,
+                target_modules=targets,
+                lora_dropout=0.0,
+                task_type="SEQ_CLS" if kind == "seq-cls" else "CAUSAL_LM",
+            )
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as err:
+                raise ConfigError(f"model.lora_targets: {err}") from None
+    return model, tokenizer, kind
+
+
+def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The chosen method on the model's trainable tensors (ZO: from the registry; adamw: torch.optim.AdamW)."""
+    section = cfg.method_config()
+    if cfg.is_zo:
+        if getattr(section, "seed", 0) not in (0, cfg.seed):
+            raise ConfigError(f"{cfg.method}.seed: set the run's seed with the top-level 'seed' key instead")
+        if hasattr(section, "seed"):
+            section = replace(section, seed=cfg.seed)
+        return METHODS[cfg.method].build(model.named_parameters(), section)
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": section.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=section.lr, betas=(section.beta1, section.beta2), eps=section.eps
+    )
+
+
+def build_scheduler(train_cfg: Any, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[train_cfg.schedule]
+    return get_scheduler(name, opt, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.steps)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("zotune", "torch", "transformers", "peft", "safetensors", "tokenizers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Metrics:
+    """``RUN/metrics.jsonl`` (one JSON object per line, flushed as written) and TensorBoard when available."""
+
+    def __init__(self, run: Path, tensorboard: bool) -> None:
+        self.path = run / "metrics.jsonl"
+        self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            tag = record["kind"] if record["kind"] == "train" else f"{record['kind']}/{record.get('split', '')}"
+            for k, v in record.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("step", "n"):
+                    self.tb.add_scalar(f"{tag}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    @staticmethod
+    def truncate(run: Path, step: int) -> None:
+        """Drop the lines written after checkpoint ``step`` (and a torn last line) before a resumed run appends."""
+        path = run / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def prepare_run_dir(cfg: Any, tree: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Create (or, with ``resume``, reopen) the run directory; return it and the checkpoint to resume from."""
+    out = Path(cfg.out)
+    exists = out.exists() and any(out.iterdir())
+    if cfg.resume:
+        if not exists:
+            raise ConfigError(f"resume: run directory {out} does not exist or is empty")
+        saved_cfg = out / "config.yaml"
+        if not saved_cfg.exists():
+            raise ConfigError(f"resume: {out} is not a zotune run directory (no config.yaml)")
+        import yaml
+
+        diff = config_diff(yaml.safe_load(saved_cfg.read_text()), tree)
+        if diff and not cfg.allow_config_change:
+            raise ConfigError(
+                f"resume: the config differs from the one {out} was started with ({'; '.join(diff[:5])}); "
+                "pass --allow_config_change true to continue anyway"
+            )
+        return out, ckpt.latest_checkpoint(out)
+    if exists:
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"run directory {out} already exists: pass --overwrite true to replace it, or --resume true to "
+                "continue it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the fine-tuning described by ``cfg`` (see :mod:`zotune.train.config`); return the results.
+
+    Raises :class:`TrainingStopped` when the watchdog stops the run (after writing the results of the best
+    weights so far), :class:`~zotune.train.config.ConfigError` on a bad config or run directory.
+    """
+    start = time.perf_counter()
+    tc = cfg.train
+    task = resolve_task(cfg.data.task)
+    splits = build_splits(cfg.data, task)
+    if cfg.out is None:
+        cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-{task.name}-{cfg.method}-s{cfg.seed}")
+    tree = config_to_dict(cfg)
+    run, resume_from = prepare_run_dir(cfg, tree)
+
+    num_labels = len(task.verbalizer) if task.verbalizer else None
+    model, tokenizer, kind = load_model(cfg, cfg.seed, num_labels)
+    device = next(model.parameters()).device
+    objective = objective_name(cfg.data, task, kind)
+    if objective in ("accuracy", "f1") and not cfg.is_zo:
+        raise ConfigError(f"data.objective={objective} is not differentiable: use a ZO method, not {cfg.method}")
+    max_length = cfg.data.max_length or model_max_length(model, tokenizer)
+    loss_fn = make_objective(objective, model, tokenizer, max_length=max_length)
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(tc, opt)
+    order = BatchOrder(splits["train"], tc.batch_size, cfg.data.seed)
+    dev = splits["dev"][: tc.eval_limit] if tc.eval_limit else splits["dev"]
+    metric = "f1" if task.metric == "f1" else "accuracy"
+    n_trainable = sum(p.numel() for p in ckpt.trainable_tensors(model).values())
+
+    import yaml
+
+    ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+    env = {
+        "versions": versions(),
+        "command": list(argv) if argv is not None else sys.argv,
+        "seed": cfg.seed,
+        "data_seed": cfg.data.seed,
+        "protocol": splits.protocol,
+        "objective": objective,
+        "model_kind": kind,
+        "device": str(device),
+        "trainable_parameters": n_trainable,
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ckpt.atomic_write_text(run / "env.json", json.dumps(env, indent=1))
+
+    state = LoopState()
+    if resume_from is not None:
+        tensors, blobs, meta = ckpt.load_checkpoint(resume_from)
+        if meta.get("digest") != config_digest(tree) and not cfg.allow_config_change:
+            raise ConfigError(f"resume: checkpoint {resume_from} was made with a different config")
+        ckpt.load_trainable(model, tensors)
+        opt.load_state_dict(blobs["optimizer"])
+        sched.load_state_dict(blobs["scheduler"])
+        torch.set_rng_state(blobs["rng"])
+        state = LoopState(**meta["loop"])
+        Metrics.truncate(run, state.step)
+        for stale in ckpt.list_checkpoints(run, "best"):  # best weights saved after this checkpoint: redone below
+            if int(stale.name.split("-")[1]) > state.step:
+                shutil.rmtree(stale)
+        logger.info("resuming %s from step %d", run, state.step)
+    elif cfg.resume:
+        logger.warning("resume: %s has no complete checkpoint yet; starting from step 0", run)
+        Metrics.truncate(run, -1)
+    metrics = Metrics(run, tc.tensorboard)
+
+    def log_eval(split: str, examples: Sequence[Example], step: int) -> dict[str, Any]:
+        res = evaluate(model, tokenizer, examples, batch_size=tc.eval_batch_size, max_length=max_length)
+        rec = {"kind": "eval", "step": step, "split": split, "forwards": state.forwards}
+        rec |= {k: res[k] for k in ("accuracy", "f1", "em", "n", "n_truncated", "seconds") if k in res}
+        metrics.write(rec)
+        return rec
+
+    def save_best(step: int) -> None:
+        meta = {"step": step, metric: state.best_metric}
+        ckpt.save_checkpoint(run, step, tensors=ckpt.trainable_tensors(model), blobs={}, meta=meta, keep=None,
+                             folder="best")  # fmt: skip
+
+    def save_checkpoint() -> None:
+        blobs = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+        meta = {"loop": state.__dict__, "digest": config_digest(tree), "config": tree}
+        ckpt.save_checkpoint(
+            run, state.step, tensors=ckpt.trainable_tensors(model), blobs=blobs, meta=meta, keep=tc.keep_checkpoints
+        )
+        ckpt.prune_checkpoints(run, 1, "best")  # older best weights are no longer needed by any checkpoint
+        if cfg.is_zo:
+            opt.update_log.save(run / "updates.jsonl")
+
+    if state.step == 0 and resume_from is None:
+        rec = log_eval("dev", dev, 0)
+        state.best_metric, state.best_step = rec[metric], 0
+        state.history["zero_shot_dev"] = rec[metric]
+        save_best(0)
+        if tc.test and tc.test_at_start:
+            state.history["zero_shot_test"] = log_eval("test", splits["test"], 0)[metric]
+
+    stopped: str | None = None
+    saved = state.step
+    zo = cfg.is_zo
+    model.train(not zo)  # ZO: no dropout, so the ± forwards see the same function (MeZO does the same)
+    forwards_per_step = (2 if zo else 1) * tc.grad_accum
+    bar = None
+    if tc.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=state.step, desc=f"{cfg.method} {task.name}", unit="step", leave=False)
+    step_start = time.perf_counter()
+    try:
+        while state.step < tc.steps:
+            if tc.max_forwards is not None and state.forwards + forwards_per_step > tc.max_forwards:
+                stopped = f"forward-pass budget reached ({state.forwards} of {tc.max_forwards})"
+                break
+            t0 = time.perf_counter()
+            micro = [order.batch(state.step * tc.grad_accum + j) for j in range(tc.grad_accum)]
+            record: dict[str, Any] = {"kind": "train", "step": state.step + 1}
+            record["lr"] = opt.param_groups[0]["lr"]
+            try:
+                if zo:
+                    first = opt.initial_loss is None  # the first step also runs one unperturbed check forward
+                    loss = float(opt.step(lambda micro=micro: sum(loss_fn(mb) for mb in micro) / len(micro)))
+                    est = opt.last_estimate
+                    record |= {"projected_grad": est.grads[0] if len(est.grads) == 1 else est.grads}
+                    if len(est.losses) == 2:
+                        record |= {"loss_plus": est.losses[0], "loss_minus": est.losses[1]}
+                    state.forwards += forwards_per_step + (tc.grad_accum if first else 0)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss = 0.0
+                    for mb in micro:
+                        part = loss_fn(mb) / len(micro)
+                        if not torch.isfinite(part.detach()):
+                            raise NonFiniteLossError(f"non-finite loss ({float(part)}) at step {state.step + 1}")
+                        part.backward()
+                        loss += float(part.detach())
+                    if cfg.adamw.max_grad_norm > 0:
+                        norm = torch.nn.utils.clip_grad_norm_(
+                            [p for p in model.parameters() if p.requires_grad], cfg.adamw.max_grad_norm
+                        )
+                        record["grad_norm"] = float(norm)
+                    opt.step()
+                    state.forwards += forwards_per_step
+            except NonFiniteLossError as err:
+                stopped = f"watchdog: {err}. Try: a lower lr or eps, or model.dtype bfloat16/float32 if it is float16"
+                break
+            sched.step()
+            state.step += 1
+            record["loss"] = loss
+            record["forwards"] = state.forwards
+            record["step_time"] = time.perf_counter() - t0
+            record["peak_mem_mb"] = peak_memory_mb(device)
+            record["epoch"] = order.epoch((state.step) * tc.grad_accum)
+            metrics.write(record)
+            if state.initial_loss is None:
+                state.initial_loss = loss
+            if tc.watchdog:
+                reason = _watch(loss, state, tc)
+                if reason:
+                    stopped = reason
+                    break
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", **{f"dev_{metric[:3]}": f"{state.best_metric or 0:.3f}"})
+            last = state.step == tc.steps
+            if (tc.eval_every and state.step % tc.eval_every == 0) or last:
+                rec = log_eval("dev", dev, state.step)
+                if rec[metric] > state.best_metric:
+                    state.best_metric, state.best_step = rec[metric], state.step
+                    save_best(state.step)
+            if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0) or last:
+                state.seconds += time.perf_counter() - step_start
+                step_start = time.perf_counter()
+                save_checkpoint()
+                saved = state.step
+    finally:
+        if bar is not None:
+            bar.close()
+    state.seconds += time.perf_counter() - step_start
+    if stopped and not stopped.startswith("watchdog") and saved != state.step:
+        save_checkpoint()  # a budget stop keeps its work; a watchdog stop keeps only what was saved before
+
+    results: dict[str, Any] = {
+        "run": str(run),
+        "task": task.name,
+        "model": cfg.model.name,
+        "method": cfg.method,
+        "protocol": splits.protocol,
+        "objective": objective,
+        "metric": metric,
+        "steps": state.step,
+        "forwards": state.forwards,
+        "zero_shot_dev": state.history.get("zero_shot_dev"),
+        "zero_shot_test": state.history.get("zero_shot_test"),
+        "best_dev": state.best_metric,
+        "best_step": state.best_step,
+        "stopped": stopped,
+        "train_seconds": state.seconds,
+        "trainable_parameters": n_trainable,
+    }
+    best = ckpt.latest_checkpoint(run, "best")
+    if best is not None:
+        ckpt.load_trainable(model, best / "trainable.safetensors")
+    if tc.test:
+        rec = log_eval("test", splits["test"], state.best_step or 0)
+        results["test"] = rec[metric]
+        results["test_n"] = rec["n"]
+        if "em" in rec:
+            results["test_em"] = rec["em"]
+    if tc.export:
+        export_model(model, tokenizer, run / "model")
+        results["export"] = str(run / "model")
+    metrics.close()
+    results["seconds"] = time.perf_counter() - start
+    ckpt.atomic_write_text(run / "results.json", json.dumps(results, indent=1))
+    try:
+        from .plot import plot_runs
+
+        plot_runs([run], run / "plot.png")
+    except ImportError:
+        logger.info("matplotlib is not installed: no plot (pip install 'zotune[plot]')")
+    if stopped and stopped.startswith("watchdog"):
+        raise TrainingStopped(stopped)
+    return results
+
+
+def _watch(loss: float, state: LoopState, tc: Any) -> str | None:
+    """A reason to stop, after ``patience`` bad steps in a row: loss collapsed to ~0 or diverging."""
+    collapsed = loss < 1e-6
+    diverging = state.initial_loss is not None and loss > tc.divergence * max(state.initial_loss, 1e-6)
+    state.bad_steps = state.bad_steps + 1 if (collapsed or diverging) else 0
+    if state.bad_steps < tc.patience:
+        return None
+    if collapsed:
+        return (
+            f"watchdog: the loss collapsed to {loss:.3g} for {tc.patience} steps (a known float16 failure under ZO): "
+            "use model.dtype bfloat16 or float32"
+        )
+    return (
+        f"watchdog: the loss {loss:.4g} stayed above {tc.divergence:g} x the initial {state.initial_loss:.4g} for "
+        f"{tc.patience} steps: lower the lr (or eps)"
+    )
+
+
+def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
+    """Hugging Face format (``save_pretrained``, safetensors; adapters only for a LoRA model), written atomically."""
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
