@@ -88,7 +88,8 @@ class DataConfig:
         task: a registered task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, sst5, trec,
             ...) or the path of a YAML/JSON file describing a task of your own (see zotune.tasks.custom).
         data_dir: folder of local data files (default: $ZOTUNE_DATA, ../shared/data or ./data; else the hub).
-        protocol: mezo (n_train/n_dev drawn from train, n_test from validation) or kshot (LM-BFF: k per class).
+        protocol: mezo (n_train/n_dev drawn from train, n_test from validation), kshot (LM-BFF: k per class), or
+            files (the task's own train, dev and test splits as they are: your own files).
         k: examples per class for the kshot protocol.
         seed: data seed: which examples are drawn, and the order batches are taken in.
         n_train: training examples (mezo protocol).
@@ -113,7 +114,7 @@ class DataConfig:
     objective: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("data.protocol", self.protocol, ("mezo", "kshot"))
+        _choice("data.protocol", self.protocol, ("mezo", "kshot", "files"))
         _choice("data.objective", self.objective, ("auto", "classification", "lm", "accuracy", "f1"))
         for name in ("k", "n_train", "n_test"):
             _positive(f"data.{name}", getattr(self, name))

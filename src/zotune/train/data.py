@@ -32,6 +32,8 @@ from ..tasks import (
     get_task,
     head_loss,
     kshot_splits,
+    load_split,
+    local_splits,
     mezo_splits,
     task_from_config,
 )
@@ -64,7 +66,29 @@ def resolve_task(spec: str) -> Task:
 
 
 def build_splits(cfg: DataConfig, task: Task) -> Splits:
-    """Train/dev/test examples by the configured protocol (see :mod:`zotune.tasks.sampling`)."""
+    """Train/dev/test examples by the configured protocol (see :mod:`zotune.tasks.sampling`).
+
+    ``files`` takes the task's own splits as they are (your train/dev/test files): train = train, dev = dev (else
+    validation), test = test (else validation), the test capped at ``n_test`` by the same seed-0 draw as the
+    other protocols.
+    """
+    if cfg.protocol == "files":
+        have = local_splits(task, cfg.data_dir) or ["train", "validation", "test"]
+        dev_name = next((s for s in ("dev", "validation") if s in have), None)
+        test_name = next((s for s in ("test", "validation") if s in have and s != dev_name), None)
+        if dev_name is None or test_name is None:
+            raise ConfigError(
+                f"data.protocol=files: {task.name} needs a dev (or validation) and a test (or validation) split "
+                f"besides train; it has: {', '.join(have)}"
+            )
+        train = load_split(task, "train", data_dir=cfg.data_dir)
+        dev = load_split(task, dev_name, data_dir=cfg.data_dir)
+        test = load_split(task, test_name, data_dir=cfg.data_dir)
+        if len(test) > cfg.n_test:
+            picked = sorted(random.Random(0).sample(range(len(test)), cfg.n_test))
+            test = [test[i] for i in picked]
+        protocol = f"files: train {len(train)} = {task.name} train, dev {len(dev)} = {dev_name}, test {len(test)}"
+        return Splits({"train": train, "dev": dev, "test": test}, protocol + f" from {test_name}")
     if cfg.protocol == "kshot":
         return kshot_splits(task, k=cfg.k, seed=cfg.seed, data_dir=cfg.data_dir, n_test=cfg.n_test)
     return mezo_splits(

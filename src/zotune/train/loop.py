@@ -394,7 +394,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
             if state.initial_loss is None:
                 state.initial_loss = loss
             if tc.watchdog:
-                reason = _watch(loss, state, tc)
+                reason = _watch(record, state, tc)
                 if reason:
                     stopped = reason
                     break
@@ -463,11 +463,17 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def _watch(loss: float, state: LoopState, tc: Any) -> str | None:
-    """A reason to stop, after ``patience`` bad steps in a row: loss collapsed to ~0 or diverging."""
+def _watch(record: dict[str, Any], state: LoopState, tc: Any) -> str | None:
+    """A reason to stop after ``patience`` bad steps in a row: a loss collapsed to ~0, diverging, or stuck (ZO).
+
+    Stuck means ℓ+ == ℓ− exactly: the perturbation no longer changes the loss (ε below the dtype's resolution, as
+    with float16, or a saturated model after a too-large step), so the projected gradient is 0 and nothing moves.
+    """
+    loss = record["loss"]
     collapsed = loss < 1e-6
     diverging = state.initial_loss is not None and loss > tc.divergence * max(state.initial_loss, 1e-6)
-    state.bad_steps = state.bad_steps + 1 if (collapsed or diverging) else 0
+    stuck = "loss_plus" in record and record["loss_plus"] == record["loss_minus"]
+    state.bad_steps = state.bad_steps + 1 if (collapsed or diverging or stuck) else 0
     if state.bad_steps < tc.patience:
         return None
     if collapsed:
@@ -475,9 +481,15 @@ def _watch(loss: float, state: LoopState, tc: Any) -> str | None:
             f"watchdog: the loss collapsed to {loss:.3g} for {tc.patience} steps (a known float16 failure under ZO): "
             "use model.dtype bfloat16 or float32"
         )
+    if diverging:
+        return (
+            f"watchdog: the loss {loss:.4g} stayed above {tc.divergence:g} x the initial {state.initial_loss:.4g} "
+            f"for {tc.patience} steps: lower the lr (or eps)"
+        )
     return (
-        f"watchdog: the loss {loss:.4g} stayed above {tc.divergence:g} x the initial {state.initial_loss:.4g} for "
-        f"{tc.patience} steps: lower the lr (or eps)"
+        f"watchdog: the ± losses were identical for {tc.patience} steps (loss {loss:.4g}), so the projected gradient "
+        "is 0: the model saturated after too large a step (lower the lr) or eps is below the dtype's resolution "
+        "(raise eps, or use float32 instead of float16)"
     )
 
 

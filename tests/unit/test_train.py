@@ -1,0 +1,286 @@
+"""The training loop, run directories, checkpoints/resume, export and the CLI, on a tiny random Llama.
+
+The task is a user classification task (a CSV the tests write, described by a YAML file): the CLI path a new user
+takes with their own data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny import save_tiny_model
+
+from zotune.cli import main as cli
+from zotune.cli import parse_train_args
+from zotune.train import ConfigError, TrainingStopped, run_config_from_dict, train
+from zotune.train import checkpoint as ckpt
+
+WORDS = "good great fine lovely fun bad awful dull poor sad".split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny model folder and a user task (train/dev/test CSV + task YAML)."""
+    root = tmp_path_factory.mktemp("train")
+    rows = [
+        (f"the film was {WORDS[i % 10]} and {WORDS[(i * 3) % 10]}", "pos" if i % 10 < 5 else "neg") for i in range(60)
+    ]
+    for split, part in (("train", rows[:40]), ("dev", rows[40:50]), ("test", rows[50:])):
+        (root / f"{split}.csv").write_text("review,stars\n" + "".join(f"{t},{y}\n" for t, y in part))
+    spec = {
+        "name": "reviews",
+        "files": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
+        "columns": {"text": "review", "label": "stars"},
+        "template": "{review} It was",
+        "verbalizer": {"neg": " bad", "pos": " good"},
+    }
+    (root / "reviews.yaml").write_text(yaml.safe_dump(spec))
+    save_tiny_model(root / "model", [t for t, _ in rows] + [" It was good", " It was bad"] * 5)
+    return root
+
+
+def config(workdir: Path, out: Path, **sections) -> dict:
+    tree = {
+        "model": {"name": str(workdir / "model")},
+        "data": {"task": str(workdir / "reviews.yaml"), "protocol": "files"},
+        "train": {"steps": 6, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "progress": False},
+        "mezo": {"lr": 1e-2, "eps": 1e-2},
+        "out": str(out),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree[key] = {**tree.get(key, {}), **value}
+        else:
+            tree[key] = value
+    return tree
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "trainable.safetensors"))
+
+
+def records(run: Path, kind: str | None = None) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if kind is None or r["kind"] == kind]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+
+
+def test_config_errors_name_the_key_and_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz' \(did you mean 'train\.steps'\?\)"):
+        run_config_from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match=r"unknown key 'mezo\.lrr' \(did you mean 'mezo\.lr'\?\)"):
+        parse_train_args(["--mezo.lrr", "1"])
+    bad = tmp_path / "r.yaml"
+    bad.write_text("data:\n  tsk: sst2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'data\.tsk' \(did you mean 'data\.task'\?\)"):
+        parse_train_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match=r"train\.steps: expected int, got 'x'"):
+        run_config_from_dict({"train": {"steps": "x"}})
+    with pytest.raises(ConfigError, match=r"mezo\.lr"):
+        parse_train_args(["--mezo.lr", "abc"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size=0 must be a positive integer"):
+        run_config_from_dict({"train": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"method='mzo' is not one of: adamw, mezo \(did you mean 'mezo'\?\)"):
+        run_config_from_dict({"method": "mzo"})
+    with pytest.raises(ConfigError, match=r"model\.dtype='fp16' is not one of"):
+        run_config_from_dict({"model": {"dtype": "fp16"}})
+    with pytest.raises(ConfigError, match=r"mezo: invalid learning rate"):
+        run_config_from_dict({"mezo": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"--config: no such file"):
+        parse_train_args(["--config", str(tmp_path / "none.yaml")])
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 50\n  batch_size: 8\nmezo:\n  lr: 1e-6\n")
+    cfg = parse_train_args(["--config", str(recipe), "--train.steps", "7", "--mezo.eps", "0.01"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.mezo.lr, cfg.mezo.eps) == (7, 8, 1e-6, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------- train loop
+
+
+def test_run_directory_metrics_and_results(workdir, tmp_path):
+    run = tmp_path / "run"
+    results = train(run_config_from_dict(config(workdir, run, train={"test_at_start": True})))
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "updates.jsonl", "results.json", "plot.png"):
+        assert (run / name).is_file(), name
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000006"]  # keep_checkpoints = 1
+    saved = run_config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved.mezo.lr == 1e-2 and saved.train.steps == 6 and saved.out == str(run)
+    env = json.loads((run / "env.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__ and env["objective"] == "classification"
+    assert env["sizes"] == {"train": 40, "dev": 10, "test": 10}
+    steps = records(run, "train")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["forwards"] for r in steps] == [3, 5, 7, 9, 11, 13]  # 2 per step + the first step's check forward
+    for r in steps:
+        assert r["loss"] == pytest.approx((r["loss_plus"] + r["loss_minus"]) / 2, rel=1e-6)
+        assert r["projected_grad"] == pytest.approx((r["loss_plus"] - r["loss_minus"]) / (2 * 1e-2), rel=1e-3)
+    evals = records(run, "eval")
+    assert [(r["split"], r["step"]) for r in evals][:4] == [("dev", 0), ("test", 0), ("dev", 3), ("dev", 6)]
+    assert evals[-1]["split"] == "test" and evals[-1]["step"] == results["best_step"]
+    dev = {r["step"]: r["accuracy"] for r in evals if r["split"] == "dev"}
+    assert results["best_dev"] == max(dev.values()) and dev[results["best_step"]] == results["best_dev"]
+    assert results["test"] == evals[-1]["accuracy"] and results["zero_shot_test"] == evals[1]["accuracy"]
+    assert json.loads((run / "results.json").read_text())["test"] == results["test"]
+    # the update log rebuilds the final weights from the base model
+    assert cli(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    rebuilt = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "replayed").named_parameters())
+    final = weights(ckpt.latest_checkpoint(run))
+    assert all(torch.equal(rebuilt[n], t) for n, t in final.items())
+
+
+def test_existing_run_directory_is_never_overwritten(workdir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists: pass --overwrite true"):
+        train(run_config_from_dict(config(workdir, run)))
+    assert (run / "precious.txt").read_text() == "keep me"
+    train(run_config_from_dict(config(workdir, run, train={"steps": 1, "test": False}, overwrite=True)))
+    assert not (run / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("method", ["mezo", "adamw"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(workdir, tmp_path, method):
+    extra = {"method": method, "adamw": {"lr": 1e-3}, "train": {"steps": 8, "checkpoint_every": 2}}
+    train(run_config_from_dict(config(workdir, tmp_path / "a", **extra)))
+    short = config(workdir, tmp_path / "b", **extra)
+    short["train"] = {**short["train"], "steps": 4}  # stops at step 4, as if interrupted there
+    train(run_config_from_dict(short))
+    resumed = config(workdir, tmp_path / "b", **extra, resume=True)
+    train(run_config_from_dict(resumed))
+    assert_same(weights(ckpt.latest_checkpoint(tmp_path / "a")), weights(ckpt.latest_checkpoint(tmp_path / "b")))
+    a, b = records(tmp_path / "a", "train"), records(tmp_path / "b", "train")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_resume_refuses_a_different_config(workdir, tmp_path):
+    run = tmp_path / "run"
+    train(run_config_from_dict(config(workdir, run, train={"steps": 3, "test": False})))
+    changed = config(workdir, run, train={"steps": 6, "test": False}, mezo={"lr": 5e-3}, resume=True)
+    with pytest.raises(ConfigError, match=r"config differs .*mezo\.lr: 0\.01 -> 0\.005.*--allow_config_change"):
+        train(run_config_from_dict(changed))
+    with pytest.raises(ConfigError, match="does not exist or is empty"):
+        train(run_config_from_dict(config(workdir, tmp_path / "nothing", resume=True)))
+
+
+def test_sigkill_then_resume_loses_nothing(workdir, tmp_path):
+    """Kill the CLI (SIGKILL) mid-run, resume it: the final weights equal those of an uninterrupted run."""
+    tree = config(workdir, tmp_path / "killed", train={"steps": 40, "checkpoint_every": 5, "eval_every": 10})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "zotune.cli", "train", "--config", str(recipe)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= 14:  # past the first checkpoints
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = ckpt.latest_checkpoint(tmp_path / "killed")
+    assert done is not None and int(done.name.split("-")[1]) < 40
+    out = subprocess.run([*cmd, "--resume", "true"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    train(run_config_from_dict({**tree, "out": str(tmp_path / "whole")}))
+    assert_same(
+        weights(ckpt.latest_checkpoint(tmp_path / "killed")), weights(ckpt.latest_checkpoint(tmp_path / "whole"))
+    )
+    steps = [r["step"] for r in records(tmp_path / "killed", "train")]
+    assert steps == list(range(1, 41))  # no step lost or logged twice
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".tmp-*"))
+
+
+def test_watchdog_stops_a_diverging_run_with_a_hint(workdir, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(workdir, run, mezo={"lr": 1e4, "eps": 1e-2}, train={"steps": 30, "patience": 2, "divergence": 1.5})
+    with pytest.raises(TrainingStopped, match=r"watchdog: .*(lower the lr|non-finite)"):
+        train(run_config_from_dict(cfg))
+    results = json.loads((run / "results.json").read_text())
+    assert results["stopped"].startswith("watchdog") and results["steps"] < 30
+    assert results["test"] is not None  # the best weights so far are still evaluated
+
+
+def test_gradient_accumulation_averages_micro_batches_under_one_perturbation(workdir, tmp_path):
+    one = config(workdir, tmp_path / "one", train={"steps": 2, "batch_size": 8, "test": False})
+    two = config(workdir, tmp_path / "two", train={"steps": 2, "batch_size": 4, "grad_accum": 2, "test": False})
+    train(run_config_from_dict(one))
+    train(run_config_from_dict(two))
+    a, b = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    for x, y in zip(a, b, strict=True):  # same 8 examples, same z: the same ± losses up to rounding
+        assert x["loss_plus"] == pytest.approx(y["loss_plus"], abs=1e-5)
+        assert x["loss_minus"] == pytest.approx(y["loss_minus"], abs=1e-5)
+    assert [r["forwards"] for r in b] == [6, 10]
+
+
+def test_forward_budget_stops_and_keeps_the_work(workdir, tmp_path):
+    run = tmp_path / "run"
+    results = train(run_config_from_dict(config(workdir, run, train={"steps": 100, "max_forwards": 9})))
+    assert results["steps"] == 4 and results["forwards"] == 9 and "budget" in results["stopped"]
+    assert ckpt.latest_checkpoint(run).name == "step-000004"
+
+
+def test_lora_first_order_and_export(workdir, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(workdir, run, method="adamw", model={"lora": True}, adamw={"lr": 1e-2}, train={"export": True})
+    results = train(run_config_from_dict(cfg))
+    files = {p.name for p in (run / "model").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    trained = weights(ckpt.latest_checkpoint(run))
+    assert trained and all("lora_" in n for n in trained)
+    assert results["trainable_parameters"] == sum(t.numel() for t in trained.values())
+
+
+def test_full_export_reloads_with_transformers(workdir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train(run_config_from_dict(config(workdir, run, train={"export": True, "eval_every": 1})))
+    exported = AutoModelForCausalLM.from_pretrained(run / "model")
+    best = weights(ckpt.latest_checkpoint(run, "best"))
+    params = dict(exported.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in best.items())
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_cli_train_eval_plot(workdir, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(config(workdir, run)))
+    assert cli(["train", "--config", str(recipe), "--train.steps", "3", "--train.test_at_start", "true"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert f"fine-tuned test {results['test']:.3f}" in out and "zero-shot test" in out
+    assert cli(["eval", str(run), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == results["test"]
+    assert cli(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli(["train", "--config", str(recipe)]) == 2  # the run directory exists
+    assert "already exists" in capsys.readouterr().err
+    assert cli(["train", "--train.stepz", "3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
