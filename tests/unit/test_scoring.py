@@ -125,7 +125,14 @@ def test_one_forward_per_batch():
     score_candidates(model, tok, EXAMPLES, batch_size=4, stats=stats)
     handle.remove()
     n_pairs = sum(len(ex.candidates) for ex in EXAMPLES)
-    assert len(calls) == stats["n_forward"] == -(-n_pairs // 4)
+    # one-token candidates of a prompt share one sequence (the prompt); longer ones get their own
+    rows = {
+        tuple(ids(tok, ex.prompt) + (c_ids if len(c_ids) > 1 else []))
+        for ex in EXAMPLES
+        for c_ids in (ids(tok, c) for c in ex.candidates)
+    }
+    assert len(rows) < n_pairs
+    assert len(calls) == stats["n_forward"] == -(-len(rows) // 4)
     assert stats["n_pairs"] == n_pairs and stats["n_truncated"] == 0
 
 

@@ -193,19 +193,44 @@ def _pad(
 
 @dataclass
 class _Batch:
-    rows: list[int]  # indices into the pair list
+    pair_ids: list[int]  # the pairs this batch scores (indices into the pair list)
     kwargs: dict[str, Any]
     gather_rows: Tensor  # per candidate token: batch row
     gather_pos: Tensor  # per candidate token: position in the kept logits
     targets: Tensor  # per candidate token: the token id
-    owner: Tensor  # per candidate token: index of its pair within this batch
+    owner: Tensor  # per candidate token: index of its pair within ``pair_ids``
+
+
+def _rows(pairs: Sequence[_Pair]) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """Unique sequences to run, and per pair (its row, the row positions whose next token is a candidate token).
+
+    A one-token candidate is scored from its context alone (the logit at the context's last position), so all
+    one-token candidates of a prompt share one row: SST-2's " great"/" terrible" cost one sequence, not two.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    seqs: list[list[int]] = []
+    where = []
+    for pair in pairs:
+        seq = pair.ids[:-1] if pair.n_cand == 1 else pair.ids
+        key = tuple(seq)
+        if key not in index:
+            index[key] = len(seqs)
+            seqs.append(list(seq))
+        n = len(pair.ids)
+        where.append((index[key], list(range(n - pair.n_cand - 1, n - 1))))
+    return seqs, where
 
 
 def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int | None) -> list[_Batch]:
-    """Pairs sorted by length (longest first) and cut into padded batches, with the gather indices of their tokens."""
+    """Unique rows sorted by length (longest first), cut into padded batches of ``batch_size`` sequences, with the
+    gather indices of their candidate tokens."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].ids))
+    seqs, where = _rows(pairs)
+    by_row: dict[int, list[int]] = {}
+    for i, (row, _) in enumerate(where):
+        by_row.setdefault(row, []).append(i)
+    order = sorted(range(len(seqs)), key=lambda r: -len(seqs[r]))
     size = batch_size or max(len(order), 1)
     params = _forward_params(model)
     device = _device(model)
@@ -214,35 +239,32 @@ def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int
     out = []
     for lo in range(0, len(order), size):
         rows = order[lo : lo + size]
-        seqs = [pairs[i].ids for i in rows]
-        ids, mask, pos_ids, starts = _pad(seqs, pad_id, side, device)
+        ids, mask, pos_ids, starts = _pad([seqs[r] for r in rows], pad_id, side, device)
         width = ids.shape[1]
-        # the logit at position t predicts token t+1: candidate tokens at [end-n, end) need logits [end-n-1, end-1)
-        first = min(s + len(q) - pairs[i].n_cand - 1 for i, s, q in zip(rows, starts, seqs, strict=True))
-        keep = width - first
+        members = [(j, i) for j, r in enumerate(rows) for i in by_row[r]]
+        # the logit at position t predicts token t+1; keep only the logits from the first one a candidate needs
+        first = min(starts[j] + where[i][1][0] for j, i in members)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if pos_ids is not None:
             kwargs["position_ids"] = pos_ids
         offset = 0
-        if "logits_to_keep" in params:
-            kwargs["logits_to_keep"] = keep
-            offset = first
-        elif "num_logits_to_keep" in params:
-            kwargs["num_logits_to_keep"] = keep
-            offset = first
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in params:
+                kwargs[name] = width - first
+                offset = first
+                break
         if "use_cache" in params:
             kwargs["use_cache"] = False
         g_rows, g_pos, tgts, owner = [], [], [], []
-        for j, (i, s, q) in enumerate(zip(rows, starts, seqs, strict=True)):
-            n = pairs[i].n_cand
-            end = s + len(q)
-            g_rows += [j] * n
-            g_pos += [t - 1 - offset for t in range(end - n, end)]
-            tgts += q[len(q) - n :]
-            owner += [j] * n
+        for k, (j, i) in enumerate(members):
+            positions = where[i][1]
+            g_rows += [j] * len(positions)
+            g_pos += [starts[j] + t - offset for t in positions]
+            tgts += pairs[i].ids[len(pairs[i].ids) - pairs[i].n_cand :]
+            owner += [k] * len(positions)
         out.append(
             _Batch(
-                rows,
+                [i for _, i in members],
                 kwargs,
                 torch.tensor(g_rows, device=device),
                 torch.tensor(g_pos, device=device),
@@ -258,11 +280,11 @@ def _pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[_Pair], *, mean: b
     logits = model(**batch.kwargs).logits
     selected = logits[batch.gather_rows, batch.gather_pos].float()  # [tokens, vocab] in fp32
     token_lp = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
-    sums = torch.zeros(len(batch.rows), dtype=torch.float32, device=token_lp.device).index_add(
+    sums = torch.zeros(len(batch.pair_ids), dtype=torch.float32, device=token_lp.device).index_add(
         0, batch.owner, token_lp
     )
     if mean:
-        counts = torch.tensor([pairs[i].n_cand for i in batch.rows], dtype=torch.float32, device=sums.device)
+        counts = torch.tensor([pairs[i].n_cand for i in batch.pair_ids], dtype=torch.float32, device=sums.device)
         sums = sums / counts
     return sums, token_lp
 
@@ -279,7 +301,7 @@ def _score_pairs(
         stats["n_tokens"] = stats.get("n_tokens", 0) + sum(b.kwargs["input_ids"].numel() for b in batches)
     if not pairs:
         return torch.zeros(0, device=device)
-    order = torch.tensor([i for batch in batches for i in batch.rows], device=device)
+    order = torch.tensor([i for batch in batches for i in batch.pair_ids], device=device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=device)
     return torch.cat(values)[inverse]  # back to the pairs' order (differentiable)
