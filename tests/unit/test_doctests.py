@@ -18,6 +18,11 @@ MODULES = [
     "zotune.tasks",
     "zotune.tasks.scoring",
     "zotune.tasks.icl",
+    "zotune.train",
+    "zotune.train.config",
+    "zotune.train.data",
+    "zotune.train.checkpoint",
+    "zotune.train.plot",
 ]
 
 

@@ -284,3 +284,12 @@ def test_cli_train_eval_plot(workdir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli(["train", "--train.stepz", "3"]) == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err
+
+
+def test_early_stopping_on_a_dev_plateau(workdir, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(workdir, run, mezo={"lr": 0.0}, train={"steps": 50, "eval_every": 1, "early_stopping": 2})
+    results = train(run_config_from_dict(cfg))  # lr 0: the weights never change, so dev never improves
+    assert results["steps"] == 2 and results["best_step"] == 0
+    assert results["stopped"].startswith("early stopping: no better dev accuracy in 2 evaluations")
+    assert ckpt.latest_checkpoint(run).name == "step-000002"

@@ -139,6 +139,7 @@ class TrainConfig:
         eval_every: evaluate on dev every this many steps (0: only at the start and the end).
         eval_limit: dev examples used per evaluation (null: all).
         eval_batch_size: examples per forward when evaluating.
+        early_stopping: stop after this many evaluations in a row without a better dev metric (0: never).
         test: evaluate the best-on-dev weights on the test split at the end.
         test_at_start: also evaluate the untouched model on test (the zero-shot baseline of the run).
         checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
@@ -161,6 +162,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_limit: int | None = None
     eval_batch_size: int = 32
+    early_stopping: int = 0
     test: bool = True
     test_at_start: bool = False
     checkpoint_every: int = 100
@@ -175,7 +177,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "patience"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "early_stopping"):
             _non_negative(f"train.{name}", getattr(self, name))
         for name in ("max_forwards", "eval_limit"):
             if getattr(self, name) is not None:

@@ -7,8 +7,8 @@ resumed run needs no data-loader state to continue exactly where it stopped.
 Example:
     >>> from zotune.tasks import Example
     >>> order = BatchOrder([Example(str(i), [" a", " b"], label=0) for i in range(5)], batch_size=2, seed=0)
-    >>> [[ex.prompt for ex in order.batch(i)] for i in range(3)]   # epoch 2 starts inside batch 2
-    [['4', '3'], ['0', '2'], ['1', '0']]
+    >>> [[ex.prompt for ex in order.batch(i)] for i in range(3)]   # the second epoch starts inside batch 2
+    [['3', '0'], ['4', '2'], ['1', '4']]
 """
 
 from __future__ import annotations

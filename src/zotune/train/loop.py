@@ -62,6 +62,7 @@ class LoopState:
     best_step: int | None = None
     initial_loss: float | None = None
     bad_steps: int = 0
+    evals_since_best: int = 0
     seconds: float = 0.0
     history: dict[str, Any] = field(default_factory=dict)
 
@@ -406,12 +407,22 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
                 rec = log_eval("dev", dev, state.step)
                 if rec[metric] > state.best_metric:
                     state.best_metric, state.best_step = rec[metric], state.step
+                    state.evals_since_best = 0
                     save_best(state.step)
+                else:
+                    state.evals_since_best += 1
+                if tc.early_stopping and state.evals_since_best >= tc.early_stopping and not last:
+                    stopped = (
+                        f"early stopping: no better dev {metric} in {tc.early_stopping} evaluations "
+                        f"(best {state.best_metric:.4f} at step {state.best_step})"
+                    )
             if (tc.checkpoint_every and state.step % tc.checkpoint_every == 0) or last:
                 state.seconds += time.perf_counter() - step_start
                 step_start = time.perf_counter()
                 save_checkpoint()
                 saved = state.step
+            if stopped:
+                break
     finally:
         if bar is not None:
             bar.close()
