@@ -306,11 +306,13 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         Metrics.truncate(run, -1)
     metrics = Metrics(run, tc.tensorboard)
 
-    def log_eval(split: str, examples: Sequence[Example], step: int) -> dict[str, Any]:
+    def log_eval(split: str, examples: Sequence[Example], step: int, label: str | None = None) -> dict[str, Any]:
         res = evaluate(model, tokenizer, examples, batch_size=tc.eval_batch_size, max_length=max_length)
         rec = {"kind": "eval", "step": step, "split": split, "forwards": state.forwards}
         rec |= {k: res[k] for k in ("accuracy", "f1", "em", "n", "n_truncated", "seconds") if k in res}
         metrics.write(rec)
+        what = label or ("zero-shot" if step == 0 else f"step {step}")
+        _say(f"{what}: {split} {metric} {rec[metric]:.4f} (n={rec['n']}, {rec['seconds']:.0f} s)", bar)
         return rec
 
     def save_best(step: int) -> None:
@@ -328,6 +330,12 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         if cfg.is_zo:
             opt.update_log.save(run / "updates.jsonl")
 
+    bar: Any = None
+    _say(
+        f"{run}: {cfg.method} on {task.name} ({splits.protocol}); {n_trainable / 1e6:.2f} M trainable parameters, "
+        f"objective {objective}",
+        bar,
+    )
     if state.step == 0 and resume_from is None:
         rec = log_eval("dev", dev, 0)
         state.best_metric, state.best_step = rec[metric], 0
@@ -341,7 +349,6 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     zo = cfg.is_zo
     model.train(not zo)  # ZO: no dropout, so the ± forwards see the same function (MeZO does the same)
     forwards_per_step = (2 if zo else 1) * tc.grad_accum
-    bar = None
     if tc.progress:
         from tqdm.auto import tqdm
 
@@ -426,6 +433,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+            bar = None
     state.seconds += time.perf_counter() - step_start
     if stopped and not stopped.startswith("watchdog") and saved != state.step:
         save_checkpoint()  # a budget stop keeps its work; a watchdog stop keeps only what was saved before
@@ -452,7 +460,8 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if best is not None:
         ckpt.load_trainable(model, best / "trainable.safetensors")
     if tc.test:
-        rec = log_eval("test", splits["test"], state.best_step or 0)
+        label = f"fine-tuned (best dev at step {state.best_step})"
+        rec = log_eval("test", splits["test"], state.best_step or 0, label)
         results["test"] = rec[metric]
         results["test_n"] = rec["n"]
         if "em" in rec:
@@ -472,6 +481,14 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if stopped and stopped.startswith("watchdog"):
         raise TrainingStopped(stopped)
     return results
+
+
+def _say(text: str, bar: Any) -> None:
+    """A progress line for the user, printed above the progress bar when one is shown."""
+    if bar is not None:
+        bar.write(f"[zotune] {text}")
+    else:
+        logger.info(text)
 
 
 def _watch(record: dict[str, Any], state: LoopState, tc: Any) -> str | None:
