@@ -293,3 +293,21 @@ def test_early_stopping_on_a_dev_plateau(workdir, tmp_path):
     assert results["steps"] == 2 and results["best_step"] == 0
     assert results["stopped"].startswith("early stopping: no better dev accuracy in 2 evaluations")
     assert ckpt.latest_checkpoint(run).name == "step-000002"
+
+
+def test_a_half_written_checkpoint_is_never_taken(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    ckpt.save_checkpoint(tmp_path, 5, tensors=ckpt.trainable_tensors(lin), blobs={}, meta={"step": 5})
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step-000010-abc").mkdir()  # a save killed before its rename
+    (root / ".tmp-step-000010-abc" / "trainable.safetensors").write_bytes(b"\0" * 10)
+    (root / "step-000011").mkdir()  # a folder without its state.json is not a checkpoint
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000005"
+    ckpt.save_checkpoint(tmp_path, 6, tensors=ckpt.trainable_tensors(lin), blobs={}, meta={"step": 6})
+    assert not (root / ".tmp-step-000010-abc").exists()  # swept by the next save
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000006"]
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(root / "step-000011")
+    other = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"bias has shape \(2,\), the model.s is \(3,\)"):
+        ckpt.load_trainable(other, root / "step-000006" / "trainable.safetensors")
