@@ -90,6 +90,8 @@ def test_series_step_axis():
     assert s.metric == "accuracy"
     assert s.dev_x == [2, 4] and s.dev_y == [0.6, 0.7]
     assert s.test == (4, 0.65)
+    zero_shot = {"kind": "eval", "step": 0, "split": "test", "accuracy": 0.5}
+    assert _series([zero_shot, *TRAIN, *EVAL]).tests == [(0, 0.5), (4, 0.65)]  # every test point is drawn
 
 
 def test_series_forwards_axis():

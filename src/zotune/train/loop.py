@@ -475,7 +475,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         from .plot import plot_runs
 
-        plot_runs([run], run / "plot.png")
+        plot_runs([run], run / "plot.png", smooth=0.9, title=f"{cfg.model.name} · {task.name} · {cfg.method}")
     except ImportError:
         logger.info("matplotlib is not installed: no plot (pip install 'zotune[plot]')")
     if stopped and stopped.startswith("watchdog"):

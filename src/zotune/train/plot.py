@@ -81,7 +81,12 @@ class _Series:
     metric: str | None = None  # "accuracy" or "f1", from the first eval line carrying one
     dev_x: list[float] = field(default_factory=list)
     dev_y: list[float] = field(default_factory=list)
-    test: tuple[float, float] | None = None  # (x, value) of the last test line
+    tests: list[tuple[float, float]] = field(default_factory=list)  # (x, value) of every test line
+
+    @property
+    def test(self) -> tuple[float, float] | None:
+        """The last test point (the fine-tuned model's; an earlier one at step 0 is the zero-shot baseline)."""
+        return self.tests[-1] if self.tests else None
 
 
 def _float(v) -> float:
@@ -130,7 +135,7 @@ def _series(records: Sequence[dict], x: str = "step", smooth: float = 0.0, where
                 s.dev_x.append(at)
                 s.dev_y.append(float(rec[name]))
             else:
-                s.test = (at, float(rec[name]))
+                s.tests.append((at, float(rec[name])))
     if smooth > 0:
         s.train_smooth = _ema(s.train_y, smooth)
     return s
@@ -245,8 +250,9 @@ def plot_runs(
             ax_loss.plot(s.train_x, s.train_smooth, color=c, lw=1.6)
         if s.dev_x:
             ax_eval.plot(s.dev_x, s.dev_y, color=c, marker="o", ms=4, lw=1.2)
-        if s.test is not None:
-            ax_eval.plot(*s.test, color=c, marker="*", ms=14, ls="none", mec="black", mew=0.6)
+        for tx, ty in s.tests:  # zero-shot (step 0) and fine-tuned test scores, each labelled with its value
+            ax_eval.plot(tx, ty, color=c, marker="*", ms=14, ls="none", mec="black", mew=0.6)
+            ax_eval.annotate(f"{ty:.3f}", (tx, ty), textcoords="offset points", xytext=(8, -3), fontsize="small")
 
     ax_loss.set_xlabel(x)
     ax_loss.set_ylabel("training loss" + (f" (EMA {smooth:g})" if smooth > 0 else ""))
