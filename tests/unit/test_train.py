@@ -311,3 +311,21 @@ def test_a_half_written_checkpoint_is_never_taken(tmp_path):
     other = torch.nn.Linear(3, 3)
     with pytest.raises(ValueError, match=r"bias has shape \(2,\), the model.s is \(3,\)"):
         ckpt.load_trainable(other, root / "step-000006" / "trainable.safetensors")
+
+
+def test_watchdog_stops_on_a_non_finite_loss(workdir, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(workdir, run, mezo={"lr": 1e38, "eps": 1e-2}, train={"steps": 10, "test": False})
+    with pytest.raises(TrainingStopped, match=r"non-finite loss .*lower lr or eps"):
+        train(run_config_from_dict(cfg))
+    assert json.loads((run / "results.json").read_text())["stopped"].startswith("watchdog")
+
+
+def test_learning_rate_schedule_with_warmup(workdir, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(workdir, run, train={"steps": 6, "schedule": "linear", "warmup_steps": 2, "test": False})
+    train(run_config_from_dict(cfg))
+    lrs = [r["lr"] for r in records(run, "train")]  # the lr each step used
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    log = [json.loads(x) for x in (run / "updates.jsonl").read_text().splitlines()[1:]]
+    assert [r["lr"][0] for r in log] == pytest.approx(lrs)  # and the update log records the same
