@@ -146,9 +146,13 @@ def test_run_directory_metrics_and_results(workdir, tmp_path):
     assert cli(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
     from transformers import AutoModelForCausalLM
 
-    rebuilt = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "replayed").named_parameters())
     final = weights(ckpt.latest_checkpoint(run))
-    assert all(torch.equal(rebuilt[n], t) for n, t in final.items())
+    log = str(run / "updates.jsonl")
+    assert cli(["replay", "--base", str(workdir / "model"), "--log", log, "--out", str(tmp_path / "b")]) == 0
+    for out in ("replayed", "b"):
+        rebuilt = dict(AutoModelForCausalLM.from_pretrained(tmp_path / out).named_parameters())
+        assert all(torch.equal(rebuilt[n], t) for n, t in final.items()), out
+    assert cli(["replay", "--base", str(workdir / "model"), "--log", log, "--out", str(tmp_path / "b")]) == 2
 
 
 def test_existing_run_directory_is_never_overwritten(workdir, tmp_path):
