@@ -132,19 +132,24 @@ def _run_config(run: Path) -> Any:
     return run_config_from_dict(tree)
 
 
+def _load_run_base(run: Path) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head)."""
+    from .train.data import resolve_task
+    from .train.loop import load_model
+
+    cfg = _run_config(run)
+    task = resolve_task(cfg.data.task)
+    model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+    return model, tok, cfg
+
+
 def load_for_eval(target: str, *, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any, Any]:
     """``(model, tokenizer, run config or None)`` for a run directory (its best weights) or any model."""
     from .train import checkpoint as ckpt
-    from .train.loop import load_model
 
     path = Path(target)
     if (path / "config.yaml").exists() and (path / "metrics.jsonl").exists():
-        cfg = _run_config(path)
-        from .tasks import get_task
-        from .train.data import resolve_task
-
-        task = resolve_task(cfg.data.task) if cfg.data.task else get_task("sst2")
-        model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+        model, tok, cfg = _load_run_base(path)
         best = ckpt.latest_checkpoint(path, "best")
         if best is None:
             raise ValueError(f"{path}: the run has no best weights yet (RUN/best)")
@@ -238,17 +243,13 @@ def cmd_replay(argv: list[str]) -> int:
         raise ValueError(f"{a.out} exists; pass --overwrite to replace it")
 
     from .core import UpdateLog, replay
-    from .train.loop import export_model, load_model
+    from .train.loop import export_model
 
     if a.run is not None:
         run = Path(a.run)
         if not (run / "config.yaml").exists():
             raise ValueError(f"{run} is not a zotune run directory (no config.yaml)")
-        cfg = _run_config(run)
-        from .train.data import resolve_task
-
-        task = resolve_task(cfg.data.task)
-        model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+        model, tok, _ = _load_run_base(run)
         log_path = a.log or run / "updates.jsonl"
     else:
         from .models import load

@@ -17,6 +17,23 @@ from typing import Any
 FORMAT = "zotune-update-log/1"
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a fsynced temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 @dataclass
 class UpdateRecord:
     """One optimizer step. ``losses`` are the closure values in call order; ``lr`` is per param group."""
@@ -47,19 +64,7 @@ class UpdateLog:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file + rename): an interrupted save never corrupts an existing log."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join(self.to_lines()) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, "\n".join(self.to_lines()) + "\n")
 
     @classmethod
     def from_lines(cls, lines: list[str]) -> UpdateLog:
