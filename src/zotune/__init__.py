@@ -9,7 +9,19 @@ Example:
 """
 
 from .core import ParamSpace, UpdateLog, ZOOptimizer, replay
-from .methods import MeZO, MeZOConfig
+from .methods import LOZO, LOZOM, LOZOConfig, LOZOMConfig, MeZO, MeZOConfig
 
 __version__ = "0.1.0"
-__all__ = ["MeZO", "MeZOConfig", "ParamSpace", "UpdateLog", "ZOOptimizer", "__version__", "replay"]
+__all__ = [
+    "LOZO",
+    "LOZOM",
+    "LOZOConfig",
+    "LOZOMConfig",
+    "MeZO",
+    "MeZOConfig",
+    "ParamSpace",
+    "UpdateLog",
+    "ZOOptimizer",
+    "__version__",
+    "replay",
+]

@@ -8,10 +8,11 @@ forwards run), :class:`UpdateRule` (how the projected gradients become an update
 
 from .estimators import ESTIMATORS, Estimate, Estimator, NonFiniteLossError, OnePoint, TwoPoint, read_loss
 from .log import UpdateLog, UpdateRecord
+from .lowrank import LowRank, LowRankMomentum
 from .optimizer import ZOOptimizer, replay
 from .rng import BLOCK, derive_seed, tensor_seed
-from .rules import RULES, ZOSGD, UpdateRule
-from .samplers import SAMPLERS, BlockSampler, DirectionSampler, Gaussian, Op, Rademacher, Scale, Z, make_sampler
+from .rules import RULES, ZOSGD, Momentum, UpdateRule
+from .samplers import SAMPLERS, BlockSampler, DirectionSampler, Fn, Gaussian, Op, Rademacher, Scale, Z, make_sampler
 from .space import Entry, ParamSpace, default_decay
 
 __all__ = [
@@ -25,7 +26,11 @@ __all__ = [
     "Estimate",
     "Estimator",
     "NonFiniteLossError",
+    "Fn",
     "Gaussian",
+    "LowRank",
+    "LowRankMomentum",
+    "Momentum",
     "OnePoint",
     "Op",
     "ParamSpace",

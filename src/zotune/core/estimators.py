@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .samplers import DirectionSampler, Z
+from .samplers import DirectionSampler, Op, Z
 from .space import ParamSpace
 
 Closure = Callable[[], Tensor | float]
@@ -38,7 +38,12 @@ class Estimate:
         losses: every loss the closure returned, in call order (replay feeds them back instead of forwarding).
         loss: the estimator's best value of the loss at θ (mean of ℓ±, or ℓ(θ) for one-point).
         pending: (seed, multiple of eps) ops still to apply to restore θ exactly as the passes left it.
+        pending_ops: further restoring ops per tensor name, applied after ``pending`` (SVRG: back from θ̄ to θ).
         eps: the ε that g was divided by (param group 0); groups with another ε rescale g (see ZOSGD).
+        terms: the gradient estimate as ĝ = Σ_k coef_k z(seed_k); default (set by :meth:`finish`): g_i / n on z_i.
+        lr_scale: multiplies the learning rate of this step (SVRG: η₁/η₂ on anchor steps, and its annealing).
+        anchor_calls: how many of ``losses`` came from an anchor (full-batch) closure rather than the minibatch.
+        step: the optimizer step this estimate belongs to (set by the optimizer).
     """
 
     seeds: list[int]
@@ -46,7 +51,18 @@ class Estimate:
     losses: list[float] = field(default_factory=list)
     loss: float = math.nan
     pending: list[tuple[int, float]] = field(default_factory=list)
+    pending_ops: dict[str, list[Op]] = field(default_factory=dict)
     eps: float = math.nan  # ε of param group 0, the one g was divided by
+    terms: list[tuple[int, float]] = field(default_factory=list)
+    lr_scale: float = 1.0
+    anchor_calls: int = 0
+    step: int = 0
+
+    def finish(self) -> Estimate:
+        """Fill the default ``terms`` (ĝ = (1/n) Σ g_i z_i) unless the estimator set its own."""
+        if not self.terms:
+            self.terms = [(s, g / len(self.grads)) for s, g in zip(self.seeds, self.grads, strict=True)]
+        return self
 
 
 class NonFiniteLossError(ValueError):
@@ -99,6 +115,9 @@ class Estimator(ABC):
     def config(self) -> dict[str, Any]:
         return {"num_directions": self.num_directions}
 
+    def observe(self, est: Estimate, update: dict[str, list[Op]]) -> None:  # noqa: B027 (stateless by default)
+        """Called after each step with the update ops applied to every tensor (by name): SVRG keeps them."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -107,7 +126,7 @@ class Estimator(ABC):
 
 
 def _perturb(space: ParamSpace, sampler: DirectionSampler, ops: list[tuple[int, float]], eps: Sequence[float]) -> None:
-    sampler.apply_(space, lambda e: [Z(s, k * eps[e.group]) for s, k in ops])
+    sampler.apply_(space, lambda e: [Z(s, k * eps[e.group], perturb=True) for s, k in ops])
 
 
 def _guarded(space, sampler, eps, undo: list[tuple[int, float]], closure: Closure) -> float:
@@ -146,7 +165,7 @@ class TwoPoint(Estimator):
             else:
                 est.pending = [(s, 1.0)]
         est.loss = sum(est.losses) / len(est.losses)
-        return est
+        return est.finish()
 
 
 class OnePoint(Estimator):
@@ -171,7 +190,7 @@ class OnePoint(Estimator):
             else:
                 est.pending = [(s, -1.0)]
         est.loss = base
-        return est
+        return est.finish()
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {"two_point": TwoPoint, "one_point": OnePoint}

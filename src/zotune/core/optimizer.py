@@ -51,7 +51,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order optimizer: forward passes only, in place, at about the memory of inference.
 
     Args:
-        params: tensors, ``(name, tensor)`` pairs (preferred: ``model.named_parameters()``) or param-group dicts.
+        params: tensors, ``(name, tensor)`` pairs (preferred: ``model.named_parameters()``), param-group dicts, or
+            the model itself (then samplers that perturb inside the forward, such as LowRank, can hook its layers).
             Tensors with ``requires_grad=False`` are frozen and left out; a trainable quantized tensor is an error.
         lr: learning rate η (>= 0).
         eps: perturbation size ε (> 0).
@@ -83,6 +84,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         check_hparams(lr, eps, weight_decay)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.model = params if isinstance(params, torch.nn.Module) else None
+        if self.model is not None:
+            params = list(self.model.named_parameters())
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         for g in self.param_groups:
             check_hparams(g["lr"], g["eps"], g["weight_decay"])
@@ -92,6 +96,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.method = method
         self.space = self._build_space(decay, masks)
+        # bind: each piece validates the space (ValueError before anything is modified) and allocates its state
+        self.sampler.bind(self.space, seed, self.model)
+        self.rule.bind(self.space, self.sampler)
         self.num_steps = 0
         self.initial_loss: float | None = None  # loss at θ before the first step (the closure check)
         self._validated = False
@@ -166,14 +173,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         t = self.num_steps
         seeds = [derive_seed(self.seed, t, i) for i in range(self.estimator.num_directions)]
         eps = [g["eps"] for g in self.param_groups]
+        self.sampler.prepare(t)
         est = self.estimator.estimate(self.space, self.sampler, closure, seeds, eps)
-        pending = est.pending
+        est.step = t
+        update = {e.name: list(self.rule.program(e, est, self.param_groups[e.group])) for e in self.space}
 
-        def program(e):
-            group = self.param_groups[e.group]
-            return [Z(s, k * eps[e.group]) for s, k in pending] + list(self.rule.program(e, est, group))
+        def program(e):  # one pass: restore θ (pending perturbation ops), then the update
+            restore = [Z(s, k * eps[e.group], perturb=True) for s, k in est.pending]
+            return restore + est.pending_ops.get(e.name, []) + update[e.name]
 
         self.sampler.apply_(self.space, program)
+        self.estimator.observe(est, update)
         lrs = [g["lr"] for g in self.param_groups]
         self.update_log.append(UpdateRecord(t, est.seeds, est.grads, lrs, est.losses))
         self.num_steps += 1
@@ -300,7 +310,10 @@ def replay(
                 )
             for g, lr in zip(opt.param_groups, rec.lr, strict=True):
                 g["lr"] = lr
-            opt.step(_replay_closure(rec.losses))
+            closure = _replay_closure(rec.losses)
+            if hasattr(opt.estimator, "anchor"):  # SVRG: anchor losses are in the same stream, in call order
+                opt.estimator.anchor = closure
+            opt.step(closure)
             if opt.last_estimate.seeds != rec.seeds:
                 raise ValueError(f"step {rec.step}: seeds in the log do not match seed {h['seed']} (corrupt log?)")
     finally:

@@ -10,9 +10,28 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from .estimators import Estimate
-from .samplers import Op, Scale, Z
-from .space import Entry
+from .samplers import DirectionSampler, Fn, Op, Scale, Z
+from .space import Entry, ParamSpace
+
+
+def _decay(entry: Entry, group: dict[str, Any], lr: float) -> list[Op]:
+    wd = group["weight_decay"]
+    return [Scale(1.0 - lr * wd)] if wd and entry.decay and lr else []
+
+
+def _terms(entry: Entry, est: Estimate, group: dict[str, Any]) -> list[tuple[int, float]]:
+    """ĝ's (seed, coef) pairs for this tensor, the pending restore's seed first (one draw serves both).
+
+    A group perturbed with its own ε_j sees (ℓ+ − ℓ−)/2 ≈ ε_j zᵀ∇, so its coefficients are rescaled by ε_0/ε_j.
+    """
+    scale = est.eps / group["eps"]
+    first = est.pending[-1][0] if est.pending else None
+    terms = sorted(est.terms, key=lambda t: t[0] != first)  # stable: the others keep their order
+    return [(s, c * scale) for s, c in terms if c]
 
 
 class UpdateRule(ABC):
@@ -23,6 +42,9 @@ class UpdateRule(ABC):
     @abstractmethod
     def program(self, entry: Entry, est: Estimate, group: dict[str, Any]) -> Sequence[Op]:
         """Ops applied to ``entry`` after θ is restored."""
+
+    def bind(self, space: ParamSpace, sampler: DirectionSampler) -> None:  # noqa: B027 (stateless by default)
+        """Called once by the optimizer: allocate state, check the sampler fits (ValueError, nothing modified)."""
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -44,16 +66,62 @@ class ZOSGD(UpdateRule):
     name = "sgd"
 
     def program(self, entry, est, group):
-        lr, wd = group["lr"], group["weight_decay"]
-        ops: list[Op] = []
-        if wd and entry.decay and lr:
-            ops.append(Scale(1.0 - lr * wd))
-        # A group perturbed with its own ε_j sees (ℓ+ − ℓ−)/2 ≈ ε_j zᵀ∇, so its g is rescaled by ε_0/ε_j (unbiased).
-        scale = est.eps / group["eps"] / len(est.grads)
-        # Last direction first: the pending restore before these ops uses its z, so one draw serves both.
-        pairs = list(zip(est.seeds, est.grads, strict=True))[::-1]
-        ops += [Z(s, -lr * g * scale) for s, g in pairs if lr and g]
-        return ops
+        lr = group["lr"] * est.lr_scale
+        if not lr:
+            return []
+        return _decay(entry, group, lr) + [Z(s, -lr * c) for s, c in _terms(entry, est, group)]
 
 
-RULES: dict[str, type[UpdateRule]] = {"sgd": ZOSGD}
+class Momentum(UpdateRule):
+    """ZO-SGD with heavy-ball momentum (ZO-Bench's ZO-SGD-MMT): m ← βm + (1−β)ĝ; θ ← (1 − ηλ)θ − η m.
+
+    The buffer m is dense: **one fp32 copy of every moved tensor** (+4 bytes per trained parameter), which is the
+    price of momentum on a dense ZO direction (LOZO-M keeps it low rank instead, see
+    :class:`~zotune.core.lowrank.LowRankMomentum`). Updated block by block in the same pass as the update.
+
+    Args:
+        beta: momentum coefficient β in [0, 1).
+    """
+
+    name = "momentum"
+
+    def __init__(self, beta: float = 0.9):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"momentum beta={beta!r} must be in [0, 1)")
+        self.beta = float(beta)
+        self.buffers: dict[str, Tensor] = {}
+
+    def bind(self, space, sampler):
+        self.buffers = {e.name: torch.zeros(e.numel, dtype=torch.float32, device=e.param.device) for e in space}
+
+    def program(self, entry, est, group):
+        return self._dense(entry, est, group, self.buffers[entry.name])
+
+    def _dense(self, entry: Entry, est: Estimate, group: dict[str, Any], m: Tensor) -> list[Op]:
+        lr, b = group["lr"] * est.lr_scale, self.beta
+
+        def decay(t, z, where):
+            m[where].mul_(b)
+
+        def step(t, z, where):
+            t.add_(m[where], alpha=-lr)
+
+        def accumulate(coef: float):
+            return lambda t, z, where: m[where].add_(z, alpha=(1.0 - b) * coef)
+
+        terms = _terms(entry, est, group)
+        ops: list[Op] = [Fn(decay)] + [Fn(accumulate(c), seed=s) for s, c in terms]
+        return ops + (_decay(entry, group, lr) + [Fn(step)] if lr else [])
+
+    def config(self):
+        return {"beta": self.beta}
+
+    def state_dict(self):
+        return {"buffers": {k: v.clone() for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state):
+        for k, v in state["buffers"].items():
+            self.buffers[k].copy_(v)
+
+
+RULES: dict[str, type[UpdateRule]] = {"sgd": ZOSGD, "momentum": Momentum}

@@ -36,10 +36,16 @@ from .space import Entry, ParamSpace
 
 @dataclass(frozen=True)
 class Z:
-    """p += coef * z(seed): one axpy with a regenerated direction."""
+    """p += coef * z(seed): one axpy with a regenerated direction.
+
+    ``perturb`` marks a perturbation that the step undoes before it ends (estimators' ±εz and the pending restore),
+    as opposed to an update: a sampler that perturbs inside the forward (LowRank's side branch) applies those to
+    its side branch instead of the weights.
+    """
 
     seed: int
     coef: float
+    perturb: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,22 @@ class Scale:
     factor: float
 
 
-Op = Z | Scale
+@dataclass(frozen=True, eq=False)
+class Fn:
+    """A stateful op: ``fn(target, z, where)``, run in program order with the other ops (momentum, Adam, ...).
+
+    With a block sampler, ``target`` is a 1-D slice of the tensor's moved values (fp32 or the tensor's dtype),
+    ``z`` the same slice of z(seed) (None when ``seed`` is None) and ``where`` the slice's position in the entry's
+    flat coordinates (``slice(start, stop)``, masked entries: positions among the selected values), so optimizer
+    state of shape ``(entry.numel,)`` is indexed as ``state[where]``. With :class:`LowRank` on a low-rank entry,
+    ``target`` is the whole matrix W (m×n), ``z`` the factor U(seed) (m×r) and ``where`` the current V (n×r).
+    """
+
+    fn: Callable[[Tensor, Tensor | None, Any], None]
+    seed: int | None = None
+
+
+Op = Z | Scale | Fn
 Program = Callable[[Entry], Sequence[Op]]
 
 
@@ -91,6 +112,12 @@ class DirectionSampler(ABC):
     @abstractmethod
     def draw(self, entry: Entry, seed: int) -> Tensor:
         """Materialize z(seed) for one tensor, shaped like the tensor (masked: the selected entries). For tests."""
+
+    def bind(self, space: ParamSpace, seed: int, model: torch.nn.Module | None = None) -> None:  # noqa: B027
+        """Called once by the optimizer: validate the space (ValueError, nothing modified) and set up any state."""
+
+    def prepare(self, step: int) -> None:  # noqa: B027 (stateless by default)
+        """Called at the start of every step, before any forward (LowRank refreshes V here)."""
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so that a logged run can rebuild the same sampler."""
@@ -149,7 +176,7 @@ class BlockSampler(DirectionSampler):
                 continue
             runs: list[tuple[int | None, list[Op]]] = []  # (seed of the run's z, or None: only Scale so far)
             for op in ops:
-                seed = op.seed if isinstance(op, Z) else None
+                seed = None if isinstance(op, Scale) else op.seed
                 if runs and (seed is None or runs[-1][0] in (None, seed)):
                     if runs[-1][0] is None:
                         runs[-1] = (seed, runs[-1][1])
@@ -212,16 +239,16 @@ class BlockSampler(DirectionSampler):
             if job.first:
                 gathered = job.flat.index_select(0, index[job.start : job.start + job.n])
             target = gathered
-        if chunk is None or chunk >= job.n:
-            pieces = [(target, z)]
-        else:
-            pieces = [(target[c : c + chunk], None if z is None else z[c : c + chunk]) for c in range(0, job.n, chunk)]
-        for t, zc in pieces:
+        step = job.n if chunk is None else chunk
+        for c in range(0, job.n, step):
+            t, zc = target[c : c + step], None if z is None else z[c : c + step]
             for op in job.ops:
                 if isinstance(op, Scale):
                     t.mul_(op.factor)
-                else:
+                elif isinstance(op, Z):
                     t.add_(zc, alpha=op.coef)
+                else:
+                    op.fn(t, zc, slice(job.start + c, job.start + c + t.numel()))
         if index is not None and job.last:
             job.flat.index_copy_(0, index[job.start : job.start + job.n], target)
             return None
