@@ -98,7 +98,7 @@ def test_config_errors_name_the_key_and_the_closest_valid_one(tmp_path):
         parse_train_args(["--mezo.lr", "abc"])
     with pytest.raises(ConfigError, match=r"train\.batch_size=0 must be a positive integer"):
         run_config_from_dict({"train": {"batch_size": 0}})
-    with pytest.raises(ConfigError, match=r"method='mzo' is not one of: adamw, mezo \(did you mean 'mezo'\?\)"):
+    with pytest.raises(ConfigError, match=r"method='mzo' is not one of: adamw, .*mezo.* \(did you mean 'mezo'\?\)"):
         run_config_from_dict({"method": "mzo"})
     with pytest.raises(ConfigError, match=r"model\.dtype='fp16' is not one of"):
         run_config_from_dict({"model": {"dtype": "fp16"}})

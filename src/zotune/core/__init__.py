@@ -14,6 +14,7 @@ from .rng import BLOCK, derive_seed, tensor_seed
 from .rules import RULES, ZOSGD, Momentum, UpdateRule
 from .samplers import SAMPLERS, BlockSampler, DirectionSampler, Fn, Gaussian, Op, Rademacher, Scale, Z, make_sampler
 from .space import Entry, ParamSpace, default_decay
+from .svrg import SVRG, micro_batched
 
 __all__ = [
     "BLOCK",
@@ -34,6 +35,7 @@ __all__ = [
     "OnePoint",
     "Op",
     "ParamSpace",
+    "SVRG",
     "Rademacher",
     "Scale",
     "TwoPoint",
@@ -46,6 +48,7 @@ __all__ = [
     "default_decay",
     "derive_seed",
     "make_sampler",
+    "micro_batched",
     "read_loss",
     "replay",
     "tensor_seed",

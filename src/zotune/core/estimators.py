@@ -115,6 +115,10 @@ class Estimator(ABC):
     def config(self) -> dict[str, Any]:
         return {"num_directions": self.num_directions}
 
+    def next_calls(self) -> tuple[int, int]:
+        """(minibatch closure calls, anchor closure calls) the next :meth:`estimate` will make (forward budgets)."""
+        return 2 * self.num_directions, 0
+
     def observe(self, est: Estimate, update: dict[str, list[Op]]) -> None:  # noqa: B027 (stateless by default)
         """Called after each step with the update ops applied to every tensor (by name): SVRG keeps them."""
 
@@ -175,6 +179,9 @@ class OnePoint(Estimator):
     """
 
     name = "one_point"
+
+    def next_calls(self):
+        return self.num_directions + 1, 0
 
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..core import NonFiniteLossError
+from ..core import NonFiniteLossError, micro_batched
 from ..core.rng import derive_seed
 from ..methods import METHODS
 from ..tasks import Example, evaluate, model_max_length
@@ -122,7 +122,7 @@ def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
             raise ConfigError(f"{cfg.method}.seed: set the run's seed with the top-level 'seed' key instead")
         if hasattr(section, "seed"):
             section = replace(section, seed=cfg.seed)
-        return METHODS[cfg.method].build(model.named_parameters(), section)
+        return METHODS[cfg.method].build(model, section)  # the model: LOZO can perturb inside its layers
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -131,6 +131,28 @@ def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=section.lr, betas=(section.beta1, section.beta2), eps=section.eps
     )
+
+
+def anchor_size(cfg: Any, n_train: int) -> int:
+    """Examples in the anchor set of MeZO-SVRG (ConfigError when larger than the training set)."""
+    size = getattr(cfg.method_config(), "anchor_size", None) or n_train
+    if size > n_train:
+        raise ConfigError(
+            f"{cfg.method}.anchor_size={size} is larger than the training set ({n_train} examples): lower it, "
+            "or leave it null for the whole training set"
+        )
+    return size
+
+
+def set_anchor(cfg: Any, opt: torch.optim.Optimizer, train: Sequence[Example], loss_fn: Any) -> int:
+    """Give an anchor-based estimator (MeZO-SVRG) its full-batch closure; returns the anchor set's micro-batches."""
+    if not hasattr(getattr(opt, "estimator", None), "anchor"):
+        return 0
+    size = anchor_size(cfg, len(train))
+    bs = cfg.train.batch_size
+    batches = [list(train[i : i + bs]) for i in range(0, size, bs)]
+    opt.estimator.anchor = micro_batched(loss_fn, batches)
+    return len(batches)
 
 
 def build_scheduler(train_cfg: Any, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -248,6 +270,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     tc = cfg.train
     task = resolve_task(cfg.data.task)
     splits = build_splits(cfg.data, task)
+    anchor_size(cfg, len(splits["train"]))  # checked before the run directory is touched
     if cfg.out is None:
         cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-{task.name}-{cfg.method}-s{cfg.seed}")
     tree = config_to_dict(cfg)
@@ -262,6 +285,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     max_length = cfg.data.max_length or model_max_length(model, tokenizer)
     loss_fn = make_objective(objective, model, tokenizer, max_length=max_length)
     opt = build_optimizer(cfg, model)
+    anchor_batches = set_anchor(cfg, opt, splits["train"], loss_fn)
     sched = build_scheduler(tc, opt)
     order = BatchOrder(splits["train"], tc.batch_size, cfg.data.seed)
     dev = splits["dev"][: tc.eval_limit] if tc.eval_limit else splits["dev"]
@@ -348,7 +372,13 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     saved = state.step
     zo = cfg.is_zo
     model.train(not zo)  # ZO: no dropout, so the ± forwards see the same function (MeZO does the same)
-    forwards_per_step = (2 if zo else 1) * tc.grad_accum
+
+    def forwards_next() -> int:  # forward passes (in batches) the next step will run
+        if not zo:
+            return tc.grad_accum
+        calls, anchor_calls = opt.estimator.next_calls()
+        return calls * tc.grad_accum + anchor_calls * anchor_batches
+
     if tc.progress:
         from tqdm.auto import tqdm
 
@@ -356,7 +386,8 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     step_start = time.perf_counter()
     try:
         while state.step < tc.steps:
-            if tc.max_forwards is not None and state.forwards + forwards_per_step > tc.max_forwards:
+            cost = forwards_next()
+            if tc.max_forwards is not None and state.forwards + cost > tc.max_forwards:
                 stopped = f"forward-pass budget reached ({state.forwards} of {tc.max_forwards})"
                 break
             t0 = time.perf_counter()
@@ -371,7 +402,9 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
                     record |= {"projected_grad": est.grads[0] if len(est.grads) == 1 else est.grads}
                     if len(est.losses) == 2:
                         record |= {"loss_plus": est.losses[0], "loss_minus": est.losses[1]}
-                    state.forwards += forwards_per_step + (tc.grad_accum if first else 0)
+                    if est.anchor_calls:
+                        record["anchor"] = True  # the loss is the anchor set's (MeZO-SVRG)
+                    state.forwards += cost + (tc.grad_accum if first else 0)
                 else:
                     opt.zero_grad(set_to_none=True)
                     loss = 0.0
@@ -387,7 +420,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
                         )
                         record["grad_norm"] = float(norm)
                     opt.step()
-                    state.forwards += forwards_per_step
+                    state.forwards += cost
             except NonFiniteLossError as err:
                 stopped = f"watchdog: {err}. Try: a lower lr or eps, or model.dtype bfloat16/float32 if it is float16"
                 break
