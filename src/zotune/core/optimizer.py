@@ -180,7 +180,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         def program(e):  # one pass: restore θ (pending perturbation ops), then the update
             restore = [Z(s, k * eps[e.group], perturb=True) for s, k in est.pending]
-            return restore + est.pending_ops.get(e.name, []) + update[e.name]
+            ops = restore + est.pending_ops.get(e.name, []) + update[e.name]
+            if e.name in est.pending_ops and all(isinstance(op, Z) for op in ops):
+                return _merge(ops)  # SVRG's redo ops interleave seeds; additive ops commute: one draw per seed
+            return ops
 
         self.sampler.apply_(self.space, program)
         self.estimator.observe(est, update)
@@ -220,6 +223,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.estimator.load_state_dict(zo["estimator"])
         self.rule.load_state_dict(zo["rule"])
         self.update_log = UpdateLog.from_lines(zo["log"])
+
+
+def _merge(ops: list[Z]) -> list[Z]:
+    """Sum the coefficients of Z ops that share a seed (first-appearance order)."""
+    coefs: dict[int, float] = {}
+    for op in ops:
+        coefs[op.seed] = coefs.get(op.seed, 0.0) + op.coef
+    return [Z(s, c) for s, c in coefs.items() if c]
 
 
 def _replay_closure(losses: list[float]):

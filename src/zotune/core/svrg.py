@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .estimators import ESTIMATORS, Closure, Estimate, Estimator, _guarded, _perturb, read_loss
+from .optimizer import _merge
 from .samplers import Fn, Op, Scale, Z
 
 
@@ -177,13 +178,8 @@ class SVRG(Estimator):
 
     @staticmethod
     def _merged(ops: list[Op]) -> list[Op]:
-        """Sum the Z ops of one seed when no Scale op sits between them (additive ops commute): fewer draws."""
-        if any(isinstance(op, Scale) for op in ops):
-            return list(ops)
-        coefs: dict[int, float] = {}
-        for op in ops:
-            coefs[op.seed] = coefs.get(op.seed, 0.0) + op.coef
-        return [Z(s, c) for s, c in coefs.items() if c]
+        """Sum the Z ops of one seed when there is no Scale op (additive ops commute): fewer draws."""
+        return list(ops) if any(isinstance(op, Scale) for op in ops) else _merge(ops)
 
     # ----------------------------------------------------------------------------------------------- after the update
     def observe(self, est: Estimate, update: dict[str, list[Op]]) -> None:
