@@ -10,6 +10,18 @@ Example:
 
 from .core import ParamSpace, UpdateLog, ZOOptimizer, replay
 from .methods import LOZO, LOZOM, LOZOConfig, LOZOMConfig, MeZO, MeZOConfig
+from .methods.zobench import (
+    NSPSA,
+    NSPSAConfig,
+    ZOAdam,
+    ZOAdamConfig,
+    ZOMomentum,
+    ZOMomentumConfig,
+    ZOOneSided,
+    ZOOneSidedConfig,
+    ZOSGDSign,
+    ZOSignConfig,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,8 +31,18 @@ __all__ = [
     "LOZOMConfig",
     "MeZO",
     "MeZOConfig",
+    "NSPSA",
+    "NSPSAConfig",
     "ParamSpace",
     "UpdateLog",
+    "ZOAdam",
+    "ZOAdamConfig",
+    "ZOMomentum",
+    "ZOMomentumConfig",
+    "ZOOneSided",
+    "ZOOneSidedConfig",
+    "ZOSGDSign",
+    "ZOSignConfig",
     "ZOOptimizer",
     "__version__",
     "replay",

@@ -3,6 +3,18 @@
 from .lozo import LOZO, LOZOM, LOZOConfig, LOZOMConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, build, get_method, register_method
+from .zobench import (
+    NSPSA,
+    NSPSAConfig,
+    ZOAdam,
+    ZOAdamConfig,
+    ZOMomentum,
+    ZOMomentumConfig,
+    ZOOneSided,
+    ZOOneSidedConfig,
+    ZOSGDSign,
+    ZOSignConfig,
+)
 
 __all__ = [
     "LOZO",
@@ -15,4 +27,14 @@ __all__ = [
     "build",
     "get_method",
     "register_method",
+    "NSPSA",
+    "NSPSAConfig",
+    "ZOAdam",
+    "ZOAdamConfig",
+    "ZOMomentum",
+    "ZOMomentumConfig",
+    "ZOOneSided",
+    "ZOOneSidedConfig",
+    "ZOSGDSign",
+    "ZOSignConfig",
 ]
