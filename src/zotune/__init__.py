@@ -9,7 +9,7 @@ Example:
 """
 
 from .core import ParamSpace, UpdateLog, ZOOptimizer, replay
-from .methods import LOZO, LOZOM, LOZOConfig, LOZOMConfig, MeZO, MeZOConfig
+from .methods import LOZO, LOZOM, LOZOConfig, LOZOMConfig, MeZO, MeZOConfig, MeZOSVRG, MeZOSVRGConfig
 from .methods.zobench import (
     NSPSA,
     NSPSAConfig,
@@ -31,6 +31,8 @@ __all__ = [
     "LOZOMConfig",
     "MeZO",
     "MeZOConfig",
+    "MeZOSVRG",
+    "MeZOSVRGConfig",
     "NSPSA",
     "NSPSAConfig",
     "ParamSpace",

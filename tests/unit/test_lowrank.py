@@ -235,3 +235,10 @@ def test_lowrank_sampler_by_name_and_in_the_update_log():
         "name": "lowrank",
         "config": {"rank": 1, "refresh_every": 4, "scale": "none", "side_branch": ["weight"]},
     }
+
+
+def test_dense_momentum_refuses_the_lowrank_sampler():
+    from zotune.core import Momentum
+
+    with pytest.raises(ValueError, match="LowRankMomentum"):
+        ZOOptimizer(torch.nn.Linear(3, 3), sampler=LowRank(rank=1), rule=Momentum())

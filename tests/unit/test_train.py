@@ -7,6 +7,7 @@ takes with their own data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from tiny import save_tiny_model
 
 from zotune.cli import main as cli
 from zotune.cli import parse_train_args
+from zotune.methods import METHODS
 from zotune.train import ConfigError, TrainingStopped, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
 
@@ -166,9 +168,19 @@ def test_existing_run_directory_is_never_overwritten(workdir, tmp_path):
     assert not (run / "precious.txt").exists()
 
 
-@pytest.mark.parametrize("method", ["mezo", "adamw"])
+# small but non-trivial settings of the other methods: V refreshed and SVRG's anchor taken inside 8 steps
+METHOD_SECTIONS = {
+    "lozo": {"lr": 1e-2, "eps": 1e-2, "rank": 2, "refresh_every": 3},
+    "lozo_m": {"lr": 1e-2, "eps": 1e-2, "rank": 2, "refresh_every": 3},
+    "mezo_svrg": {"lr": 1e-2, "anchor_lr": 2e-2, "eps": 1e-2, "q": 3, "anchor_size": 8},
+}
+
+
+@pytest.mark.parametrize("method", ["mezo", "adamw", "lozo_m", "mezo_svrg"])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(workdir, tmp_path, method):
     extra = {"method": method, "adamw": {"lr": 1e-3}, "train": {"steps": 8, "checkpoint_every": 2}}
+    if method in METHOD_SECTIONS:
+        extra[method] = METHOD_SECTIONS[method]
     train(run_config_from_dict(config(workdir, tmp_path / "a", **extra)))
     short = config(workdir, tmp_path / "b", **extra)
     short["train"] = {**short["train"], "steps": 4}  # stops at step 4, as if interrupted there
@@ -178,6 +190,43 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(workdir, tmp_path, met
     assert_same(weights(ckpt.latest_checkpoint(tmp_path / "a")), weights(ckpt.latest_checkpoint(tmp_path / "b")))
     a, b = records(tmp_path / "a", "train"), records(tmp_path / "b", "train")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_zo_method_trains_from_the_cli_and_replays(workdir, tmp_path, method):
+    """CLI access, forward accounting and replay for each registered method (design.md §4 on the loop's path)."""
+    run = tmp_path / "run"
+    args = ["train", "--config", str(tmp_path / "r.yaml"), "--method", method, "--train.steps", "4"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(config(workdir, run, train={"test": False, "eval_every": 0})))
+    for key, value in METHOD_SECTIONS.get(method, {"lr": 1e-3, "eps": 1e-2}).items():
+        args += [f"--{method}.{key}", str(value)]
+    assert cli(args) == 0
+    steps = records(run, "train")
+    assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+    opt = METHODS[method].build(torch.nn.Linear(2, 2), METHODS[method].config_cls())
+    if method == "mezo_svrg":  # anchors at steps 0 and 3: 2 calls × 2 micro-batches of 4; others 4 forwards
+        assert [r["forwards"] for r in steps] == [5, 9, 13, 17] and [bool(r.get("anchor")) for r in steps][::3] == [
+            1,
+            1,
+        ]
+    else:
+        calls = opt.estimator.next_calls()[0]
+        assert [r["forwards"] for r in steps] == [1 + calls * (t + 1) for t in range(4)]
+    assert cli(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    rebuilt = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "replayed").named_parameters())
+    final = weights(ckpt.latest_checkpoint(run))
+    assert all(torch.equal(rebuilt[n], t) for n, t in final.items())
+    assert any(not torch.equal(rebuilt[n], t) for n, t in weights(ckpt.list_checkpoints(run, "best")[0]).items())
+
+
+def test_anchor_set_larger_than_the_data_is_refused_before_anything_is_written(workdir, tmp_path):
+    run = tmp_path / "run"
+    bad = config(workdir, run, method="mezo_svrg", mezo_svrg={"lr": 1e-3, "anchor_size": 41})  # 40 training rows
+    with pytest.raises(ConfigError, match=r"mezo_svrg.anchor_size=41 is larger than the training set \(40"):
+        train(run_config_from_dict(bad))
+    assert not run.exists()
 
 
 def test_resume_refuses_a_different_config(workdir, tmp_path):

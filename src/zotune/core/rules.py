@@ -93,6 +93,8 @@ class Momentum(UpdateRule):
         self.buffers: dict[str, Tensor] = {}
 
     def bind(self, space, sampler):
+        if sampler.name == "lowrank":  # its matrices take (W, U, V) ops, not blocks of a dense z
+            raise ValueError("dense Momentum does not apply to the LowRank sampler; use LowRankMomentum (LOZO-M)")
         self.buffers = {e.name: torch.zeros(e.numel, dtype=torch.float32, device=e.param.device) for e in space}
 
     def program(self, entry, est, group):

@@ -3,6 +3,7 @@
 from .lozo import LOZO, LOZOM, LOZOConfig, LOZOMConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, build, get_method, register_method
+from .svrg import MeZOSVRG, MeZOSVRGConfig
 from .zobench import (
     NSPSA,
     NSPSAConfig,
@@ -24,6 +25,8 @@ __all__ = [
     "LOZOMConfig",
     "MeZO",
     "MeZOConfig",
+    "MeZOSVRG",
+    "MeZOSVRGConfig",
     "build",
     "get_method",
     "register_method",
