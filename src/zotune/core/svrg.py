@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .estimators import ESTIMATORS, Closure, Estimate, Estimator, _guarded, _perturb, read_loss
+from .estimators import ESTIMATORS, Closure, Estimate, Estimator, TwoPoint, _guarded, _perturb, read_loss
 from .optimizer import _merge
 from .samplers import Fn, Op, Scale, Z
 
@@ -112,21 +112,8 @@ class SVRG(Estimator):
                 "MeZO-SVRG needs an anchor closure returning the full-batch loss: "
                 "SVRG(anchor=...) or opt.estimator.anchor = lambda: full_batch_loss()"
             )
-        est = Estimate(seeds=list(seeds), eps=eps[0])
-        for i, s in enumerate(seeds):
-            _perturb(space, sampler, [(s, 1.0)], eps)
-            plus = _guarded(space, sampler, eps, [(s, -1.0)], self.anchor)
-            _perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
-            minus = _guarded(space, sampler, eps, [(s, 1.0)], self.anchor)
-            est.losses += [plus, minus]
-            est.grads.append((plus - minus) / (2 * eps[0]))
-            if i < len(seeds) - 1:
-                _perturb(space, sampler, [(s, 1.0)], eps)
-            else:
-                est.pending = [(s, 1.0)]
+        est = TwoPoint(self.num_directions).estimate(space, sampler, self.anchor, seeds, eps)  # on the anchor set
         est.anchor_calls = len(est.losses)
-        est.loss = sum(est.losses) / len(est.losses)
-        est.finish()
         self.g_tilde = list(est.terms)
         est.lr_scale = self.anchor_lr_scale * self.factor
         self.history = {}

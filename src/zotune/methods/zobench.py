@@ -240,88 +240,26 @@ def build(params: Iterable[Any], config: _ZOBenchConfig, *, decay: DecayMask = N
 
 
 # ------------------------------------------------------------------------------------- torch.optim-like factories
-def ZOSGDSign(  # noqa: N802 (a constructor-like factory, named like torch.optim classes)
-    params: Iterable[Any],
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    *,
-    weight_decay: float = 0.0,
-    num_directions: int = 1,
-    sampler: str = "gaussian",
-    seed: int = 0,
-    decay: DecayMask = None,
-) -> ZOOptimizer:
-    """ZO-SGD-Sign as a ``torch.optim.Optimizer``; see :class:`ZOSignConfig`. Pass ``model.named_parameters()``."""
-    config = ZOSignConfig(lr, eps, weight_decay, num_directions, sampler, seed)
-    return build(params, config, decay=decay)
+def _factory(config_cls: type, name: str, what: str) -> Any:
+    def factory(
+        params: Iterable[Any], lr: float | None = None, eps: float | None = None, *, decay: DecayMask = None, **kw: Any
+    ) -> ZOOptimizer:
+        kw |= {k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None}  # else the config's defaults
+        return build(params, config_cls(**kw), decay=decay)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (
+        f"{what} as a ``torch.optim.Optimizer``; keyword arguments are :class:`{config_cls.__name__}`'s. "
+        "Pass ``model.named_parameters()``."
+    )
+    return factory
 
 
-def ZOMomentum(  # noqa: N802
-    params: Iterable[Any],
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    *,
-    beta: float = 0.9,
-    weight_decay: float = 0.0,
-    num_directions: int = 1,
-    sampler: str = "gaussian",
-    seed: int = 0,
-    decay: DecayMask = None,
-) -> ZOOptimizer:
-    """ZO-SGD with momentum (ZO-SGD-MMT) as a ``torch.optim.Optimizer``; see :class:`ZOMomentumConfig`."""
-    config = ZOMomentumConfig(lr, eps, weight_decay, num_directions, sampler, seed, beta=beta)
-    return build(params, config, decay=decay)
-
-
-def ZOAdam(  # noqa: N802
-    params: Iterable[Any],
-    lr: float = 1e-5,
-    eps: float = 1e-3,
-    *,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    delta: float = 1e-8,
-    weight_decay: float = 0.0,
-    num_directions: int = 1,
-    sampler: str = "gaussian",
-    seed: int = 0,
-    decay: DecayMask = None,
-) -> ZOOptimizer:
-    """ZO-Adam as a ``torch.optim.Optimizer``; see :class:`ZOAdamConfig` (``delta`` is Adam's epsilon)."""
-    config = ZOAdamConfig(lr, eps, weight_decay, num_directions, sampler, seed, beta1=beta1, beta2=beta2, delta=delta)
-    return build(params, config, decay=decay)
-
-
-def ZOOneSided(  # noqa: N802
-    params: Iterable[Any],
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    *,
-    weight_decay: float = 0.0,
-    num_directions: int = 1,
-    sampler: str = "gaussian",
-    seed: int = 0,
-    decay: DecayMask = None,
-) -> ZOOptimizer:
-    """One-sided (forward-difference) ZO-SGD as a ``torch.optim.Optimizer``; see :class:`ZOOneSidedConfig`."""
-    config = ZOOneSidedConfig(lr, eps, weight_decay, num_directions, sampler, seed)
-    return build(params, config, decay=decay)
-
-
-def NSPSA(  # noqa: N802
-    params: Iterable[Any],
-    lr: float = 1e-6,
-    eps: float = 1e-3,
-    *,
-    weight_decay: float = 0.0,
-    num_directions: int = 4,
-    sampler: str = "gaussian",
-    seed: int = 0,
-    decay: DecayMask = None,
-) -> ZOOptimizer:
-    """n-SPSA (ZO-SGD on n averaged two-point estimates) as a ``torch.optim.Optimizer``; see :class:`NSPSAConfig`."""
-    config = NSPSAConfig(lr, eps, weight_decay, num_directions, sampler, seed)
-    return build(params, config, decay=decay)
+ZOSGDSign = _factory(ZOSignConfig, "ZOSGDSign", "ZO-SGD-Sign")
+ZOMomentum = _factory(ZOMomentumConfig, "ZOMomentum", "ZO-SGD with momentum (ZO-SGD-MMT)")
+ZOAdam = _factory(ZOAdamConfig, "ZOAdam", "ZO-Adam (``delta`` is Adam's epsilon)")
+ZOOneSided = _factory(ZOOneSidedConfig, "ZOOneSided", "One-sided (forward-difference) ZO-SGD")
+NSPSA = _factory(NSPSAConfig, "NSPSA", "n-SPSA (ZO-SGD on n averaged two-point estimates)")
 
 
 register_method("zo_sgd_sign", ZOSignConfig, build)
