@@ -242,3 +242,32 @@ def test_dense_momentum_refuses_the_lowrank_sampler():
 
     with pytest.raises(ValueError, match="LowRankMomentum"):
         ZOOptimizer(torch.nn.Linear(3, 3), sampler=LowRank(rank=1), rule=Momentum())
+
+
+@pytest.mark.parametrize("factory", [zotune.LOZO, zotune.LOZOM])
+def test_lowers_the_loss_on_a_tiny_task(factory):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(96, 8)
+    y = (x @ torch.randn(8, 3)).argmax(1)  # a learnable teacher
+    loss = lambda i: torch.nn.functional.cross_entropy(model(x[i]), y[i])  # noqa: E731
+    opt = factory(model, lr=2e-2, eps=1e-3, rank=2, refresh_every=10)
+    with torch.no_grad():
+        first = float(loss(slice(None)))
+        for t in range(200):
+            batch = slice(16 * (t % 6), 16 * (t % 6) + 16)
+            opt.step(lambda batch=batch: loss(batch))
+        assert float(loss(slice(None))) < 0.6 * first
+
+
+def test_perturb_then_restore_is_exact_to_rounding():
+    lin = torch.nn.Linear(32, 24)
+    space = ParamSpace.from_named(lin.named_parameters())
+    before = snapshot(lin)
+    s = LowRank(rank=2, refresh_every=5, side_branch=False)
+    s.bind(space, seed=0)
+    s.prepare(0)
+    s.apply_(space, lambda e: [Z(3, 1e-3, perturb=True)])
+    s.apply_(space, lambda e: [Z(3, -1e-3, perturb=True)])
+    for n, p in lin.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=2 * torch.finfo(torch.float32).eps)
