@@ -296,6 +296,7 @@ def test_forward_budget_stops_and_keeps_the_work(workdir, tmp_path):
     results = train(run_config_from_dict(config(workdir, run, train={"steps": 100, "max_forwards": 9})))
     assert results["steps"] == 4 and results["forwards"] == 9 and "budget" in results["stopped"]
     assert ckpt.latest_checkpoint(run).name == "step-000004"
+    assert [(r["split"], r["step"]) for r in records(run, "eval")][-2] == ("dev", 4)  # the last weights are evaluated
 
 
 def test_lora_first_order_and_export(workdir, tmp_path):

@@ -442,7 +442,10 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", **{f"dev_{metric[:3]}": f"{state.best_metric or 0:.3f}"})
-            last = state.step == tc.steps
+            # the last step: the step budget, or the forward budget cannot pay for another step (evaluate it)
+            last = state.step == tc.steps or (
+                tc.max_forwards is not None and state.forwards + forwards_next() > tc.max_forwards
+            )
             if (tc.eval_every and state.step % tc.eval_every == 0) or last:
                 rec = log_eval("dev", dev, state.step)
                 if rec[metric] > state.best_metric:
