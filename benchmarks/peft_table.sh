@@ -3,6 +3,7 @@
 # SmolLM2-135M-Instruct, at one forward-pass budget per run, dev-selected (the best-on-dev weights go to test).
 #   bash benchmarks/peft_table.sh                       # every task and method, then the table
 #   TASKS="sst2" ONLY=zofo BUDGET=200 bash benchmarks/peft_table.sh
+#   SKIP="sst2-mezo-lora sst2-mezo-prefix" bash benchmarks/peft_table.sh   # rows already in runs.jsonl stay
 # One config per method, no grid: the MeZO lrs are the ones scanned on SST-2 here (recipes/README.md), the others
 # the recipes' untuned starting values. A forward pass is one batch of 16 through the model; first-order steps also
 # run a backward each (counted apart, in the `backwards` column). Seed 0 for the data and the run.
@@ -26,6 +27,7 @@ data_args() {  # MeZO protocol where the data allows it (SuperGLUE here has 32 t
 run() {
   local task=$1 name=$2 every=$3; shift 3
   [ -n "${ONLY:-}" ] && [[ $name != $ONLY* ]] && return
+  [[ " ${SKIP:-} " == *" $task-$name "* ]] && return
   zotune train --config recipes/smollm2-sst2-mezo.yaml $(data_args "$task") --train.steps 100000 \
     --train.max_forwards "$BUDGET" --train.eval_every "$every" --train.early_stopping 0 --train.test true \
     --train.test_at_start true --train.checkpoint_every 0 --train.progress false --train.tensorboard false \
@@ -41,4 +43,4 @@ for task in $TASKS; do
       --zofo.lr_lower 1e-3 --zofo.lr_upper 1e-3 --zofo.lam 1.0 --zofo.inner_steps 3
 done
 
-python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS"
+python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge

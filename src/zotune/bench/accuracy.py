@@ -51,6 +51,15 @@ LABELS = {("mezo", "none"): "MeZO (full)", ("mezo", "lora"): "MeZO-LoRA", ("mezo
           ("adamw", "lora"): "FO-LoRA (AdamW)", ("zofo", "lora"): "Bilevel ZOFO"}  # fmt: skip
 
 
+def _order(row: dict[str, Any]) -> tuple[int, int, str]:
+    """Tasks in the script's order, methods in the table's order (unknown ones last)."""
+    tasks = ["sst2", "rte"]
+    t = tasks.index(row["task"]) if row["task"] in tasks else len(tasks)
+    labels = list(LABELS)
+    key = (row["method"], row["peft"])
+    return t, labels.index(key) if key in labels else len(labels), row["run"]
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -81,11 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m zotune.bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True, help="folder for table.md and runs.jsonl")
+    p.add_argument(
+        "--merge", action="store_true", help="keep the rows already in OUT/runs.jsonl of runs not given here"
+    )
     a = p.parse_args(argv)
     rows = [summarize(r) for r in a.runs if (Path(r) / "results.json").exists()]
+    out = Path(a.out)
+    if a.merge and (out / "runs.jsonl").exists():
+        # runs are deterministic, so a row made earlier (its run folder since deleted) stands for its run
+        new = {r["run"] for r in rows}
+        old = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+        rows = [r for r in old if r["run"] not in new] + rows
     if not rows:
         p.error("no finished run (results.json) among the given folders")
-    out = Path(a.out)
+    rows.sort(key=_order)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "table.md", table(rows) + "\n")
