@@ -21,6 +21,7 @@ MODULES = [
     "zotune.methods.zofo",
     "zotune.methods.registry",
     "zotune.models.peft",
+    "zotune.models.sensitivity",
     "zotune.tasks",
     "zotune.tasks.scoring",
     "zotune.tasks.icl",

@@ -32,6 +32,7 @@ from typing import Any
 from ..methods import METHODS
 from ..methods.zofo import ZOFOConfig
 from ..models.peft import PEFT_MODES
+from ..models.sensitivity import METHODS as MASK_METHODS
 
 __all__ = [
     "AdamWConfig",
@@ -70,6 +71,17 @@ class ModelConfig:
         num_virtual_tokens: prefix / prompt length in tokens (MeZO: 5).
         prefix_init: real (the keys/values the model computes on real tokens: MeZO's init, crucial per the
             paper) or random (N(0, 1)).
+        mask: peft sparse only (SensZOQ): which entries of the Linear weights train. fisher (top-k of the diagonal
+            Fisher of the LM loss on calibration text, the paper's "sensitive" parameters), random, magnitude
+            (largest |w|), small_magnitude (smallest |w|), task_gradient (the Fisher of the task loss on the
+            training examples), or the path of a mask file (``zotune mask``).
+        sparsity: fraction of the candidate weights that train, in (0, 1] (SensZOQ: 0.001).
+        mask_scope: global (one top-k over all Linear weights) or per_tensor (the same fraction in each).
+        quantize: peft sparse only: nf4 (the frozen rest in 4 bits with bitsandbytes, the selected entries in fp32)
+            or none (a full-precision frozen base).
+        calibration: text file of the fisher mask (null: a default built from offline text, see
+            :func:`zotune.models.sensitivity.calibration_text`).
+        calibration_tokens: tokens of calibration text the fisher mask is computed on.
     """
 
     name: str = "smollm2-135m"
@@ -82,6 +94,12 @@ class ModelConfig:
     lora_targets: list[str] | None = None
     num_virtual_tokens: int = 5
     prefix_init: str = "real"
+    mask: str = "fisher"
+    sparsity: float = 1e-3
+    mask_scope: str = "global"
+    quantize: str = "nf4"
+    calibration: str | None = None
+    calibration_tokens: int = 16384
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -91,6 +109,17 @@ class ModelConfig:
         _positive("model.lora_alpha", self.lora_alpha)
         _positive("model.num_virtual_tokens", self.num_virtual_tokens)
         _choice("model.prefix_init", self.prefix_init, ("real", "random"))
+        _choice("model.mask_scope", self.mask_scope, ("global", "per_tensor"))
+        _choice("model.quantize", self.quantize, ("nf4", "none"))
+        _positive("model.calibration_tokens", self.calibration_tokens)
+        sparsity = self.sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
+            raise ConfigError(f"model.sparsity={self.sparsity!r} must be in (0, 1] (SensZOQ: 0.001, i.e. 0.1 %)")
+        if self.mask not in MASK_METHODS and not self.mask.endswith(".safetensors"):
+            raise ConfigError(
+                f"model.mask={self.mask!r} is neither a mask method ({', '.join(MASK_METHODS)}) nor a mask file "
+                "(.safetensors, written by `zotune mask`)"
+            )
         if self.peft in ("prefix", "prompt") and self.kind == "seq-cls":
             raise ConfigError(
                 f"model.peft={self.peft} needs a causal LM: on a seq-cls encoder there is no key/value cache to "
