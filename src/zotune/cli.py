@@ -161,7 +161,7 @@ def _load_run_base(run: Path) -> tuple[Any, Any, Any]:
 
     cfg = _run_config(run)
     task = resolve_task(cfg.data.task)
-    model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None)
+    model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None, run=run)
     return model, tok, cfg
 
 

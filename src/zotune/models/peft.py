@@ -17,6 +17,9 @@ prompt   ``num_virtual_tokens`` input embeddings put before the text  peft ``Pro
 head     the output head: a causal LM's ``lm_head`` (untied from the  linear probing / head tuning (no peft)
          input embedding first), a classifier's ``score`` /
          ``classifier``
+sparse   ``sparsity`` (0.1 %) of the Linear weights' entries, chosen  SensZOQ (Guo et al., ICLR'25): the rest frozen
+         by a mask (``mask``: fisher, random, magnitude, ...)         in 4 bits (``quantize: nf4``) or full
+                                                                     precision; :mod:`zotune.models.quant`
 ======== =========================================================== ============================================
 
 **Prefix from real activations.** MeZO found the prefix initialisation crucial: the prefix is set to the keys and
@@ -72,16 +75,17 @@ __all__ = [
     "peft_mode",
     "prefix_weight_from_cache",
     "save_head",
+    "sparse_mask",
     "virtual_tokens",
 ]
 
-PEFT_MODES = ("none", "lora", "prefix", "prompt", "head")
+PEFT_MODES = ("none", "lora", "prefix", "prompt", "head", "sparse")
 """The values of ``model.peft``."""
 
 _HEAD_NAMES = ("score", "classifier")  # the classification head of *ForSequenceClassification models
 
 
-def apply_peft(model: Any, tokenizer: Any, cfg: Any, kind: str, *, seed: int = 0) -> Any:
+def apply_peft(model: Any, tokenizer: Any, cfg: Any, kind: str, *, seed: int = 0, mask: Any = None) -> Any:
     """The model a run trains in the mode ``cfg.peft`` (see the module docstring); the base is frozen.
 
     Args:
@@ -91,7 +95,9 @@ def apply_peft(model: Any, tokenizer: Any, cfg: Any, kind: str, *, seed: int = 0
             ``num_virtual_tokens``, ``prefix_init``; fields a mode does not use may be missing).
         kind: ``"causal-lm"`` or ``"seq-cls"``.
         seed: seed of the prefix's real tokens and the prompt's vocabulary sample (LoRA's init draws from the global
-            RNG, which the caller seeds).
+            RNG, which the caller seeds), and of a random sparse mask.
+        mask: sparse mode: the :class:`~zotune.models.sensitivity.SparseMask` to train (default: computed here as
+            ``cfg.mask`` says, or loaded from the file it names).
 
     Returns:
         the model to train: a peft model (lora, prefix, prompt), or ``model`` itself (none, head).
@@ -108,6 +114,8 @@ def apply_peft(model: Any, tokenizer: Any, cfg: Any, kind: str, *, seed: int = 0
         return _apply_head(model, kind)
     if mode == "lora":
         return _apply_lora(model, cfg, kind)
+    if mode == "sparse":
+        return _apply_sparse(model, tokenizer, cfg, seed, mask)
     if kind == "seq-cls":
         raise ValueError(
             f"model.peft={mode}: zotune does {mode} tuning on causal LMs only. On a seq-cls encoder peft would also "
@@ -324,6 +332,45 @@ def save_head(model: torch.nn.Module, out: str | os.PathLike) -> Path:
 # what a model is
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Sparse (SensZOQ)
+
+
+def sparse_mask(model: Any, tokenizer: Any, cfg: Any, seed: int = 0, *, progress: bool = False) -> Any:
+    """The :class:`~zotune.models.sensitivity.SparseMask` ``cfg`` asks for on the full-precision ``model``: the file
+    ``cfg.mask`` names (checked against the model), or computed by that method (task_gradient needs the task's
+    examples: :func:`zotune.train.loop.load_model` computes it)."""
+    from .sensitivity import SparseMask, compute_mask
+
+    method = getattr(cfg, "mask", "fisher")
+    if str(method).endswith(".safetensors"):
+        return SparseMask.load(method, model)
+    if method == "task_gradient":
+        raise ValueError("model.mask=task_gradient needs the task's training examples: run it through zotune train")
+    return compute_mask(
+        model,
+        method,
+        sparsity=getattr(cfg, "sparsity", 1e-3),
+        scope=getattr(cfg, "mask_scope", "global"),
+        tokenizer=tokenizer,
+        calibration=getattr(cfg, "calibration", None),
+        n_tokens=getattr(cfg, "calibration_tokens", 16384),
+        seed=seed,
+        progress=progress,
+    )
+
+
+def _apply_sparse(model: Any, tokenizer: Any, cfg: Any, seed: int, mask: Any) -> Any:
+    from .quant import sparsify
+
+    if mask is None:
+        mask = sparse_mask(model, tokenizer, cfg, seed)
+    else:
+        mask.verify(model)
+    model.zotune_mask = mask  # its meta (method, fingerprint) goes with the export
+    return sparsify(model, mask.indices, quantize=getattr(cfg, "quantize", "nf4"), compute_dtype=model.dtype)
+
+
 def _prompt_config(model: Any) -> Any:
     config = getattr(model, "active_peft_config", None) if hasattr(model, "peft_config") else None
     return config if getattr(config, "is_prompt_learning", False) else None
@@ -333,6 +380,8 @@ def peft_mode(model: Any) -> str:
     """The mode a model was built in: none, lora, prefix, prompt, head (another peft method: its type, lowercase)."""
     if getattr(model, "zotune_peft", None) == "head":
         return "head"
+    if getattr(model, "zotune_mask", None) is not None:
+        return "sparse"
     configs: Iterable[Any] = getattr(model, "peft_config", {}).values() if hasattr(model, "peft_config") else []
     types = {str(getattr(c.peft_type, "value", c.peft_type)).lower() for c in configs}
     names = {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}

@@ -28,7 +28,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,9 +79,20 @@ def _device(name: str) -> str:
     return name
 
 
-def load_model(cfg: Any, seed: int, num_labels: int | None) -> tuple[Any, Any, str]:
+def load_model(
+    cfg: Any,
+    seed: int,
+    num_labels: int | None,
+    *,
+    run: Path | None = None,
+    task_batches: Callable[[Any, Any, str], tuple[list, Callable]] | None = None,
+) -> tuple[Any, Any, str]:
     """Load the model in its PEFT mode (``model.peft``, :func:`~zotune.models.peft.apply_peft`); random
-    initialisations (LoRA, a new head, the prefix's real tokens, the prompt's vocabulary sample) come from ``seed``."""
+    initialisations (LoRA, a new head, the prefix's real tokens, the prompt's vocabulary sample) come from ``seed``.
+
+    Sparse mode: the mask is the run's own ``mask.safetensors`` when ``run`` has one (resume, replay, evaluation),
+    else made as ``model.mask`` says and written there, so a run is rebuilt from exactly the mask it trained.
+    ``task_batches(model, tokenizer, kind) -> (batches, loss_fn)`` gives the task_gradient mask its data."""
     from ..models import load as load_fn
     from ..models.peft import apply_peft
 
@@ -98,10 +109,40 @@ def load_model(cfg: Any, seed: int, num_labels: int | None) -> tuple[Any, Any, s
         )
         kind = kind or ("seq-cls" if type(model).__name__.endswith("ForSequenceClassification") else "causal-lm")
         try:
-            model = apply_peft(model, tokenizer, model_cfg, kind, seed=seed)
-        except ValueError as err:  # apply_peft's messages name the model.* key at fault
+            mask = (
+                _run_mask(cfg, model, tokenizer, kind, seed, run, task_batches) if model_cfg.peft == "sparse" else None
+            )
+            model = apply_peft(model, tokenizer, model_cfg, kind, seed=seed, mask=mask)
+        except ValueError as err:  # apply_peft's and the mask's messages name the model.* key or the file at fault
             raise ConfigError(str(err)) from None
     return model, tokenizer, kind
+
+
+def _run_mask(
+    cfg: Any, model: Any, tokenizer: Any, kind: str, seed: int, run: Path | None, task_batches: Callable | None
+) -> Any:
+    """The sparse mask of a run (see :func:`load_model`), made on the full-precision model before it is quantized."""
+    from ..models.peft import sparse_mask
+    from ..models.sensitivity import SparseMask, compute_mask
+
+    saved = run / "mask.safetensors" if run is not None else None
+    if saved is not None and saved.exists():
+        return SparseMask.load(saved, model)
+    m = cfg.model
+    start = time.perf_counter()
+    if m.mask == "task_gradient":
+        if task_batches is None:
+            raise ConfigError("model.mask=task_gradient needs the task's training examples (zotune train)")
+        batches, loss = task_batches(model, tokenizer, kind)
+        mask = compute_mask(
+            model, "task_gradient", sparsity=m.sparsity, scope=m.mask_scope, batches=batches, loss_fn=loss, seed=seed
+        )
+    else:
+        mask = sparse_mask(model, tokenizer, m, seed)
+    logger.info("%s (%.0f s)", mask.describe().splitlines()[0], time.perf_counter() - start)
+    if saved is not None:
+        mask.save(saved)
+    return mask
 
 
 def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -295,7 +336,15 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     run, resume_from = prepare_run_dir(cfg, tree)
 
     num_labels = len(task.verbalizer) if task.verbalizer else None
-    model, tokenizer, kind = load_model(cfg, cfg.seed, num_labels)
+
+    def task_batches(model: Any, tokenizer: Any, kind: str) -> tuple[list, Callable]:  # the task_gradient mask's data
+        limit = cfg.data.max_length or model_max_length(model, tokenizer)
+        loss = make_objective(objective_name(cfg.data, task, kind), model, tokenizer, max_length=limit)
+        train_set = splits["train"]
+        batches = [train_set[i : i + tc.batch_size] for i in range(0, len(train_set), tc.batch_size)]
+        return batches, lambda _model, examples: loss(examples)
+
+    model, tokenizer, kind = load_model(cfg, cfg.seed, num_labels, run=run, task_batches=task_batches)
     device = next(model.parameters()).device
     objective = objective_name(cfg.data, task, kind)
     if objective in ("accuracy", "f1") and not cfg.is_zo:
@@ -596,7 +645,9 @@ def _watch(record: dict[str, Any], state: LoopState, tc: Any) -> str | None:
 
 def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
     """Hugging Face format (``save_pretrained``, safetensors), written atomically: the whole model, only the adapters
-    of a peft model (lora, prefix, prompt), or only the head of a head-tuned one (``head.safetensors``)."""
+    of a peft model (lora, prefix, prompt), only the head of a head-tuned one (``head.safetensors``), or only the
+    sparse entries of a sparse one (``sparse.safetensors``: indices and values, see
+    :func:`zotune.models.quant.load_sparse`)."""
     import tempfile
 
     from ..models.peft import peft_mode, save_head
@@ -604,8 +655,15 @@ def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
-        if peft_mode(model) == "head":
+        mode = peft_mode(model)
+        if mode == "head":
             save_head(model, tmp)
+        elif mode == "sparse":
+            from ..models.quant import save_sparse
+
+            meta = model.zotune_mask.meta
+            base = {"model": meta.get("model"), "fingerprint": meta.get("fingerprint"), "mask": dict(meta)}
+            save_sparse(model, tmp / "sparse.safetensors", base)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
