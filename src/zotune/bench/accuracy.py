@@ -31,6 +31,7 @@ def summarize(run: str | Path) -> dict[str, Any]:
         "task": res["task"],
         "method": method,
         "peft": peft,
+        "sparse": {k: cfg["model"].get(k) for k in ("mask", "sparsity", "quantize")} if peft == "sparse" else None,
         "hparams": {k: v for k, v in section.items() if k != "seed"},
         "budget": cfg["train"].get("max_forwards"),
         "steps": res["steps"],
@@ -77,6 +78,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             out.append(f"| zero-shot | {zs:.3f} | {base[0]['zero_shot_dev']:.3f} (0) | 0 | 0 | 0 | 0 | — |")
         for r in part:
             label = LABELS.get((r["method"], r["peft"]), f"{r['method']} ({r['peft']})")
+            if r.get("sparse"):  # SensZOQ rows: which mask, how many entries, what base
+                sp = r["sparse"]
+                label = f"{r['method']}-sparse {sp['sparsity']:.2%} {sp['mask']} ({sp['quantize']} base)"
             hp = ", ".join(f"{k} {v}" for k, v in r["hparams"].items() if k not in ("weight_decay",))
             out.append(
                 f"| {label} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['steps']} | "
