@@ -22,6 +22,7 @@ MODULES = [
     "zotune.methods.registry",
     "zotune.models.peft",
     "zotune.models.sensitivity",
+    "zotune.models.quant",
     "zotune.tasks",
     "zotune.tasks.scoring",
     "zotune.tasks.icl",

@@ -57,7 +57,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +66,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..core.log import atomic_write_bytes
 
 __all__ = [
     "FORMAT",
@@ -653,23 +654,6 @@ class SparseArtifact:
         return sum(len(i) for i in self.indices.values())
 
 
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """:func:`zotune.core.log.atomic_write_text` for bytes: a fsynced temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_sparse(model: nn.Module, path: str | os.PathLike, base: Mapping[str, Any]) -> Path:
     """Write the sparse part of ``model`` to ONE safetensors file, atomically.
 
@@ -704,7 +688,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, base: Mapping[str, An
         "k": str(sum(len(m.indices) for m in layers.values())),
         "shapes": json.dumps(shapes),
     }
-    return _atomic_write_bytes(path, save(tensors, metadata=meta))
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def read_sparse(path: str | os.PathLike) -> SparseArtifact:

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from typing import Any
 
 import torch
 
+from ..core.log import atomic_write_bytes
 from ..core.rng import derive_seed, tensor_seed
 
 __all__ = [
@@ -202,7 +202,7 @@ class SparseMask:
             "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
             "meta": json.dumps(self.meta),
         }
-        return _atomic_write_bytes(path, save(tensors, metadata=header))
+        return atomic_write_bytes(path, save(tensors, metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> SparseMask:
@@ -273,23 +273,6 @@ def _layer_type(name: str) -> str:
     parts = name.removesuffix(".weight").split(".")
     numbers = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[numbers[-1] + 1 :]) if numbers and numbers[-1] + 1 < len(parts) else ".".join(parts)
-
-
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """:func:`zotune.core.log.atomic_write_text` for bytes: a fsynced temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _model_name(model: Any) -> str | None:
