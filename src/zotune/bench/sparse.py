@@ -140,8 +140,14 @@ def bench_sparse(
     device: str = "cpu",
     reps: int = 5,
     seed: int = 0,
+    loss_kind: str = "answer",
 ) -> dict[str, Any]:
-    """Measure (a), (b), (c) of the module docstring; returns raw numbers (bytes, seconds) and ratios."""
+    """Measure (a), (b), (c) of the module docstring; returns raw numbers (bytes, seconds) and ratios.
+
+    ``loss_kind``: ``"answer"`` (default), the loss zotune trains classification tasks with: cross-entropy of the
+    last position's logits only (``logits_to_keep=1``, as :func:`zotune.tasks.scoring.classification_loss` computes
+    just the answer positions); ``"lm"``: the LM loss over every token (``model(**batch).loss``: holds the batch's
+    logits and their log-softmax, 2 × batch·seq·vocab fp32)."""
     from ..methods import MeZO
     from ..models import load
     from ..models.quant import require_bitsandbytes, save_sparse, sparse_disabled, sparse_parameters, sparsify
@@ -155,8 +161,14 @@ def bench_sparse(
     b = _batch(tok, batch, seq, dev)
     indices = bench_mask(model, sparsity, mask, seed)
 
+    if loss_kind not in ("answer", "lm"):
+        raise ValueError(f"loss_kind={loss_kind!r} is not one of: answer, lm")
+
     def loss() -> torch.Tensor:
-        return model(**b).loss
+        if loss_kind == "lm":
+            return model(**b).loss
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1).logits
+        return torch.nn.functional.cross_entropy(logits[:, -1].float(), b["input_ids"][:, -1])
 
     def forward_pair() -> None:  # two back to back, as a ZO step runs them (see speed.py)
         with torch.no_grad():
@@ -177,6 +189,7 @@ def bench_sparse(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "reps": reps,
+        "loss": loss_kind,
         "rss_start_bytes": rss_start,
         "fp32_model_bytes": _model_bytes(model),
         # the training loss holds the logits and their log-softmax at once: 2 × batch·seq·vocab fp32
@@ -398,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=1e-3, help="fraction of each Linear weight that trains")
     p.add_argument("--mask", choices=("magnitude", "random"), default="magnitude")
     p.add_argument("--device", default="cpu")
+    answer = "answer: the last position's logits only, as zotune's classification loss; lm: every token's"
+    p.add_argument("--loss", choices=("answer", "lm"), default="answer", help=answer)
     p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds (medians reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--kernels", action="store_true", help="also time the candidate sparse forwards of one layer")
@@ -412,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = bench_sparse(a.model, batch=a.batch, seq=a.seq, sparsity=a.sparsity, mask=a.mask, device=a.device,
-                       reps=a.reps)  # fmt: skip
+                       reps=a.reps, loss_kind=a.loss)  # fmt: skip
     res["mmap_threshold"] = a.mmap_threshold
     res["command"] = "python -m zotune.bench.sparse " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(res))
