@@ -16,23 +16,7 @@ BUDGET=${BUDGET:-200}
 TASKS=${TASKS:-"sst2 rte cb"}
 RESULTS=${RESULTS:-benchmarks/results/peft-smollm2}
 
-data_args() {  # MeZO protocol where the data allows it (SuperGLUE here has 32 training rows: FewGLUE)
-  case $1 in
-    sst2) echo "--data.task sst2 --data.n_train 500 --data.n_dev 200 --data.n_test 872" ;;
-    rte)  echo "--data.task rte --data.n_train 500 --data.n_dev 200 --data.n_test 277 --data.max_length 256" ;;
-    *)    echo "--data.task $1 --data.n_train 32 --data.n_test 500 --data.max_length 256" ;;
-  esac
-}
-
-run() {
-  local task=$1 name=$2 every=$3; shift 3
-  [ -n "${ONLY:-}" ] && [[ $name != $ONLY* ]] && return
-  [[ " ${SKIP:-} " == *" $task-$name "* ]] && return
-  zotune train --config recipes/smollm2-sst2-mezo.yaml $(data_args "$task") --train.steps 100000 \
-    --train.max_forwards "$BUDGET" --train.eval_every "$every" --train.early_stopping 0 --train.test true \
-    --train.test_at_start true --train.checkpoint_every 0 --train.progress false --train.tensorboard false \
-    --overwrite true --out "$OUT/$task-$name" "$@"
-}
+source benchmarks/table_lib.sh
 
 for task in $TASKS; do
   run "$task" mezo 20          --method mezo --mezo.lr 5e-5 --mezo.eps 1e-3
