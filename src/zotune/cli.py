@@ -5,6 +5,7 @@
     zotune meta-train --config recipes/smollm2-meta-zofo.yaml                 # multi-task Bilevel ZOFO
     zotune replay runs/smollm2-135m-sst2-mezo-s0 --out merged/                # weights from base + update log
     zotune plot runs/a runs/b --out curves.png                                # loss and dev-metric curves
+    zotune mask --model smollm2-135m --sparsity 1e-3 --out m.safetensors      # SensZOQ mask (model.mask: FILE)
     zotune bench --out r.json                                                 # speed and memory ratios
 
 ``zotune COMMAND --help`` lists each command's options (``train``'s come from the config dataclasses).
@@ -299,6 +300,35 @@ def _bench(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_mask(argv: list[str]) -> int:
+    """Compute a sparse mask (SensZOQ's sensitive entries or an ablation) and save it for ``model.mask: FILE``."""
+    from .models.sensitivity import METHODS, SCOPES
+
+    p = argparse.ArgumentParser(prog="zotune mask", description=cmd_mask.__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="packaged name, HF folder, .gguf file or hub id")
+    p.add_argument("--method", default="fisher", choices=[m for m in METHODS if m != "task_gradient"],
+                   help="task_gradient needs a task: use model.mask: task_gradient in zotune train")  # fmt: skip
+    p.add_argument("--sparsity", type=float, default=1e-3, help="fraction of the Linear weights' entries")
+    p.add_argument("--scope", default="global", choices=SCOPES)
+    p.add_argument("--calibration", default=None, help="text file (default: offline standard-library docstrings)")
+    p.add_argument("--n-tokens", type=int, default=16384, help="calibration tokens (fisher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random mask")
+    p.add_argument("--out", required=True, type=Path, help="the mask file (.safetensors)")
+    a = p.parse_args(argv)
+    if a.out.suffix != ".safetensors":
+        p.error("--out must end in .safetensors (model.mask reads such a file)")
+    from .models import load
+    from .models.sensitivity import compute_mask
+
+    model, tok = load(a.model)
+    mask = compute_mask(model, a.method, sparsity=a.sparsity, scope=a.scope, tokenizer=tok,
+                        calibration=a.calibration, n_tokens=a.n_tokens, seed=a.seed, progress=True)  # fmt: skip
+    mask.save(a.out)
+    print(mask.describe())
+    print(f"[zotune] wrote {a.out}")
+    return 0
+
+
 def _plot(argv: list[str]) -> int:
     from .train.plot import main
 
@@ -312,6 +342,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "plot": _plot,
     "bench": _bench,
+    "mask": cmd_mask,
 }
 
 

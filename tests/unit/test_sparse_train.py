@@ -182,3 +182,21 @@ def test_bad_sparse_configs_are_clear_errors(workdir, tmp_path, calib):
         yaml.safe_dump(sparse_config(workdir, tmp_path / "r3", calib, mask="x.safetensors"))
     )
     assert cli(["train", "--config", str(tmp_path / "r.yaml")]) == 2
+
+
+def test_zotune_mask_writes_a_mask_file_a_run_then_uses(workdir, tmp_path, calib):
+    out = tmp_path / "m.safetensors"
+    argv = ["mask", "--model", str(workdir / "model"), "--method", "fisher", "--sparsity", "0.02"]
+    assert cli([*argv, "--calibration", str(calib), "--n-tokens", "256", "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    tok = AutoTokenizer.from_pretrained(workdir / "model")
+    made = SparseMask.load(out, model)
+    direct = compute_mask(model, "fisher", sparsity=0.02, tokenizer=tok, text=CALIB, n_tokens=256)
+    assert_same(made.indices, direct.indices)  # the command computes what the library computes
+    tree = sparse_config(workdir, tmp_path / "run", calib, mask=str(out), quantize="none")
+    tree["train"] = {**tree["train"], "steps": 1}
+    train(run_config_from_dict(tree))
+    assert_same(SparseMask.load(tmp_path / "run" / "mask.safetensors").indices, made.indices)
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: the file must be .safetensors
+        cli([*argv, "--out", str(tmp_path / "m.bin")])
+    assert exit_.value.code == 2
