@@ -336,16 +336,18 @@ def save_head(model: torch.nn.Module, out: str | os.PathLike) -> Path:
 # Sparse (SensZOQ)
 
 
-def sparse_mask(model: Any, tokenizer: Any, cfg: Any, seed: int = 0, *, progress: bool = False) -> Any:
+def sparse_mask(
+    model: Any, tokenizer: Any, cfg: Any, seed: int = 0, *, batches: Any = None, loss_fn: Any = None
+) -> Any:
     """The :class:`~zotune.models.sensitivity.SparseMask` ``cfg`` asks for on the full-precision ``model``: the file
-    ``cfg.mask`` names (checked against the model), or computed by that method (task_gradient needs the task's
-    examples: :func:`zotune.train.loop.load_model` computes it)."""
+    ``cfg.mask`` names (checked against the model), or computed by that method (task_gradient: over ``batches``
+    with ``loss_fn(model, batch)``, which :func:`zotune.train.loop.load_model` builds from the task)."""
     from .sensitivity import SparseMask, compute_mask
 
     method = getattr(cfg, "mask", "fisher")
     if str(method).endswith(".safetensors"):
         return SparseMask.load(method, model)
-    if method == "task_gradient":
+    if method == "task_gradient" and batches is None:
         raise ValueError("model.mask=task_gradient needs the task's training examples: run it through zotune train")
     return compute_mask(
         model,
@@ -355,8 +357,9 @@ def sparse_mask(model: Any, tokenizer: Any, cfg: Any, seed: int = 0, *, progress
         tokenizer=tokenizer,
         calibration=getattr(cfg, "calibration", None),
         n_tokens=getattr(cfg, "calibration_tokens", 16384),
+        batches=batches,
+        loss_fn=loss_fn,
         seed=seed,
-        progress=progress,
     )
 
 

@@ -123,22 +123,16 @@ def _run_mask(
 ) -> Any:
     """The sparse mask of a run (see :func:`load_model`), made on the full-precision model before it is quantized."""
     from ..models.peft import sparse_mask
-    from ..models.sensitivity import SparseMask, compute_mask
+    from ..models.sensitivity import SparseMask
 
     saved = run / "mask.safetensors" if run is not None else None
     if saved is not None and saved.exists():
         return SparseMask.load(saved, model)
-    m = cfg.model
     start = time.perf_counter()
-    if m.mask == "task_gradient":
-        if task_batches is None:
-            raise ConfigError("model.mask=task_gradient needs the task's training examples (zotune train)")
+    batches = loss = None
+    if cfg.model.mask == "task_gradient" and task_batches is not None:
         batches, loss = task_batches(model, tokenizer, kind)
-        mask = compute_mask(
-            model, "task_gradient", sparsity=m.sparsity, scope=m.mask_scope, batches=batches, loss_fn=loss, seed=seed
-        )
-    else:
-        mask = sparse_mask(model, tokenizer, m, seed)
+    mask = sparse_mask(model, tokenizer, cfg.model, seed, batches=batches, loss_fn=loss)
     logger.info("%s (%.0f s)", mask.describe().splitlines()[0], time.perf_counter() - start)
     if saved is not None:
         mask.save(saved)
