@@ -14,6 +14,7 @@ MODULES = [
     "zotune.core.samplers",
     "zotune.core.optimizer",
     "zotune.core.lowrank",
+    "zotune.core.memory",
     "zotune.methods.mezo",
     "zotune.methods.lozo",
     "zotune.methods.svrg",

@@ -155,11 +155,38 @@ def test_multi_task_pairs_share_the_base():
         ({"lr_lower": float("nan")}, r"lr_lower=nan must be a finite number >= 0"),
         ({"penalty_fraction": 1.0}, r"penalty_fraction=1.0 must be in \(0, 1\)"),
         ({"sampler": "uniform"}, r"sampler='uniform'"),
+        ({"release_memory": "yes"}, r"release_memory='yes' must be true or false"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ZOFOConfig(**kwargs)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_release_memory_trims_before_each_forward_and_changes_no_number(monkeypatch, one_sided):
+    """The heap trim (on by default on CPU) runs once per forward of the step and leaves every number as it was."""
+    import zotune.methods.zofo as zofo
+
+    calls = []
+    real = zofo.release_freed_memory
+    monkeypatch.setattr(zofo, "release_freed_memory", lambda: calls.append(1) or real())  # counts, still trims
+    b = batches(4)
+    out, forwards = {}, []
+    for release in (True, False):
+        model = lora_model()
+        cfg = ZOFOConfig(lr=1e-3, eps=1e-2, lr_lower=1e-2, lr_upper=1e-2, inner_steps=2, one_sided=one_sided,
+                         release_memory=release)  # fmt: skip
+        opt = BilevelZOFO(model, cfg)
+        loss = lm_loss(model)
+        counted = lambda batch, loss=loss: forwards.append(1) or loss(batch)  # noqa: E731
+        stats = [opt.step(counted, b[0], b[1], b[2:]) for _ in range(2)]
+        out[release] = stats, {n: p.detach().clone() for n, p in model.named_parameters()}
+        if release:
+            assert len(calls) == len(forwards) >= 2 * opt.forwards_per_step()
+    assert len(calls) == len(forwards) / 2  # none with release_memory=False
+    assert out[True][0] == out[False][0]
+    assert all(torch.equal(p, out[False][1][n]) for n, p in out[True][1].items())
 
 
 def test_a_model_without_lora_is_refused_and_left_unchanged():

@@ -2,7 +2,8 @@
 measured in one process on the same batch.
 
 Issue 6 target: peak(Bilevel ZOFO step) ÷ peak(FO-LoRA step) ≤ 1.1, both far below full first-order AdamW. Also
-measured: inference and a MeZO step on the LoRA adapters (MeZO-LoRA). Peak memory is the peak RSS on CPU (reset
+measured: inference, a MeZO step on the LoRA adapters (MeZO-LoRA) and the ZOFO step without its heap trim
+(``ZOFOConfig.release_memory=False``). Peak memory is the peak RSS on CPU (reset
 between phases, see :class:`zotune.bench.speed.PeakMemory`) or ``torch.cuda.max_memory_allocated`` on CUDA. The
 phases run smallest first, full AdamW last, because the allocator keeps freed blocks.
 
@@ -14,6 +15,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -68,11 +70,16 @@ def bench_peft_memory(
         adam_lora.step()
         adam_lora.zero_grad(set_to_none=True)
 
-    def zofo_step() -> None:
+    def zofo_step(release: bool = True) -> None:
+        zofo.config = dataclasses.replace(zofo.config, release_memory=release)
         zofo.step(loss, None, None, [None] * inner_steps)
 
-    phases = {"forward": forward, "mezo_lora": lambda: mezo_lora.step(loss), "fo_lora": fo_lora, "zofo": zofo_step}
-    fwd = {"forward": 1, "mezo_lora": 2, "fo_lora": 1, "zofo": zofo.forwards_per_step()}
+    # the ZOFO step as shipped (heap trimmed before each forward, CPU), then without the trim: after it, since
+    # glibc keeps what the untrimmed step leaves in the heap
+    phases = {"forward": forward, "mezo_lora": lambda: mezo_lora.step(loss), "fo_lora": fo_lora, "zofo": zofo_step,
+              "zofo_no_release": lambda: zofo_step(release=False)}  # fmt: skip
+    k_zofo = zofo.forwards_per_step()
+    fwd = {"forward": 1, "mezo_lora": 2, "fo_lora": 1, "zofo": k_zofo, "zofo_no_release": k_zofo}
     res: dict[str, Any] = {
         "model": model_name,
         "batch": batch,
@@ -109,7 +116,7 @@ def bench_peft_memory(
             t = _timed(fo_full, dev, reps)
         res["peak_fo_full_bytes"], res["fo_full_s"] = mem.peak, statistics.median(t)
     inf, lora_peak = res["peak_forward_bytes"], res["peak_fo_lora_bytes"]
-    keys = [k for k in ("forward", "mezo_lora", "fo_lora", "zofo", "fo_full") if f"peak_{k}_bytes" in res]
+    keys = [k for k in (*phases, "fo_full") if f"peak_{k}_bytes" in res]
     res["ratios"] = {f"peak_{k}_over_inference": res[f"peak_{k}_bytes"] / inf for k in keys}
     res["ratios"] |= {f"peak_{k}_over_fo_lora": res[f"peak_{k}_bytes"] / lora_peak for k in keys}
     return res
@@ -135,7 +142,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"{'':26}{'time (s)':>10}{'forwards':>10}{'peak (MiB)':>12}{'÷ inference':>13}{'÷ FO-LoRA':>11}",
     ]
     names = {"forward": "inference", "mezo_lora": "MeZO-LoRA step", "fo_lora": "FO-LoRA step (AdamW)",
-             "zofo": "Bilevel ZOFO step", "fo_full": "full FO step (AdamW)"}  # fmt: skip
+             "zofo": "Bilevel ZOFO step", "zofo_no_release": "  without the heap trim",
+             "fo_full": "full FO step (AdamW)"}  # fmt: skip
     for key, name in names.items():
         if f"peak_{key}_bytes" not in res:
             continue

@@ -39,7 +39,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.log import atomic_write_text
+from ..core.memory import release_freed_memory
 from .peft_memory import _fixed_mmap_threshold
 from .speed import PeakMemory, _batch, _timed
 
@@ -79,10 +79,7 @@ def _trim() -> None:
     """Free what Python holds, then give glibc's free heap pages back to the OS (else freed fp32 weights stay in
     the RSS and would be counted in every later peak)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
+    release_freed_memory()
 
 
 def _candidates(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -17,7 +17,6 @@ Example (the committed numbers come from this command):
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import platform
@@ -30,15 +29,13 @@ import torch
 
 from ..core import ZOOptimizer
 from ..core.log import atomic_write_text
+from ..core.memory import release_freed_memory
 
 
 # ------------------------------------------------------------------------------------------------ memory probes
 def _rss_peak_reset() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the new high-water mark starts clean
-    except OSError:
-        pass
+    release_freed_memory()  # give freed heap back so the new high-water mark starts clean
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 

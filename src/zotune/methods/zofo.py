@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ..core import SAMPLERS, ZOSGD, NonFiniteLossError, OnePoint, TwoPoint, ZOOptimizer
+from ..core.memory import release_freed_memory
 from ..core.optimizer import check_hparams
 from ..core.rng import derive_seed
 
@@ -83,6 +84,10 @@ class ZOFOConfig:
         penalty_fraction: share of the training set in D_p (the rest is D_f), drawn with the data seed.
         sampler: distribution of z for the base: gaussian or rademacher.
         seed: run seed (directions; the lower adapter's initialisation).
+        release_memory: on CPU, give the C heap's freed pages back to the OS before each forward of the step
+            (glibc ``malloc_trim``; :mod:`zotune.core.memory`). A step allocates differently sized large blocks in
+            turn and glibc keeps the freed ones resident: without it the step's peak RSS is 1.25 × a first-order
+            LoRA step's on SmolLM2-135M, with it 1.02 ×, for ~0.08 s per forward (a few %). Changes no number.
     """
 
     lr: float = 1e-6
@@ -96,6 +101,7 @@ class ZOFOConfig:
     penalty_fraction: float = 0.5
     sampler: str = "gaussian"
     seed: int = 0
+    release_memory: bool = True
 
     def __post_init__(self) -> None:
         check_hparams(self.lr, self.eps, self.weight_decay)
@@ -111,6 +117,8 @@ class ZOFOConfig:
             raise ValueError(f"ZOFO sampler={self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"ZOFO seed={self.seed!r} must be a non-negative integer")
+        if not isinstance(self.release_memory, bool):
+            raise ValueError(f"ZOFO release_memory={self.release_memory!r} must be true or false")
 
 
 @dataclass
@@ -181,6 +189,7 @@ class BilevelZOFO(torch.optim.Optimizer):
                 if f".{name}." in n:
                     adapters[name].append((n, p))
         self.adapters = adapters
+        self._on_cpu = all(p.device.type == "cpu" for _, p in base)  # the heap trim is for host memory only
         lower = [p for _, lo in names for _, p in adapters[lo]]
         upper = [p for up, _ in names for _, p in adapters[up]]
         self._activate(names[0][0])
@@ -262,6 +271,8 @@ class BilevelZOFO(torch.optim.Optimizer):
         if len(inner) != self.config.inner_steps:
             raise ValueError(f"got {len(inner)} inner batches, inner_steps is {self.config.inner_steps}")
         up, lo = self._pair(task)
+        if self.config.release_memory and self._on_cpu:
+            loss_fn = _releasing(loss_fn)
         for opt, group in ((self.zo, 0), (self.lower_opt, 1), (self.upper_opt, 2)):
             for g in opt.param_groups:  # a scheduler edits this optimizer's groups; the parts follow
                 g["lr"] = self.param_groups[group]["lr"]
@@ -345,6 +356,16 @@ def _trainable(named: Sequence[tuple[str, Tensor]]) -> Iterator[None]:
     finally:
         for (_, p), flag in zip(named, saved, strict=True):
             p.requires_grad_(flag)
+
+
+def _releasing(loss_fn: Callable[[Any], Tensor]) -> Callable[[Any], Tensor]:
+    """``loss_fn`` that first gives the heap's freed pages back to the OS (ZOFOConfig.release_memory)."""
+
+    def call(batch: Any) -> Tensor:
+        release_freed_memory()
+        return loss_fn(batch)
+
+    return call
 
 
 def _finite(loss: Tensor, what: str) -> Tensor:
