@@ -43,3 +43,4 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     assert all(r["forwards"] <= 12 and r["test"] is not None for r in rows)
     table = (tmp_path / "t" / "table.md").read_text()
     assert "| zero-shot |" in table and "| MeZO (full) |" in table and "| Bilevel ZOFO |" in table
+    assert "| step 0 |" in table

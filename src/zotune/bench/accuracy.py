@@ -54,7 +54,7 @@ LABELS = {("mezo", "none"): "MeZO (full)", ("mezo", "lora"): "MeZO-LoRA", ("mezo
 
 def _order(row: dict[str, Any]) -> tuple[int, int, str]:
     """Tasks in the script's order, methods in the table's order (unknown ones last)."""
-    tasks = ["sst2", "rte"]
+    tasks = ["sst2", "rte", "cb"]
     t = tasks.index(row["task"]) if row["task"] in tasks else len(tasks)
     labels = list(LABELS)
     key = (row["method"], row["peft"])
@@ -70,20 +70,21 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         zs = base[0]["zero_shot_test"] if base else None
         n = part[0]["test_n"]
         out.append(f"### {task} (test n = {n})\n")
-        out.append(
-            "| method | test acc. | best dev (step) | steps | forwards | backwards | trained params | lr etc. |"
-        )
-        out.append("|---|---|---|---|---|---|---|---|")
+        # "step 0": the test accuracy of the run's own starting model (the 4-bit base, the initial prefix, ...)
+        cols = ["method", "test acc.", "step 0", "best dev (step)", "steps", "forwards", "backwards", "trained params"]
+        out.append("| " + " | ".join([*cols, "lr etc."]) + " |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         if zs is not None:
-            out.append(f"| zero-shot | {zs:.3f} | {base[0]['zero_shot_dev']:.3f} (0) | 0 | 0 | 0 | 0 | — |")
+            out.append(f"| zero-shot | {zs:.3f} | {zs:.3f} | {base[0]['zero_shot_dev']:.3f} (0) | 0 | 0 | 0 | 0 | — |")
         for r in part:
             label = LABELS.get((r["method"], r["peft"]), f"{r['method']} ({r['peft']})")
             if r.get("sparse"):  # SensZOQ rows: which mask, how many entries, what base
                 sp = r["sparse"]
                 label = f"{r['method']}-sparse {sp['sparsity']:.2%} {sp['mask']} ({sp['quantize']} base)"
             hp = ", ".join(f"{k} {v}" for k, v in r["hparams"].items() if k not in ("weight_decay",))
+            start = "—" if r["zero_shot_test"] is None else f"{r['zero_shot_test']:.3f}"
             out.append(
-                f"| {label} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['steps']} | "
+                f"| {label} | {r['test']:.3f} | {start} | {r['best_dev']:.3f} ({r['best_step']}) | {r['steps']} | "
                 f"{r['forwards']} | {r['backwards']} | {r['trainable_parameters']:,} | {hp} |"
             )
         out.append("")
