@@ -181,6 +181,10 @@ def _nf4_linear(weight: Tensor, bias: nn.Parameter | None, compute_dtype: torch.
     )
     layer.weight = packed.to(weight.device)  # Params4bit.to quantizes: uint8 [(out·in)/2, 1] + quant_state
     layer.bias = bias
+    # On CPUs with AVX512-BF16, bnb's inference path repacks the weight in place for its own bf16 kernel, which
+    # needs out % 32 == 0 and computes differently from other CPUs: keep the one canonical NF4 path everywhere, so a
+    # run, its replay and its artifact give the same numbers on any CPU.
+    layer.support_avx512bf16_for_cpu = False
     return layer
 
 
