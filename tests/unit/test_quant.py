@@ -368,3 +368,22 @@ def test_missing_bitsandbytes_is_a_quant_error_that_says_how_to_install_or_skip_
 def test_docstring_example_runs():
     result = doctest.testmod(quant, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_zo_converges_on_a_tiny_task(mode):
+    """MeZO on the selected entries alone (10 % of every candidate weight, over a 4-bit or full-precision base)
+    lowers the loss of a fixed batch (seeded: 4.166 -> ~4.11 in 60 steps)."""
+    params = dict(tiny_model("llama").named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    mask = {n: torch.randperm(params[n].numel(), generator=gen)[: params[n].numel() // 10].sort().values
+            for n in candidates(tiny_model("llama"))}  # fmt: skip
+    model = sparsify(tiny_model("llama"), mask, quantize=mode)
+    b = tiny_batch()
+    opt = MeZO(model.named_parameters(), lr=0.2, eps=1e-2, seed=0)
+    with torch.no_grad():
+        start = float(model(**b).loss)
+        for _ in range(60):
+            opt.step(lambda: model(**b).loss)
+        end = float(model(**b).loss)
+    assert end < start - 0.03, (start, end)
