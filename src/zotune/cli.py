@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,24 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     import logging
 
+    from . import dist as zd
     from .train import TrainingStopped, train
 
     logging.basicConfig(level=logging.INFO, format="[zotune] %(message)s")
     cfg = parse_train_args(argv)
+    main = os.environ.get("RANK", "0") == "0"  # train() closes the process group it opened: ask the launcher
     try:
         results = train(cfg, argv=["zotune", "train", *argv])
     except TrainingStopped as err:
         print(f"zotune train: stopped: {err}", file=sys.stderr)
         return 3
-    _print_results(results)
+    except zd.RankLost as err:
+        print(f"zotune train: error: {err}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(4)  # the process group is broken: skip its teardown, which can abort the process under gloo
+    if main:
+        _print_results(results)
     return 0
 
 

@@ -76,17 +76,25 @@ __all__ = [
     "COUNTER",
     "CommCounter",
     "RankDirections",
+    "RankLost",
+    "all_reduce_grads",
+    "all_gather_values",
+    "barrier",
+    "broadcast_object",
     "broadcast_parameters",
     "check_in_sync",
     "checksum",
     "device",
     "global_loss",
     "init",
+    "is_comm_failure",
     "is_initialized",
     "is_main",
     "rank",
     "shard",
+    "sharded",
     "shutdown",
+    "use_rank_directions",
     "world",
 ]
 
@@ -187,6 +195,23 @@ def shard(n: int, part: int | None = None, parts: int | None = None) -> slice:
     return slice(start, start + base + (part < extra))
 
 
+class RankLost(RuntimeError):
+    """Another rank died or stalled past the timeout: this rank stops (resume the run from its last checkpoint)."""
+
+
+_COMM_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe")
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    """True when ``err`` is a collective that failed because a peer is gone or late (not a bug in this rank)."""
+    if isinstance(err, RankLost):
+        return False
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return is_initialized() and any(sign in text for sign in _COMM_SIGNS)
+
+
 # --------------------------------------------------------------------------------------------- bytes counter
 @dataclass
 class CommCounter:
@@ -259,7 +284,10 @@ def _read_local(value: Tensor | float) -> float:
 
 
 def global_loss(
-    closure: Closure, n_local: int, group: Group = None, counter: CommCounter | None = None
+    closure: Callable[[], Any],
+    n_local: int | Sequence[int],
+    group: Group = None,
+    counter: CommCounter | None = None,
 ) -> Callable[[], Tensor]:
     """Wrap a closure over this rank's shard so that it returns the loss of the global batch (shared direction).
 
@@ -268,12 +296,18 @@ def global_loss(
     loss that is a mean over ``n_local`` items this is the mean over the global batch. ``ZOOptimizer.step`` works
     unchanged: ``opt.step(global_loss(lambda: model(**local).loss, n_local=len(local["input_ids"])))``.
 
+    Several micro-batches in one collective: give ``n_local`` as a sequence (one count per micro-batch) and a
+    closure returning one loss per micro-batch (any value where the count is 0); the result is the mean over
+    micro-batches of each one's global loss, which is what one process averaging the micro-batches computes.
+
     Every rank must call the wrapped closure the same number of times (any estimator does, given the same seed).
-    A rank with ``n_local == 0`` takes part without running its closure. Bytes per call: 16 sent, 16·(N−1) received.
+    A rank with nothing to do (all counts 0) takes part without running its closure. Bytes per call and
+    micro-batch: 16 sent, 16·(N−1) received.
 
     Args:
-        closure: returns the scalar loss of this rank's shard (a mean over its items).
-        n_local: the number of items that mean is over (rows; target tokens for a token-mean loss with padding).
+        closure: returns the scalar loss of this rank's shard (a mean over its items), or a sequence of them.
+        n_local: the number of items that mean is over (rows; target tokens for a token-mean loss with padding),
+            or one such count per micro-batch.
         group: the process group (default: the world).
         counter: where to count bytes (default :data:`COUNTER`).
 
@@ -281,22 +315,111 @@ def global_loss(
         a closure returning the global loss as a 0-d float64 tensor (NaN when any rank's loss is not finite, which
         the estimator turns into a :class:`NonFiniteLossError` on every rank).
     """
-    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
-        raise ValueError(f"n_local must be an integer >= 0 (items in this rank's shard), got {n_local!r}")
+    vector = not isinstance(n_local, int)
+    counts = list(n_local) if vector else [n_local]  # type: ignore[arg-type]
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+        raise ValueError(
+            f"n_local must be an integer >= 0 (items in this rank's shard) or a non-empty sequence of "
+            f"them, got {n_local!r}"
+        )
 
     def wrapped() -> Tensor:
-        value = _read_local(closure()) if n_local else 0.0
-        table = _all_gather([value * n_local, float(n_local)], torch.float64, group, counter).tolist()
-        total = sum(n for _, n in table)
-        if total <= 0:
-            raise ValueError("global_loss: every rank's shard is empty (n_local == 0 on all ranks)")
-        weighted = 0.0
-        for part, _ in table:  # rank order, on every rank: bit-identical sums
-            weighted += part
-        return torch.tensor(weighted / total, dtype=torch.float64)
+        values = [0.0] * len(counts)
+        if any(counts):
+            out = closure()
+            out = list(out) if vector else [out]
+            if len(out) != len(counts):
+                raise ValueError(f"global_loss: the closure returned {len(out)} losses for {len(counts)} counts")
+            values = [_read_local(v) if n else 0.0 for v, n in zip(out, counts, strict=True)]
+        flat = [x for v, n in zip(values, counts, strict=True) for x in (v * n, float(n))]
+        table = _all_gather(flat, torch.float64, group, counter).tolist()
+        means = []
+        for m in range(len(counts)):
+            total = weighted = 0.0
+            for row in table:  # rank order, on every rank: bit-identical sums
+                weighted += row[2 * m]
+                total += row[2 * m + 1]
+            if total <= 0:
+                raise ValueError("global_loss: every rank's shard is empty (n_local == 0 on all ranks)")
+            means.append(weighted / total)
+        return torch.tensor(means[0] if len(means) == 1 else sum(means) / len(means), dtype=torch.float64)
 
     wrapped.zotune_global = True  # type: ignore[attr-defined]  (RankDirections refuses it)
     return wrapped
+
+
+def sharded(
+    loss_fn: Callable[[Sequence[Any]], Any],
+    batches: Sequence[Sequence[Any]],
+    weight: Callable[[Sequence[Any]], int] = len,
+    group: Group = None,
+    counter: CommCounter | None = None,
+) -> Callable[[], Tensor]:
+    """A shared-direction closure over global micro-batches: this rank scores its :func:`shard` of each one.
+
+    ``loss_fn(examples)`` must be a mean over ``weight(examples)`` items (rows by default; gold tokens for a
+    token-mean LM loss). The closure returns the mean over ``batches`` of each batch's global loss: the value one
+    process computes as ``sum(loss_fn(b) for b in batches) / len(batches)``, to rounding. One all-gather per call.
+    """
+    parts = [list(b)[shard(len(b), rank(group), world(group))] for b in batches]
+    counts = [weight(p) if p else 0 for p in parts]
+    return global_loss(lambda: [loss_fn(p) if p else 0.0 for p in parts], counts, group, counter)
+
+
+def all_gather_values(
+    values: Sequence[float | int], dtype: torch.dtype = torch.float64, group: Group = None
+) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on all ranks), as rows in rank order; ``[values]`` on one process."""
+    return _all_gather(values, dtype, group, None).tolist()
+
+
+def all_reduce_grads(params: Iterable[Tensor], group: Group = None, counter: CommCounter | None = None) -> None:
+    """Sum ``.grad`` over ranks in place (first-order baselines only: the d × 4 bytes per step ZO never sends).
+
+    A parameter without a gradient on this rank (an empty shard) contributes zeros. A no-op on one process."""
+    if not is_initialized() or world(group) == 1:
+        return
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        tdist.all_reduce(p.grad, group=group)
+        nbytes = p.grad.numel() * p.grad.element_size()
+        (counter or COUNTER).add(nbytes, nbytes)
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Group = None) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
+    if not is_initialized() or world(group) == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group: Group = None) -> None:
+    """Wait until every rank gets here (a no-op when not distributed)."""
+    if is_initialized() and world(group) > 1:
+        tdist.barrier(group=group)
+
+
+def use_rank_directions(opt: Any, group: Group = None) -> None:
+    """Switch a MeZO-like optimizer (one :class:`TwoPoint` direction) to one direction per rank, in place.
+
+    The update log's header is rebuilt, so it names N directions and replays on one process as ``TwoPoint(N)``.
+    Methods with another estimator (SVRG's anchor, one-point, several directions per rank) are refused.
+    """
+    est = getattr(opt, "estimator", None)
+    if type(est) is not TwoPoint or est.num_directions != 1:
+        name = getattr(est, "name", type(est).__name__)
+        n = getattr(est, "num_directions", "?")
+        raise ValueError(
+            f"independent directions need a two-point estimator with one direction per rank; this method uses "
+            f"{name} with {n} direction(s): use shared directions, or num_directions 1"
+        )
+    opt.estimator = RankDirections(group=group)
+    opt.update_log.header = opt._header()
 
 
 # --------------------------------------------------------------------------------------------- independent directions

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -518,6 +518,8 @@ def load(
     device: str | torch.device | None = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     num_labels: int | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer, ready for forward passes.
 
@@ -534,6 +536,10 @@ def load(
         cache_dir: root of the zotune cache for GGUF conversions (default ``$ZOTUNE_CACHE`` or ``~/.cache/zotune``).
             Hub downloads use the usual Hugging Face cache.
         num_labels: number of classes of a ``seq-cls`` head (only with that kind).
+        device_map: transformers' ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"``, or a map from module
+            names to devices, ``"cpu"`` or ``"disk"``) for a model larger than one device; ``device`` is then
+            ignored. Offloaded weights live outside the modules (accelerate's hooks bring them in per forward).
+        offload_folder: where weights mapped to ``"disk"`` are written.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``; the tokenizer with a pad token (its eos token
@@ -572,6 +578,7 @@ def load(
         dtype=torch_dtype,
         num_labels=num_labels,
         on_error=lambda exc: _load_error(resolved, location, exc),
+        placement={"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {},
     )
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -580,7 +587,7 @@ def load(
         # sequence classifiers find each row's last real token through pad_token_id; without it batches > 1 fail
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    if target_device is not None:
+    if target_device is not None and device_map is None:
         try:
             model = model.to(target_device)
         except (RuntimeError, AssertionError, ValueError) as exc:
@@ -596,6 +603,7 @@ def _load_hf(
     dtype: torch.dtype | str | None,
     num_labels: int | None,
     on_error: Callable[[BaseException], ModelLoadError],
+    placement: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -617,6 +625,7 @@ def _load_hf(
     kwargs: dict[str, object] = {"config": config}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    kwargs |= {k: v for k, v in (placement or {}).items() if v is not None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = auto_class.from_pretrained(location, **kwargs)

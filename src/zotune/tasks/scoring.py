@@ -468,6 +468,11 @@ def classification_loss(
     return F.cross_entropy(logits, labels)
 
 
+def gold_token_count(tokenizer: Any, examples: Sequence[Example]) -> int:
+    """Tokens of the gold continuations of ``examples``: what :func:`answer_lm_loss` is a mean over."""
+    return sum(len(ids) for ids in _encode(tokenizer, [ex.gold for ex in examples]))
+
+
 def answer_lm_loss(
     model: Any,
     tokenizer: Any,

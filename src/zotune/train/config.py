@@ -82,6 +82,12 @@ class ModelConfig:
         calibration: text file of the fisher mask (null: a default built from offline text, see
             :func:`zotune.models.sensitivity.calibration_text`).
         calibration_tokens: tokens of calibration text the fisher mask is computed on.
+        device_map: spread a model larger than one device over several (transformers' ``device_map``: auto,
+            balanced, balanced_low_0, sequential, or a {module: device} map); null: all of it on ``device``.
+            Weights it offloads (to "disk", or to "cpu" beside GPUs) cannot be trained by ZO in place: full-model
+            methods need every trained weight resident; adapter modes (lora, prefix, prompt, head) train over an
+            offloaded base. One process only (not with torchrun).
+        offload_folder: where ``device_map`` puts weights it offloads to "disk".
     """
 
     name: str = "smollm2-135m"
@@ -100,8 +106,14 @@ class ModelConfig:
     quantize: str = "nf4"
     calibration: str | None = None
     calibration_tokens: int = 16384
+    device_map: str | dict[str, Any] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.device_map, str):
+            _choice("model.device_map", self.device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
+        if self.device_map is not None and self.peft == "sparse":
+            raise ConfigError("model.device_map does not apply to peft sparse (its 4-bit base is built on one device)")
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.kind", self.kind, ("causal-lm", "seq-cls", None))
         _choice("model.peft", self.peft, PEFT_MODES)
@@ -198,6 +210,12 @@ class TrainConfig:
         divergence: loss / initial loss above which a step counts as diverging.
         progress: show a progress bar.
         tensorboard: also write TensorBoard events to RUN/tb (when tensorboard is installed).
+        distributed: how ranks share a step when launched with torchrun (ZO methods and adamw): shared (one
+            direction; every rank scores its shard of the global batch, the losses are combined: data parallel) or
+            independent (ZO only: one direction per rank, each on the whole global batch: n-SPSA with n = ranks).
+        dist_timeout: seconds a rank waits for the others at a collective before failing (a dead or stuck rank);
+            keep it above the longest gap between two steps (a checkpoint save).
+        sync_every: check every this many steps (and after the first) that all ranks hold identical weights.
     """
 
     steps: int = 1000
@@ -220,9 +238,23 @@ class TrainConfig:
     divergence: float = 10.0
     progress: bool = True
     tensorboard: bool = True
+    distributed: str = "shared"
+    dist_timeout: float = 1800.0
+    sync_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "patience"):
+        _choice("train.distributed", self.distributed, ("shared", "independent"))
+        if not (isinstance(self.dist_timeout, int | float) and 0 < self.dist_timeout < float("inf")):
+            raise ConfigError(f"train.dist_timeout={self.dist_timeout} must be a finite number of seconds > 0")
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "keep_checkpoints",
+            "patience",
+            "sync_every",
+        ):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "early_stopping"):
             _non_negative(f"train.{name}", getattr(self, name))
@@ -313,7 +345,7 @@ class RunConfig:
 
 
 _RESUME_MAY_CHANGE = {"train.steps", "train.max_forwards", "train.progress", "train.tensorboard", "resume"}
-_RESUME_MAY_CHANGE |= {"overwrite", "allow_config_change", "out"}
+_RESUME_MAY_CHANGE |= {"overwrite", "allow_config_change", "out", "train.dist_timeout", "train.sync_every"}
 
 
 def run_config_class() -> type:

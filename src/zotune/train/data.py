@@ -158,3 +158,13 @@ def make_objective(
     if name == "f1":
         return lambda exs: f1_objective(model, tokenizer, exs, max_length=max_length)
     raise ValueError(f"unknown objective {name!r}")
+
+
+def loss_weight(name: str, tokenizer: Any, max_length: int | None) -> Callable[[Sequence[Example]], int]:
+    """``weight(examples)``: the items the objective ``name``'s loss is a mean over (rows; gold tokens for ``lm``),
+    so that shards of a batch combine into the batch's loss (:func:`zotune.dist.sharded`)."""
+    if name != "lm":
+        return len
+    from ..tasks.scoring import gold_token_count
+
+    return lambda exs: gold_token_count(tokenizer, exs)

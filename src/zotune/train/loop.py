@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .. import dist as zd
 from ..core import NonFiniteLossError, micro_batched
 from ..core.rng import derive_seed
 from ..methods import METHODS
@@ -42,7 +43,7 @@ from ..methods.zofo import BilevelZOFO, split_penalty
 from ..tasks import Example, evaluate, model_max_length
 from . import checkpoint as ckpt
 from .config import ConfigError, config_diff, config_digest, config_to_dict
-from .data import BatchOrder, build_splits, make_objective, objective_name, resolve_task
+from .data import BatchOrder, build_splits, loss_weight, make_objective, objective_name, resolve_task
 
 __all__ = ["TrainingStopped", "train"]
 
@@ -106,6 +107,8 @@ def load_model(
             dtype=model_cfg.dtype,
             device=_device(model_cfg.device),
             num_labels=num_labels if kind == "seq-cls" else None,
+            device_map=model_cfg.device_map,
+            offload_folder=model_cfg.offload_folder,
         )
         kind = kind or ("seq-cls" if type(model).__name__.endswith("ForSequenceClassification") else "causal-lm")
         try:
@@ -189,14 +192,22 @@ def anchor_size(cfg: Any, n_train: int) -> int:
     return size
 
 
-def set_anchor(cfg: Any, opt: torch.optim.Optimizer, train: Sequence[Example], loss_fn: Any) -> int:
-    """Give an anchor-based estimator (MeZO-SVRG) its full-batch closure; returns the anchor set's micro-batches."""
+def set_anchor(
+    cfg: Any, opt: torch.optim.Optimizer, train: Sequence[Example], loss_fn: Any, weight: Callable | None = None
+) -> int:
+    """Give an anchor-based estimator (MeZO-SVRG) its full-batch closure; returns the anchor set's micro-batches.
+
+    Under torchrun (shared directions) every rank scores its shard of each anchor micro-batch (``weight``: the
+    items a loss is a mean over, see :func:`zotune.dist.sharded`)."""
     if not hasattr(getattr(opt, "estimator", None), "anchor"):
         return 0
     size = anchor_size(cfg, len(train))
     bs = cfg.train.batch_size
     batches = [list(train[i : i + bs]) for i in range(0, size, bs)]
-    opt.estimator.anchor = micro_batched(loss_fn, batches)
+    if zd.world() > 1:
+        opt.estimator.anchor = zd.sharded(loss_fn, batches, weight or len)
+    else:
+        opt.estimator.anchor = micro_batched(loss_fn, batches)
     return len(batches)
 
 
@@ -205,6 +216,88 @@ def trained_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
     which peft's adapter switching marks frozen and trainable in turn), else the ``requires_grad`` parameters."""
     own = getattr(opt, "trained_tensors", None)
     return own() if own is not None else ckpt.trainable_tensors(model)
+
+
+def check_resident(trained: dict[str, torch.Tensor], cfg: Any) -> None:
+    """Refuse to train weights that ``model.device_map`` offloaded: ZO moves weights in place, and an offloaded
+    weight is a placeholder (device ``meta``) whose values accelerate's hooks reload from elsewhere per forward."""
+    away = [name for name, t in trained.items() if t.device.type == "meta"]
+    if away:
+        shown = ", ".join(away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
+        raise ConfigError(
+            f"model.device_map={cfg.model.device_map!r} offloaded {len(away)} of the {len(trained)} trained tensors "
+            f"({shown}): ZO updates weights in place and cannot train offloaded ones. Map them to a device (more "
+            "memory, or a device_map without 'disk'), or train adapters over the offloaded base (model.peft lora)"
+        )
+
+
+def check_resume_world(cfg: Any, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A resumed ZO run must keep its estimator: independent directions fix n = the number of ranks."""
+    head = json.loads(saved["zo"]["log"][0])
+    then, now = head.get("estimator"), opt.update_log.header.get("estimator")
+    if then == now:
+        return
+    n_then = (then or {}).get("config", {}).get("num_directions")
+    n_now = (now or {}).get("config", {}).get("num_directions")
+    raise ConfigError(
+        f"resume: this run was started with {n_then} direction(s) per step and would go on with "
+        f"{n_now}: train.distributed=independent draws one direction per "
+        f"rank, so resume it with the same number of ranks (torchrun --nproc-per-node {n_then}); shared-direction "
+        "runs resume at any number of ranks"
+    )
+
+
+def evaluate_sharded(model: Any, tokenizer: Any, examples: Sequence[Example], **kw: Any) -> dict[str, Any]:
+    """:func:`~zotune.tasks.evaluate` with each rank scoring its :func:`~zotune.dist.shard` of ``examples``; the
+    metrics (means over examples) are combined from every rank's (sum, count), the same on every rank."""
+    if zd.world() == 1:
+        return evaluate(model, tokenizer, examples, **kw)
+    part = list(examples)[zd.shard(len(examples))]
+    res = evaluate(model, tokenizer, part, **kw) if part else {"n": 0}
+    keys = ("accuracy", "f1", "em")
+    row = [res.get(k, 0.0) * res["n"] for k in keys] + [float(k in res) for k in keys]
+    row += [res["n"], res.get("n_truncated", 0), res.get("seconds", 0.0)]
+    table = zd.all_gather_values(row)
+    n = sum(r[6] for r in table)
+    out = {"n": int(n), "n_truncated": int(sum(r[7] for r in table)), "seconds": max(r[8] for r in table)}
+    for i, k in enumerate(keys):
+        if any(r[3 + i] for r in table):
+            out[k] = sum(r[i] for r in table) / max(n, 1)
+    return out
+
+
+def first_order_backward(
+    loss_fn: Callable, micro: list[list[Example]], weight: Callable, params: list[torch.Tensor], step: int
+) -> float:
+    """Backward of the mean loss of ``micro`` into ``params``' ``.grad``; returns that loss.
+
+    Under torchrun each rank back-propagates its shard's loss scaled by its share of the batch (``weight``), and the
+    gradients are summed over ranks: the gradient of the global batch's mean loss (data parallel, as DDP)."""
+    n_ranks, loss, bad = zd.world(), 0.0, None
+    for mb in micro:
+        if n_ranks > 1:
+            counts = [weight(mb[zd.shard(len(mb), r, n_ranks)]) for r in range(n_ranks)]
+            mine = mb[zd.shard(len(mb))]
+            if not mine:
+                continue
+            part = loss_fn(mine) * (counts[zd.rank()] / sum(counts) / len(micro))
+        else:
+            part = loss_fn(mb) / len(micro)
+        if not torch.isfinite(part.detach()):
+            bad = float(part.detach())
+            if n_ranks == 1:
+                break
+            continue  # the other ranks learn of it below, so that every rank raises together
+        part.backward()
+        loss += float(part.detach())
+    if n_ranks > 1:
+        table = zd.all_gather_values([loss, bad is not None, 0.0 if bad is None else bad])
+        loss = sum(r[0] for r in table)
+        bad = next((r[2] for r in table if r[1]), None)
+    if bad is not None:
+        raise NonFiniteLossError(f"non-finite loss ({bad}) at step {step}")
+    zd.all_reduce_grads(params)
+    return loss
 
 
 def build_scheduler(train_cfg: Any, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -235,11 +328,12 @@ def versions() -> dict[str, str]:
 class Metrics:
     """``RUN/metrics.jsonl`` (one JSON object per line, flushed as written) and TensorBoard when available."""
 
-    def __init__(self, run: Path, tensorboard: bool) -> None:
+    def __init__(self, run: Path, tensorboard: bool, enabled: bool = True) -> None:
         self.path = run / "metrics.jsonl"
-        self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self.enabled = enabled  # False on ranks other than 0: one writer per run directory
+        self.file = open(self.path, "a") if enabled else None  # noqa: SIM115 (kept open for the run)
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -248,6 +342,8 @@ class Metrics:
                 pass
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -257,7 +353,8 @@ class Metrics:
                     self.tb.add_scalar(f"{tag}/{k}", v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -315,19 +412,85 @@ def prepare_run_dir(cfg: Any, tree: dict[str, Any]) -> tuple[Path, Path | None]:
 def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the fine-tuning described by ``cfg`` (see :mod:`zotune.train.config`); return the results.
 
+    Under ``torchrun`` (``torchrun --no-python --nproc-per-node N zotune train ...``) the ranks split each step as
+    ``train.distributed`` says (:mod:`zotune.dist`): only scalars cross the wire, rank 0 alone writes the run
+    directory, evaluation is sharded, and a run resumes at any world size (shared directions).
+
     Raises :class:`TrainingStopped` when the watchdog stops the run (after writing the results of the best
-    weights so far), :class:`~zotune.train.config.ConfigError` on a bad config or run directory.
+    weights so far), :class:`~zotune.train.config.ConfigError` on a bad config or run directory,
+    :class:`~zotune.dist.RankLost` when another rank died or stalled past ``train.dist_timeout``.
     """
+    owned = not zd.is_initialized() and zd.init(timeout_s=cfg.train.dist_timeout)
+    try:
+        return _train(cfg, argv)
+    except RuntimeError as err:
+        if not zd.is_comm_failure(err):
+            raise
+        owned = False  # a broken group: destroying it could hang or abort; the process exits instead
+        raise zd.RankLost(
+            f"rank {zd.rank()} of {zd.world()} lost contact with the other ranks ({str(err).splitlines()[0][:200]}): "
+            f"a rank died or stalled for longer than train.dist_timeout={cfg.train.dist_timeout:g} s. Nothing "
+            f"after the last checkpoint was kept; continue the run with the same command and --resume true"
+        ) from err
+    finally:
+        if owned:
+            zd.shutdown()
+
+
+def check_distributed(cfg: Any, n_ranks: int) -> None:
+    """What several ranks can run (checked on every rank, before the run directory is touched)."""
+    tc = cfg.train
+    if tc.distributed == "independent":
+        if not cfg.is_zo:
+            raise ConfigError(
+                f"train.distributed=independent draws one ZO direction per rank; method={cfg.method} is not a ZO "
+                "method (use train.distributed=shared)"
+            )
+        if cfg.method in ("mezo_svrg", "zo_one_sided"):
+            raise ConfigError(
+                f"train.distributed=independent needs a two-point estimator; method={cfg.method} has "
+                f"{'an anchor estimator' if cfg.method == 'mezo_svrg' else 'a one-point estimator'} "
+                "(use train.distributed=shared)"
+            )
+        if getattr(cfg.method_config(), "num_directions", 1) != 1:
+            raise ConfigError(
+                "train.distributed=independent gives each rank one direction: set "
+                f"{cfg.method}.num_directions=1 (the ranks make the n of n-SPSA)"
+            )
+    if n_ranks == 1:
+        return
+    if cfg.is_bilevel:
+        raise ConfigError(
+            f"method={cfg.method} runs on one process: its first-order inner loop is not data parallel in zotune "
+            "(launch it without torchrun)"
+        )
+    if cfg.model.device_map is not None:
+        raise ConfigError("model.device_map spreads one model over this process's devices: not with torchrun")
+
+
+def _train(cfg: Any, argv: Sequence[str] | None) -> dict[str, Any]:
     start = time.perf_counter()
     tc = cfg.train
+    n_ranks, main = zd.world(), zd.is_main()
+    if not main:  # one voice per run: the other ranks only warn
+        logging.getLogger("zotune").setLevel(logging.WARNING)
     task = resolve_task(cfg.data.task)
     splits = build_splits(cfg.data, task)
     anchor_size(cfg, len(splits["train"]))  # checked before the run directory is touched
     check_bilevel(cfg)
+    check_distributed(cfg, n_ranks)
     if cfg.out is None:
         cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-{task.name}-{cfg.method}-s{cfg.seed}")
     tree = config_to_dict(cfg)
-    run, resume_from = prepare_run_dir(cfg, tree)
+    run, resume_from, error = Path(cfg.out), None, None
+    if main:
+        try:
+            run, resume_from = prepare_run_dir(cfg, tree)
+        except ConfigError as err:
+            error = str(err)
+    error = zd.broadcast_object(error)  # rank 0 alone touches the directory; its refusal stops every rank
+    if error is not None:
+        raise ConfigError(error)
 
     num_labels = len(task.verbalizer) if task.verbalizer else None
 
@@ -338,16 +501,26 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         batches = [train_set[i : i + tc.batch_size] for i in range(0, len(train_set), tc.batch_size)]
         return batches, lambda _model, examples: loss(examples)
 
+    if cfg.model.peft == "sparse" and not main:
+        zd.barrier()  # rank 0 makes the mask and writes RUN/mask.safetensors; the others read it (a shared folder)
     model, tokenizer, kind = load_model(cfg, cfg.seed, num_labels, run=run, task_batches=task_batches)
+    if cfg.model.peft == "sparse" and main:
+        zd.barrier()
+    zd.broadcast_parameters(model)  # once (O(d)): every rank starts from rank 0's weights, random inits included
     device = next(model.parameters()).device
     objective = objective_name(cfg.data, task, kind)
     if objective in ("accuracy", "f1") and not cfg.is_zo:
         raise ConfigError(f"data.objective={objective} is not differentiable: use a ZO method, not {cfg.method}")
     max_length = cfg.data.max_length or model_max_length(model, tokenizer)
     loss_fn = make_objective(objective, model, tokenizer, max_length=max_length)
+    weight = loss_weight(objective, tokenizer, max_length)
     opt = build_optimizer(cfg, model)
+    independent = cfg.is_zo and tc.distributed == "independent" and n_ranks > 1
+    if independent:
+        zd.use_rank_directions(opt)
     trained = trained_tensors(model, opt)
-    anchor_batches = set_anchor(cfg, opt, splits["train"], loss_fn)
+    check_resident(trained, cfg)
+    anchor_batches = set_anchor(cfg, opt, splits["train"], loss_fn, weight)
     sched = build_scheduler(tc, opt)
     order = BatchOrder(splits["train"], tc.batch_size, cfg.data.seed)
     if cfg.is_bilevel:  # D_f feeds the upper level, D_p the lower level and the penalty
@@ -360,7 +533,8 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import yaml
 
-    ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+    if main:
+        ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     env = {
         "versions": versions(),
         "command": list(argv) if argv is not None else sys.argv,
@@ -370,35 +544,53 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "objective": objective,
         "model_kind": kind,
         "device": str(device),
+        "world_size": n_ranks,
         "trainable_parameters": n_trainable,
         "sizes": {k: len(v) for k, v in splits.items()}
         | ({"D_f": len(d_f), "D_p": len(d_p)} if cfg.is_bilevel else {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    ckpt.atomic_write_text(run / "env.json", json.dumps(env, indent=1))
+    if main:
+        ckpt.atomic_write_text(run / "env.json", json.dumps(env, indent=1))
 
     state = LoopState()
+    resume_from = zd.broadcast_object(resume_from)
     if resume_from is not None:
-        tensors, blobs, meta = ckpt.load_checkpoint(resume_from)
-        if meta.get("digest") != config_digest(tree) and not cfg.allow_config_change:
-            raise ConfigError(f"resume: checkpoint {resume_from} was made with a different config")
-        ckpt.load_trainable(model, tensors)
+        # rank 0 reads the checkpoint; the weights and the (small: seeds, scalars) optimizer state go to the others,
+        # so only rank 0 needs the run directory, and any number of ranks can resume it
+        loaded, error = None, None
+        if main:
+            tensors, blobs, meta = ckpt.load_checkpoint(resume_from)
+            if meta.get("digest") != config_digest(tree) and not cfg.allow_config_change:
+                error = f"resume: checkpoint {resume_from} was made with a different config"
+            else:
+                ckpt.load_trainable(model, tensors)
+                loaded = (blobs, meta)
+        error = zd.broadcast_object(error)
+        if error is not None:
+            raise ConfigError(error)
+        blobs, meta = zd.broadcast_object(loaded)
+        zd.broadcast_parameters(list(trained.items()))
+        if cfg.is_zo:
+            check_resume_world(cfg, opt, blobs["optimizer"])
         opt.load_state_dict(blobs["optimizer"])
         sched.load_state_dict(blobs["scheduler"])
         torch.set_rng_state(blobs["rng"])
         state = LoopState(**meta["loop"])
-        Metrics.truncate(run, state.step)
-        for stale in ckpt.list_checkpoints(run, "best"):  # best weights saved after this checkpoint: redone below
-            if int(stale.name.split("-")[1]) > state.step:
-                shutil.rmtree(stale)
+        if main:
+            Metrics.truncate(run, state.step)
+            for stale in ckpt.list_checkpoints(run, "best"):  # best weights saved after this checkpoint: redone below
+                if int(stale.name.split("-")[1]) > state.step:
+                    shutil.rmtree(stale)
         logger.info("resuming %s from step %d", run, state.step)
     elif cfg.resume:
         logger.warning("resume: %s has no complete checkpoint yet; starting from step 0", run)
-        Metrics.truncate(run, -1)
-    metrics = Metrics(run, tc.tensorboard)
+        if main:
+            Metrics.truncate(run, -1)
+    metrics = Metrics(run, tc.tensorboard, enabled=main)
 
     def log_eval(split: str, examples: Sequence[Example], step: int, label: str | None = None) -> dict[str, Any]:
-        res = evaluate(model, tokenizer, examples, batch_size=tc.eval_batch_size, max_length=max_length)
+        res = evaluate_sharded(model, tokenizer, examples, batch_size=tc.eval_batch_size, max_length=max_length)
         rec = {"kind": "eval", "step": step, "split": split, "forwards": state.forwards}
         rec |= {k: res[k] for k in ("accuracy", "f1", "em", "n", "n_truncated", "seconds") if k in res}
         metrics.write(rec)
@@ -407,10 +599,14 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         return rec
 
     def save_best(step: int) -> None:
+        if not main:
+            return
         meta = {"step": step, metric: state.best_metric}
         ckpt.save_checkpoint(run, step, tensors=trained, blobs={}, meta=meta, keep=None, folder="best")
 
     def save_checkpoint() -> None:
+        if not main:
+            return
         blobs = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
         meta = {"loop": state.__dict__, "digest": config_digest(tree), "config": tree}
         ckpt.save_checkpoint(run, state.step, tensors=trained, blobs=blobs, meta=meta, keep=tc.keep_checkpoints)
@@ -443,9 +639,15 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not zo:
             return tc.grad_accum
         calls, anchor_calls = opt.estimator.next_calls()
-        return calls * tc.grad_accum + anchor_calls * anchor_batches
+        # independent: every rank runs its direction's forwards on the whole batch (n-SPSA's cost, in parallel)
+        return (calls * tc.grad_accum + anchor_calls * anchor_batches) * (n_ranks if independent else 1)
 
-    if tc.progress:
+    def closure(micro: list[list[Example]]) -> Callable[[], Any]:  # the mean loss of the step's micro-batches
+        if n_ranks > 1 and not independent:
+            return zd.sharded(loss_fn, micro, weight)
+        return lambda: sum(loss_fn(mb) for mb in micro) / len(micro)
+
+    if tc.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, initial=state.step, desc=f"{cfg.method} {task.name}", unit="step", leave=False)
@@ -456,21 +658,21 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
             if tc.max_forwards is not None and state.forwards + cost > tc.max_forwards:
                 stopped = f"forward-pass budget reached ({state.forwards} of {tc.max_forwards})"
                 break
-            t0 = time.perf_counter()
+            t0, sent0 = time.perf_counter(), zd.COUNTER.total
             micro = [order.batch(state.step * tc.grad_accum + j) for j in range(tc.grad_accum)]
             record: dict[str, Any] = {"kind": "train", "step": state.step + 1}
             record["lr"] = opt.param_groups[0]["lr"]
             try:
                 if zo:
                     first = opt.initial_loss is None  # the first step also runs one unperturbed check forward
-                    loss = float(opt.step(lambda micro=micro: sum(loss_fn(mb) for mb in micro) / len(micro)))
+                    loss = float(opt.step(closure(micro)))
                     est = opt.last_estimate
                     record |= {"projected_grad": est.grads[0] if len(est.grads) == 1 else est.grads}
                     if len(est.losses) == 2:
                         record |= {"loss_plus": est.losses[0], "loss_minus": est.losses[1]}
                     if est.anchor_calls:
                         record["anchor"] = True  # the loss is the anchor set's (MeZO-SVRG)
-                    state.forwards += cost + (tc.grad_accum if first else 0)
+                    state.forwards += cost + (tc.grad_accum * (n_ranks if independent else 1) if first else 0)
                 elif bilevel:
                     first = opt.zo.initial_loss is None  # + the closure check: one unperturbed F (3 forwards)
                     k = cfg.zofo.inner_steps
@@ -483,13 +685,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
                     state.backwards += k + 2
                 else:
                     opt.zero_grad(set_to_none=True)
-                    loss = 0.0
-                    for mb in micro:
-                        part = loss_fn(mb) / len(micro)
-                        if not torch.isfinite(part.detach()):
-                            raise NonFiniteLossError(f"non-finite loss ({float(part)}) at step {state.step + 1}")
-                        part.backward()
-                        loss += float(part.detach())
+                    loss = first_order_backward(loss_fn, micro, weight, list(trained.values()), state.step + 1)
                     if cfg.adamw.max_grad_norm > 0:
                         norm = torch.nn.utils.clip_grad_norm_(
                             [p for p in model.parameters() if p.requires_grad], cfg.adamw.max_grad_norm
@@ -508,9 +704,13 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
             if state.backwards:
                 record["backwards"] = state.backwards
             record["step_time"] = time.perf_counter() - t0
+            if n_ranks > 1:  # payload bytes this rank sent + received in the step's collectives
+                record["comm_bytes"] = zd.COUNTER.total - sent0
             record["peak_mem_mb"] = peak_memory_mb(device)
             record["epoch"] = order.epoch((state.step) * tc.grad_accum)
             metrics.write(record)
+            if n_ranks > 1 and (state.step == 1 or state.step % tc.sync_every == 0):
+                zd.check_in_sync(list(trained.items()))  # every rank raises together if one has drifted
             if state.initial_loss is None:
                 state.initial_loss = loss
             if tc.watchdog:
@@ -572,9 +772,10 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_seconds": state.seconds,
         "trainable_parameters": n_trainable,
     }
-    best = ckpt.latest_checkpoint(run, "best")
+    best = ckpt.latest_checkpoint(run, "best") if main else None
     if best is not None:
         ckpt.load_trainable(model, best / "trainable.safetensors")
+    zd.broadcast_parameters(list(trained.items()))  # rank 0's best weights, for the sharded test evaluation
     if tc.test:
         label = f"fine-tuned (best dev at step {state.best_step})"
         rec = log_eval("test", splits["test"], state.best_step or 0, label)
@@ -583,10 +784,18 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "em" in rec:
             results["test_em"] = rec["em"]
     if tc.export:  # Bilevel ZOFO trained the base too: its export is the base with the upper adapter merged in
-        export_model(opt.merged() if bilevel else model, tokenizer, run / "model")
+        if main:
+            export_model(opt.merged() if bilevel else model, tokenizer, run / "model")
         results["export"] = str(run / "model")
     metrics.close()
     results["seconds"] = time.perf_counter() - start
+    if n_ranks > 1:
+        results["world_size"] = n_ranks
+        results["distributed"] = tc.distributed
+    if not main:  # rank 0 writes the results, the plot and the export
+        if stopped and stopped.startswith("watchdog"):
+            raise TrainingStopped(stopped)
+        return results
     ckpt.atomic_write_text(run / "results.json", json.dumps(results, indent=1))
     try:
         from .plot import plot_runs

@@ -1,0 +1,224 @@
+"""``zotune train`` on 2 gloo ranks (CPU): the same run as one process, files from rank 0 only, faults and resume.
+
+The ranks are started the way ``torchrun`` starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), as
+plain subprocesses so that a test can kill one; every subprocess is waited for with a deadline, so no test hangs.
+The single-process references run in this process on the same tiny model and user task (conftest's ``workdir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.core.log import UpdateLog
+from zotune.train import ConfigError, run_config_from_dict, train
+from zotune.train import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+
+def args(workdir: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:
+    return [
+        "--model.name", str(workdir / "model"), "--data.task", str(workdir / "reviews.yaml"),
+        "--data.protocol", "files", "--train.steps", str(steps), "--train.batch_size", "5",
+        "--train.eval_every", "3", "--train.checkpoint_every", "3", "--train.progress", "false",
+        "--train.tensorboard", "false", "--train.sync_every", "1", "--mezo.lr", "1e-2", "--mezo.eps", "1e-2",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], world: int = 2, timeout_s: float = 60.0) -> list[subprocess.Popen]:
+    port = str(free_port())
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "zotune.cli", "train", *argv, "--train.dist_timeout", str(timeout_s)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], deadline_s: float = 240.0) -> list[tuple[int | None, str]]:
+    end, outs = time.monotonic() + deadline_s, []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=max(1.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        outs.append((p.returncode, text))
+    return outs
+
+
+def run_ranks(argv: list[str], world: int = 2) -> list[str]:
+    outs = finish(launch(argv, world))
+    for code, text in outs:
+        assert code == 0, text[-3000:]
+    return [text for _, text in outs]
+
+
+def run_one(workdir: Path, out: Path, *extra: str, steps: int = 6) -> dict:
+    from zotune.cli import parse_train_args
+
+    return train(parse_train_args(args(workdir, out, *extra, steps=steps)))
+
+
+def last_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run) / "trainable.safetensors"))
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------- tests
+SVRG = ["--mezo_svrg.lr", "1e-2", "--mezo_svrg.anchor_lr", "1e-2", "--mezo_svrg.eps", "1e-2"]
+SVRG += ["--mezo_svrg.anchor_size", "10"]
+
+
+@pytest.mark.parametrize("method", ["mezo", "mezo_svrg"])
+def test_shared_directions_equal_one_process_on_the_global_batch(workdir, tmp_path, method):
+    """2 ranks × a shard of each batch == 1 process × the batch; evaluation sharded; one writer per run."""
+    extra = ["--method", method] + (SVRG if method == "mezo_svrg" else [])
+    texts = run_ranks(args(workdir, tmp_path / "two", *extra))
+    ref = run_one(workdir, tmp_path / "one", *extra)
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert_close(last_weights(two), last_weights(one), atol=1e-5)
+    log2, log1 = (UpdateLog.from_lines((r / "updates.jsonl").read_text().splitlines()) for r in (two, one))
+    assert len(log2) == len(log1) == 6
+    for a, b in zip(log2.records, log1.records, strict=True):
+        assert a.seeds == b.seeds
+        assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-6)  # the global batch's losses
+    assert abs(log1.records[0].grads[0]) > 1e-3  # the comparison is not of no-op steps
+    # rank 0 wrote every file once; the other rank wrote none and printed no results
+    train2, train1 = records(two, "train"), records(one, "train")
+    assert [r["step"] for r in train2] == [r["step"] for r in train1] == list(range(1, 7))
+    assert [r["forwards"] for r in train2] == [r["forwards"] for r in train1]  # the same forward budget
+    # per closure call and micro-batch 16 bytes sent + 16 received. MeZO: 2 calls (step 1: + the unperturbed check);
+    # SVRG: 4 calls per minibatch step (θ and the anchor point), 2 calls × 2 anchor batches per anchor step
+    sizes = [r["comm_bytes"] for r in train2]
+    assert sizes == ([96] + [64] * 5 if method == "mezo" else [160] + [128] * 5), sizes
+    eval2, eval1 = records(two, "eval"), records(one, "eval")
+    assert [(r["step"], r["split"], r["n"], r["accuracy"]) for r in eval2] == [
+        (r["step"], r["split"], r["n"], pytest.approx(r["accuracy"])) for r in eval1
+    ]
+    res = json.loads((two / "results.json").read_text())
+    assert res["world_size"] == 2 and res["distributed"] == "shared" and res["test"] == pytest.approx(ref["test"])
+    assert "fine-tuned test" in texts[0] and "fine-tuned test" not in texts[1]
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+
+
+def test_independent_directions_are_nspsa_and_replay_on_one_process(workdir, tmp_path):
+    """One direction per rank == one process with num_directions=2; the log replays; its resume needs 2 ranks."""
+    run_ranks(args(workdir, tmp_path / "two", "--train.distributed", "independent"))
+    run_one(workdir, tmp_path / "one", "--mezo.num_directions", "2")
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert_close(last_weights(two), last_weights(one), atol=1e-6)
+    log2 = UpdateLog.from_lines((two / "updates.jsonl").read_text().splitlines())
+    assert log2.header["estimator"] == {"name": "two_point", "config": {"num_directions": 2}}
+    assert all(len(r.seeds) == 2 and len(r.losses) == 4 for r in log2.records)
+    # 2 directions × 2 forwards per step on 2 ranks: counted as the 4 forwards n-SPSA costs (+ step 1's unperturbed
+    # check forward, which each rank runs)
+    f2, f1 = ([r["forwards"] for r in records(run, "train")] for run in (two, one))
+    assert [a - b for a, b in zip(f2, f1, strict=True)] == [1] * 6 and f1[1] - f1[0] == 4
+    # replay from the log alone rebuilds the ranks' weights
+    from zotune.cli import main as cli
+
+    assert cli(["replay", str(two), "--out", str(tmp_path / "replayed")]) == 0
+    replayed = load_file(str(tmp_path / "replayed" / "model.safetensors"))
+    trained = last_weights(two)
+    common = [n for n in trained if n in replayed]
+    assert_close({n: replayed[n] for n in common}, {n: trained[n] for n in common}, atol=1e-6)
+    assert sum(n in replayed for n in trained) >= len(trained) - 1  # (a tied embedding is saved once)
+    # one direction per rank: resuming on 1 process would change the estimator mid-run
+    with pytest.raises(ConfigError, match=r"started with 2 direction\(s\).*--nproc-per-node 2"):
+        run_one(workdir, two, "--train.distributed", "independent", "--resume", "true")
+
+
+def test_first_order_baseline_is_data_parallel(workdir, tmp_path):
+    """adamw on 2 ranks: each rank's shard gradient, summed over ranks == the global batch's gradient."""
+    extra = ["--method", "adamw", "--adamw.lr", "1e-3"]
+    run_ranks(args(workdir, tmp_path / "two", *extra))
+    run_one(workdir, tmp_path / "one", *extra)
+    # Adam divides by √v: a near-zero gradient's rounding (summed in another order) shows up to ~lr × 1e-2
+    assert_close(last_weights(tmp_path / "two"), last_weights(tmp_path / "one"), atol=1e-4)
+    l2 = [r["loss"] for r in records(tmp_path / "two", "train")]
+    l1 = [r["loss"] for r in records(tmp_path / "one", "train")]
+    assert l2 == pytest.approx(l1, rel=1e-5)
+    assert all(r["comm_bytes"] > 4 * 1000 for r in records(tmp_path / "two", "train"))  # d × 4: FO's cost
+
+
+def test_a_dead_rank_stops_the_other_and_the_run_resumes_on_one_process(workdir, tmp_path):
+    """Rank 1 killed mid-run: rank 0 stops with a clear error (not a hang); the run resumes at world size 1 from
+    its last checkpoint and ends where an uninterrupted run ends."""
+    run = tmp_path / "run"
+    steps = 40
+    # a small lr: over tens of steps ZO amplifies rounding (the ranks sum the losses in another order)
+    slow = ["--train.eval_every", "0", "--train.checkpoint_every", "5", "--mezo.lr", "1e-3"]
+    argv = args(workdir, run, *slow, steps=steps)
+    procs = launch(argv, timeout_s=20.0)
+    metrics, end = run / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < end:  # kill rank 1 once a checkpoint exists and the run is past it
+        done = len(records(run, "train")) if metrics.exists() else 0
+        if done >= 12 or procs[0].poll() is not None:
+            break
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    procs[1].kill()
+    (code0, text0), _ = finish(procs, deadline_s=60.0)
+    assert 12 <= len(records(run, "train")) < steps, "the kill did not land mid-run"
+    assert code0 == 4, text0[-3000:]
+    assert "lost contact with the other ranks" in text0 and "--resume true" in text0, text0[-3000:]
+    assert time.monotonic() - t0 < 20.0 + 30.0
+    saved = ckpt.latest_checkpoint(run)
+    assert saved is not None and 5 <= int(saved.name.split("-")[1]) < steps
+    assert not (run / "results.json").exists()
+    # resume on one process: the shared-direction trajectory does not depend on the number of ranks
+    res = run_one(workdir, run, *slow, "--resume", "true", steps=steps)
+    assert res["steps"] == steps
+    assert [r["step"] for r in records(run, "train")] == list(range(1, steps + 1))  # nothing lost, nothing twice
+    run_one(workdir, tmp_path / "straight", *slow, steps=steps)
+    assert_close(last_weights(run), last_weights(tmp_path / "straight"), atol=1e-5)
+    log, straight = (
+        UpdateLog.from_lines((r / "updates.jsonl").read_text().splitlines()) for r in (run, tmp_path / "straight")
+    )
+    assert [r.seeds for r in log.records] == [r.seeds for r in straight.records]
+    flat = [[x for r in lg.records for x in r.losses] for lg in (log, straight)]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-4)
+
+
+def test_distributed_config_errors(workdir, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.distributed='both' is not one of: shared, independent"):
+        run_config_from_dict({"train": {"distributed": "both"}})
+    with pytest.raises(ConfigError, match=r"train\.dist_timeout=0(\.0)? must be a finite number of seconds > 0"):
+        run_config_from_dict({"train": {"dist_timeout": 0}})
+    with pytest.raises(ConfigError, match=r"train\.sync_every=0 must be a positive integer"):
+        run_config_from_dict({"train": {"sync_every": 0}})
+    out = tmp_path / "r"
+    with pytest.raises(ConfigError, match=r"method=adamw is not a ZO method"):
+        run_one(workdir, out, "--method", "adamw", "--train.distributed", "independent")
+    with pytest.raises(ConfigError, match=r"mezo\.num_directions=1"):
+        run_one(workdir, out, "--train.distributed", "independent", "--mezo.num_directions", "2")
+    assert not out.exists()  # refused before the run directory is touched
