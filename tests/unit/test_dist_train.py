@@ -222,3 +222,34 @@ def test_distributed_config_errors(workdir, tmp_path):
     with pytest.raises(ConfigError, match=r"mezo\.num_directions=1"):
         run_one(workdir, out, "--train.distributed", "independent", "--mezo.num_directions", "2")
     assert not out.exists()  # refused before the run directory is touched
+
+
+# ------------------------------------------------------------------------------------- larger than one device
+def test_device_map_auto_trains_as_a_plain_load(workdir, tmp_path):
+    """device_map=auto (here: every module on the CPU, through accelerate's placement) gives the same run."""
+    run_one(workdir, tmp_path / "plain", steps=3)
+    run_one(workdir, tmp_path / "mapped", "--model.device_map", "auto", steps=3)
+    a, b = last_weights(tmp_path / "plain"), last_weights(tmp_path / "mapped")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_offloaded_weights_are_refused_unless_only_resident_tensors_train(workdir, tmp_path):
+    """A layer offloaded to disk is a placeholder (meta) that ZO cannot move: full-model ZO is refused with a clear
+    error and no run directory; training only the resident head over the offloaded base works."""
+    layout = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.norm": "cpu"}
+    layout["lm_head"] = "cpu"
+    mapped = ["--model.device_map", json.dumps(layout), "--model.offload_folder", str(tmp_path / "offload")]
+    with pytest.raises(ConfigError, match=r"offloaded 9 of the 20 trained tensors \(model\.layers\.0\..*in place"):
+        run_one(workdir, tmp_path / "full", *mapped, steps=2)
+    assert not (tmp_path / "full").exists()
+    res = run_one(workdir, tmp_path / "head", *mapped, "--model.peft", "head", steps=2)
+    assert res["steps"] == 2
+    trained = last_weights(tmp_path / "head")
+    assert list(trained) == ["lm_head.weight"]
+    base = load_file(str(workdir / "model" / "model.safetensors"))  # the head starts as the tied embedding
+    start = base.get("lm_head.weight", base["model.embed_tokens.weight"])
+    assert 0 < (trained["lm_head.weight"] - start).abs().max() < 1.0
+    with pytest.raises(ConfigError, match=r"model\.device_map='everywhere' is not one of: auto, balanced"):
+        run_config_from_dict({"model": {"device_map": "everywhere"}})
+    with pytest.raises(ConfigError, match=r"model\.device_map does not apply to peft sparse"):
+        run_config_from_dict({"model": {"device_map": "auto", "peft": "sparse"}})

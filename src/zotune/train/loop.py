@@ -226,8 +226,9 @@ def check_resident(trained: dict[str, torch.Tensor], cfg: Any) -> None:
         shown = ", ".join(away[:3]) + (f" and {len(away) - 3} more" if len(away) > 3 else "")
         raise ConfigError(
             f"model.device_map={cfg.model.device_map!r} offloaded {len(away)} of the {len(trained)} trained tensors "
-            f"({shown}): ZO updates weights in place and cannot train offloaded ones. Map them to a device (more "
-            "memory, or a device_map without 'disk'), or train adapters over the offloaded base (model.peft lora)"
+            f"({shown}): ZO updates weights in place and cannot train offloaded ones (peft puts an offloaded layer's "
+            "adapters there too). Map them to a device (more memory, or a device_map without 'disk'), or train only "
+            "tensors that stay resident (model.peft head, or model.lora_targets in resident layers)"
         )
 
 
@@ -519,7 +520,12 @@ def _train(cfg: Any, argv: Sequence[str] | None) -> dict[str, Any]:
     if independent:
         zd.use_rank_directions(opt)
     trained = trained_tensors(model, opt)
-    check_resident(trained, cfg)
+    try:
+        check_resident(trained, cfg)
+    except ConfigError:
+        if main and resume_from is None and not cfg.resume:
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run directory this call made: leave nothing behind
+        raise
     anchor_batches = set_anchor(cfg, opt, splits["train"], loss_fn, weight)
     sched = build_scheduler(tc, opt)
     order = BatchOrder(splits["train"], tc.batch_size, cfg.data.seed)
