@@ -253,3 +253,22 @@ def test_offloaded_weights_are_refused_unless_only_resident_tensors_train(workdi
         run_config_from_dict({"model": {"device_map": "everywhere"}})
     with pytest.raises(ConfigError, match=r"model\.device_map does not apply to peft sparse"):
         run_config_from_dict({"model": {"device_map": "auto", "peft": "sparse"}})
+
+
+def test_dist_bench_counts_the_bytes_of_each_mode(workdir, tmp_path):
+    """The benchmark's figures (measured, not asserted) are produced; its byte counts are exact: 2 scalar pairs per
+    shared step, 1 pair per independent step, whatever the model size."""
+    from zotune.bench.dist import format_table
+    from zotune.bench.dist import main as bench_main
+
+    out = tmp_path / "dist.json"
+    argv = ["--model", str(workdir / "model"), "--batch", "4", "--seq", "8", "--reps", "1", "--cores", "2"]
+    assert bench_main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    shared, independent = res["runs"]["2proc_shared"], res["runs"]["2proc_independent"]
+    assert (shared["sent_per_step"], shared["received_per_step"]) == (32, 32)
+    assert (independent["sent_per_step"], independent["received_per_step"]) == (16, 16)
+    assert shared["examples_per_rank"] == 2 and independent["examples_per_rank"] == 4
+    assert shared["allreduce_bytes"] == 4 * shared["parameters"] > 64
+    assert all(r["step_s"] > 0 and r["forward_s"] > 0 for r in res["runs"].values())
+    assert "scaling model" in format_table(res)
