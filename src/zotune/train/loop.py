@@ -75,6 +75,8 @@ class LoopState:
 
 
 def _device(name: str) -> str:
+    if name in ("auto", "cuda") and torch.cuda.is_available() and zd.world() > 1:
+        return str(zd.device())  # one GPU per rank: cuda:LOCAL_RANK
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
