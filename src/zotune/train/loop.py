@@ -427,7 +427,7 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         return _train(cfg, argv)
     except RuntimeError as err:
-        if not zd.is_comm_failure(err):
+        if isinstance(err, TrainingStopped | NonFiniteLossError) or not zd.is_comm_failure(err):
             raise
         owned = False  # a broken group: destroying it could hang or abort; the process exits instead
         raise zd.RankLost(
