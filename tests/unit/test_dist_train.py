@@ -98,10 +98,22 @@ SVRG = ["--mezo_svrg.lr", "1e-2", "--mezo_svrg.anchor_lr", "1e-2", "--mezo_svrg.
 SVRG += ["--mezo_svrg.anchor_size", "10"]
 
 
-@pytest.mark.parametrize("method", ["mezo", "mezo_svrg"])
+SPARSE = [
+    "--model.peft",
+    "sparse",
+    "--model.quantize",
+    "none",
+    "--model.mask",
+    "magnitude",
+    "--model.sparsity",
+    "0.05",
+]
+
+
+@pytest.mark.parametrize("method", ["mezo", "mezo_svrg", "sparse"])
 def test_shared_directions_equal_one_process_on_the_global_batch(workdir, tmp_path, method):
     """2 ranks × a shard of each batch == 1 process × the batch; evaluation sharded; one writer per run."""
-    extra = ["--method", method] + (SVRG if method == "mezo_svrg" else [])
+    extra = {"mezo": ["--method", "mezo"], "mezo_svrg": ["--method", "mezo_svrg", *SVRG], "sparse": SPARSE}[method]
     texts = run_ranks(args(workdir, tmp_path / "two", *extra))
     ref = run_one(workdir, tmp_path / "one", *extra)
     two, one = tmp_path / "two", tmp_path / "one"
@@ -119,7 +131,7 @@ def test_shared_directions_equal_one_process_on_the_global_batch(workdir, tmp_pa
     # per closure call and micro-batch 16 bytes sent + 16 received. MeZO: 2 calls (step 1: + the unperturbed check);
     # SVRG: 4 calls per minibatch step (θ and the anchor point), 2 calls × 2 anchor batches per anchor step
     sizes = [r["comm_bytes"] for r in train2]
-    assert sizes == ([96] + [64] * 5 if method == "mezo" else [160] + [128] * 5), sizes
+    assert sizes == ([160] + [128] * 5 if method == "mezo_svrg" else [96] + [64] * 5), sizes
     eval2, eval1 = records(two, "eval"), records(one, "eval")
     assert [(r["step"], r["split"], r["n"], r["accuracy"]) for r in eval2] == [
         (r["step"], r["split"], r["n"], pytest.approx(r["accuracy"])) for r in eval1
