@@ -45,6 +45,33 @@ def summarize(run: str | Path) -> dict[str, Any]:
         "test": res.get("test"),
         "test_n": res.get("test_n"),
         "train_seconds": res["train_seconds"],
+        **_curves(run / "metrics.jsonl"),
+    }
+
+
+def _curves(path: Path) -> dict[str, Any]:
+    """The run's curves against forward passes, kept in the row so that plots and "forwards to reach a dev accuracy"
+    can be made from the committed rows once the run folder is gone: dev and test evaluations, the training loss
+    (ZO: the mean of ℓ+ and ℓ−) of every step, the peak memory and the median step time."""
+    if not path.exists():
+        return {}
+    dev, loss, peak, times = [], [], 0.0, []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "eval" and rec.get("split") == "dev":
+            dev.append([rec["forwards"], rec.get("accuracy", rec.get("f1"))])
+        elif rec.get("kind") == "train":
+            loss.append([rec["forwards"], round(rec["loss"], 6)])
+            peak = max(peak, rec.get("peak_mem_mb", 0.0))
+            times.append(rec.get("step_time", 0.0))
+    times.sort()
+    return {
+        "curves": {"dev": dev, "loss": loss},
+        "peak_mem_mb": peak,
+        "median_step_seconds": times[len(times) // 2] if times else None,
     }
 
 
