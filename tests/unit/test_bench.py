@@ -44,3 +44,8 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     table = (tmp_path / "t" / "table.md").read_text()
     assert "| zero-shot |" in table and "| MeZO (full) |" in table and "| Bilevel ZOFO |" in table
     assert "| step 0 |" in table
+    for r in rows:  # the curves against forwards travel with the row (plots and forwards-to-accuracy need no run dir)
+        dev, loss = r["curves"]["dev"], r["curves"]["loss"]
+        assert dev[0][0] == 0 and dev[-1][0] == r["forwards"] and max(a for _, a in dev) == r["best_dev"]
+        assert len(loss) == r["steps"] and all(f2 > f1 for (f1, _), (f2, _) in zip(loss, loss[1:], strict=False))
+        assert r["peak_mem_mb"] > 0 and r["median_step_seconds"] > 0
