@@ -7,6 +7,7 @@ data_args() {  # MeZO protocol where the data allows it (SuperGLUE here has 32 t
   case $1 in
     sst2) echo "--data.task sst2 --data.n_train 500 --data.n_dev 200 --data.n_test 872" ;;
     rte)  echo "--data.task rte --data.n_train 500 --data.n_dev 200 --data.n_test 277 --data.max_length 256" ;;
+    sst5|trec) echo "--data.task $1 --data.protocol kshot --data.k 16 --data.n_test 500" ;;  # LM-BFF k-shot
     *)    echo "--data.task $1 --data.n_train 32 --data.n_test 500 --data.max_length 256" ;;
   esac
 }

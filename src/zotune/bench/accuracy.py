@@ -75,13 +75,15 @@ def _curves(path: Path) -> dict[str, Any]:
     }
 
 
-LABELS = {("mezo", "none"): "MeZO (full)", ("mezo", "lora"): "MeZO-LoRA", ("mezo", "prefix"): "MeZO-prefix",
-          ("adamw", "lora"): "FO-LoRA (AdamW)", ("zofo", "lora"): "Bilevel ZOFO"}  # fmt: skip
+LABELS = {("adamw", "none"): "FO full (AdamW)", ("adamw", "lora"): "FO-LoRA (AdamW)", ("mezo", "none"): "MeZO (full)",
+          ("mezo", "lora"): "MeZO-LoRA", ("mezo", "prefix"): "MeZO-prefix", ("lozo", "none"): "LOZO",
+          ("lozo_m", "none"): "LOZO-M", ("mezo_svrg", "none"): "MeZO-SVRG", ("mezo", "sparse"): "sparse",
+          ("zofo", "lora"): "Bilevel ZOFO"}  # fmt: skip
 
 
 def _order(row: dict[str, Any]) -> tuple[int, int, str]:
     """Tasks in the script's order, methods in the table's order (unknown ones last)."""
-    tasks = ["sst2", "rte", "cb"]
+    tasks = ["sst2", "rte", "cb", "boolq", "sst5", "trec"]
     t = tasks.index(row["task"]) if row["task"] in tasks else len(tasks)
     labels = list(LABELS)
     key = (row["method"], row["peft"])
