@@ -16,8 +16,13 @@ run() {  # run TASK NAME EVAL_EVERY [zotune train flags...]
   local task=$1 name=$2 every=$3; shift 3
   [ -n "${ONLY:-}" ] && [[ $name != $ONLY* ]] && return
   [[ " ${SKIP:-} " == *" $task-$name "* ]] && return
+  local dir="$OUT/$task-$name" start=(--overwrite true)
+  # an unfinished run with a checkpoint (a killed session) continues where it stopped: the same result (tested)
+  if [ -f "$dir/config.yaml" ] && [ ! -f "$dir/results.json" ] && compgen -G "$dir/checkpoints/step-*" > /dev/null; then
+    start=(--resume true)
+  fi
   zotune train --config recipes/smollm2-sst2-mezo.yaml $(data_args "$task") --train.steps 100000 \
     --train.max_forwards "$BUDGET" --train.eval_every "$every" --train.early_stopping 0 --train.test true \
-    --train.test_at_start true --train.checkpoint_every 0 --train.progress false --train.tensorboard false \
-    --overwrite true --out "$OUT/$task-$name" "$@"
+    --train.test_at_start true --train.checkpoint_every "$every" --train.progress false --train.tensorboard false \
+    "${start[@]}" --out "$dir" "$@"
 }
