@@ -284,3 +284,13 @@ def test_dist_bench_counts_the_bytes_of_each_mode(workdir, tmp_path):
     assert shared["allreduce_bytes"] == 4 * shared["parameters"] > 64
     assert all(r["step_s"] > 0 and r["forward_s"] > 0 for r in res["runs"].values())
     assert "scaling model" in format_table(res)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs (one per rank)")
+def test_nccl_ranks_on_two_gpus_match_one_process(workdir, tmp_path):
+    """The same shared-direction run on NCCL (a GPU per rank: cuda:LOCAL_RANK) equals one process on one GPU."""
+    gpu = ["--model.device", "cuda"]
+    run_ranks(args(workdir, tmp_path / "two", *gpu))
+    run_one(workdir, tmp_path / "one", *gpu)
+    assert_close(last_weights(tmp_path / "two"), last_weights(tmp_path / "one"), atol=1e-5)
+    assert all(r["comm_bytes"] <= 96 for r in records(tmp_path / "two", "train"))
