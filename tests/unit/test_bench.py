@@ -49,3 +49,15 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
         assert dev[0][0] == 0 and dev[-1][0] == r["forwards"] and max(a for _, a in dev) == r["best_dev"]
         assert len(loss) == r["steps"] and all(f2 > f1 for (f1, _), (f2, _) in zip(loss, loss[1:], strict=False))
         assert r["peak_mem_mb"] > 0 and r["median_step_seconds"] > 0
+    # the results page is made from the committed rows alone (the run folders are deleted first)
+    import shutil
+
+    from zotune.bench.report import forwards_to_reach, report
+
+    shutil.rmtree(tmp_path / "mezo")
+    page = report([tmp_path / "t"], [], tmp_path / "docs" / "results.md", gain=0.0)
+    mezo = rows[0]
+    assert forwards_to_reach(mezo, mezo["zero_shot_dev"]) == 0  # step 0 already reaches zero-shot dev
+    assert forwards_to_reach(mezo, 2.0) is None
+    assert "| MeZO (full) |" in page and "| Bilevel ZOFO |" in page and "](../t/runs.jsonl)" in page
+    assert (tmp_path / "docs" / "img" / "curves-reviews.png").stat().st_size > 0

@@ -1,0 +1,174 @@
+"""The results page: committed table rows and benchmark JSONs → one markdown page with its plots.
+
+Reads only committed files, so the page is regenerated without any run directory:
+
+* accuracy rows (``runs.jsonl`` of :mod:`zotune.bench.accuracy`; each row keeps its dev and loss curves against
+  forward passes): per task, each method's dev-selected test accuracy, the forwards it spent and the forwards it
+  needed to first reach a dev accuracy of zero-shot + ``--gain``;
+* speed/memory JSONs of :mod:`zotune.bench` (step ÷ 2 forwards, peak ÷ inference);
+* plots per task: dev accuracy and training loss against forward passes (matplotlib, the ``plot`` extra).
+
+Example (the committed page comes from this command)::
+
+    python -m zotune.bench.report benchmarks/results/suite-smollm2 \\
+        --speed benchmarks/results/cpu-smollm2-b16x64.json benchmarks/results/cpu-smollm2-b16x64-methods.json \\
+        --out docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.log import atomic_write_text
+from .accuracy import LABELS, _order
+
+
+def load_rows(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The rows of every ``FOLDER/runs.jsonl``, each tagged with the file it came from (a row's run name is unique
+    within a folder; a later folder's row for the same task and run name replaces an earlier one)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for folder in folders:
+        path = Path(folder) / "runs.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no runs.jsonl in {folder} (made by python -m zotune.bench.accuracy)")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                row["source"] = str(path)
+                rows[(row["task"], row["run"])] = row
+    return sorted(rows.values(), key=_order)
+
+
+def label(row: dict[str, Any]) -> str:
+    if row.get("sparse"):
+        sp = row["sparse"]
+        return f"sparse {sp['sparsity']:.1%} {sp['mask']} ({sp['quantize']})"
+    return LABELS.get((row["method"], row["peft"]), f"{row['method']} ({row['peft']})")
+
+
+def forwards_to_reach(row: dict[str, Any], target: float) -> int | None:
+    """Forward passes at the first dev evaluation at or above ``target`` (None: not reached, or no curve)."""
+    for forwards, acc in row.get("curves", {}).get("dev", []):
+        if acc is not None and acc >= target:
+            return forwards
+    return None
+
+
+def _link(path: str, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+def accuracy_section(rows: Sequence[dict[str, Any]], gain: float, base: Path) -> list[str]:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        part = [r for r in rows if r["task"] == task]
+        ref = next((r for r in part if r["peft"] in ("none", "lora", "head") and r.get("zero_shot_test")), part[0])
+        target = ref["zero_shot_dev"] + gain
+        out += [
+            f"### {task} (test n = {ref['test_n']}; zero-shot test {ref.get('zero_shot_test') or 0:.3f}, "
+            f"dev {ref['zero_shot_dev']:.3f})",
+            "",
+            f"| method | test | best dev (step) | forwards (budget) | backwards | forwards to dev ≥ {target:.3f} | "
+            "trained params | peak MiB | row |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in part:
+            reach = forwards_to_reach(r, target)
+            reach_s = "—" if "curves" not in r else (str(reach) if reach is not None else "not reached")
+            peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "—"
+            out.append(
+                f"| {label(r)} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['forwards']} "
+                f"({r['budget']}) | {r['backwards']} | {reach_s} | {r['trainable_parameters']:,} | {peak} | "
+                f"[{r['run']}]({_link(r['source'], base)}) |"
+            )
+        out.append("")
+    return out
+
+
+def speed_section(files: Sequence[str | Path], base: Path) -> list[str]:
+    out = ["| benchmark | ratio | value |", "|---|---|---|"]
+    for f in files:
+        res = json.loads(Path(f).read_text())
+        for key, value in sorted(res.get("ratios", {}).items()):
+            out.append(f"| [{Path(f).name}]({_link(str(f), base)}) | {key} | {value:.3f} |")
+    return out + ["", "Commands: the `command` field of each JSON."]
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """One PNG per task: dev accuracy (left) and training loss (right) against forward passes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        part = [r for r in rows if r["task"] == task and r.get("curves", {}).get("dev")]
+        if not part:
+            continue
+        fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for r in part:
+            dev, loss = r["curves"]["dev"], r["curves"]["loss"]
+            (line,) = ax_dev.plot([f for f, _ in dev], [a for _, a in dev], marker="o", ms=3, label=label(r))
+            if loss:
+                ax_loss.plot([f for f, _ in loss], [v for _, v in loss], color=line.get_color(), lw=1, alpha=0.8)
+        ax_dev.set(xlabel="forward passes", ylabel="dev accuracy", title=f"{task}: dev accuracy")
+        ax_loss.set(xlabel="forward passes", ylabel="training loss", title=f"{task}: training loss (per step)")
+        ax_dev.legend(fontsize=7)
+        fig.tight_layout()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"curves-{task}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def report(folders: Sequence[str | Path], speed: Sequence[str | Path], out: str | Path, gain: float = 0.05) -> str:
+    out = Path(out)
+    base = out.parent
+    rows = load_rows(folders)
+    if not rows:
+        raise ValueError("no rows in the given folders")
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python -m zotune.bench.report` from the committed rows; do not edit by hand.",
+        "",
+    ]
+    lines += ["## Accuracy at one forward-pass budget (dev-selected, seed 0)", ""]
+    lines += accuracy_section(rows, gain, base)
+    if speed:
+        lines += ["## Speed and memory (ratios measured in one process)", ""] + speed_section(speed, base) + [""]
+    try:
+        plots = plot_curves(rows, base / "img")
+    except ImportError:
+        plots = []
+    if plots:
+        lines += ["## Curves against forward passes", ""]
+        lines += [f"![{p.stem}]({_link(str(p), base)})" for p in plots] + [""]
+    text = "\n".join(lines)
+    atomic_write_text(out, text + "\n")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zotune.bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="folders holding runs.jsonl (python -m zotune.bench.accuracy)")
+    p.add_argument("--speed", nargs="*", default=[], help="speed/memory JSONs of python -m zotune.bench")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--gain", type=float, default=0.05, help="'forwards to reach' target: zero-shot dev + gain")
+    a = p.parse_args(argv)
+    print(report(a.folders, a.speed, a.out, a.gain))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
