@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.log import atomic_write_text
+from ..train.plot import _ema
 from .accuracy import LABELS, _order
 
 
@@ -63,7 +64,19 @@ def _link(path: str, base: Path) -> str:
     return os.path.relpath(path, base)
 
 
-def accuracy_section(rows: Sequence[dict[str, Any]], gain: float, base: Path) -> list[str]:
+def load_baselines(files: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Lines of :mod:`zotune.bench.zeroshot` (zero-shot, calibrated, ICL), each tagged with its file."""
+    out = []
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line) | {"source": str(f)})
+    return out
+
+
+def accuracy_section(
+    rows: Sequence[dict[str, Any]], gain: float, base: Path, baselines: Sequence[dict[str, Any]] = ()
+) -> list[str]:
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         part = [r for r in rows if r["task"] == task]
@@ -77,6 +90,11 @@ def accuracy_section(rows: Sequence[dict[str, Any]], gain: float, base: Path) ->
             "trained params | peak MiB | row |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        # zero-shot variants and in-context learning, where they were measured on this very test set (same n)
+        for b in baselines:
+            if b["task"] == task and b["n"] == ref["test_n"] and b["setting"] != "zero-shot":
+                src = f"[{Path(b['source']).name}]({_link(b['source'], base)})"
+                out.append(f"| {b['setting']} | {b['accuracy']:.3f} | — | 0 | 0 | — | 0 | — | {src} |")
         for r in part:
             reach = forwards_to_reach(r, target)
             reach_s = "—" if "curves" not in r else (str(reach) if reach is not None else "not reached")
@@ -115,10 +133,11 @@ def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
         for r in part:
             dev, loss = r["curves"]["dev"], r["curves"]["loss"]
             (line,) = ax_dev.plot([f for f, _ in dev], [a for _, a in dev], marker="o", ms=3, label=label(r))
-            if loss:
-                ax_loss.plot([f for f, _ in loss], [v for _, v in loss], color=line.get_color(), lw=1, alpha=0.8)
+            if loss:  # per-step minibatch losses are noisy: an EMA (0.9), as `zotune plot --smooth 0.9`
+                ys = _ema([v for _, v in loss], 0.9)
+                ax_loss.plot([f for f, _ in loss], ys, color=line.get_color(), lw=1.2)
         ax_dev.set(xlabel="forward passes", ylabel="dev accuracy", title=f"{task}: dev accuracy")
-        ax_loss.set(xlabel="forward passes", ylabel="training loss", title=f"{task}: training loss (per step)")
+        ax_loss.set(xlabel="forward passes", ylabel="training loss", title=f"{task}: training loss (EMA 0.9)")
         ax_dev.legend(fontsize=7)
         fig.tight_layout()
         folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +150,14 @@ def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     return written
 
 
-def report(folders: Sequence[str | Path], speed: Sequence[str | Path], out: str | Path, gain: float = 0.05) -> str:
+def report(
+    folders: Sequence[str | Path],
+    speed: Sequence[str | Path],
+    out: str | Path,
+    gain: float = 0.05,
+    baselines: Sequence[str | Path] = (),
+) -> str:
+    """Write the page to ``out`` (plots to ``out``'s folder/img) and return its text."""
     out = Path(out)
     base = out.parent
     rows = load_rows(folders)
@@ -144,7 +170,7 @@ def report(folders: Sequence[str | Path], speed: Sequence[str | Path], out: str 
         "",
     ]
     lines += ["## Accuracy at one forward-pass budget (dev-selected, seed 0)", ""]
-    lines += accuracy_section(rows, gain, base)
+    lines += accuracy_section(rows, gain, base, load_baselines(baselines))
     if speed:
         lines += ["## Speed and memory (ratios measured in one process)", ""] + speed_section(speed, base) + [""]
     try:
@@ -165,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--speed", nargs="*", default=[], help="speed/memory JSONs of python -m zotune.bench")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--gain", type=float, default=0.05, help="'forwards to reach' target: zero-shot dev + gain")
+    p.add_argument("--baselines", nargs="*", default=[], help="zero-shot/ICL lines of python -m zotune.bench.zeroshot")
     a = p.parse_args(argv)
-    print(report(a.folders, a.speed, a.out, a.gain))
+    print(report(a.folders, a.speed, a.out, a.gain, a.baselines))
     return 0
 
 
