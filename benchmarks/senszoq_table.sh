@@ -27,3 +27,4 @@ for task in $TASKS; do
 done
 
 python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge
+echo "bash benchmarks/senszoq_table.sh" > "$RESULTS/command.txt"  # for the results page (python -m zotune.bench.report)
