@@ -8,10 +8,12 @@
 #   MODEL=path/to/hf-model DEVICE=cuda BUDGET=2000 RESULTS=benchmarks/results/suite-mymodel bash benchmarks/suite.sh
 # Rows (one config each, no grid; the MeZO-family lrs are the ones scanned on SST-2 here, see recipes/README.md):
 #   mezo, mezo-lora, mezo-prefix, lozo, lozo-m, mezo-svrg, sparse-fisher (SensZOQ, 0.1 % over NF4), zofo (Bilevel
-#   ZOFO), fo-lora and fo-full (AdamW; one backward per forward, counted apart). Zero-shot is every run's step 0.
+#   ZOFO), fo-lora and fo-full (AdamW; one backward per forward, counted apart). Zero-shot is every run's step 0;
+#   icl4 (4 in-context demonstrations) and calibrated (content-free calibration) are `zotune eval` on the same test split.
 # Tasks: sst2, rte (MeZO protocol: 500 train / 200 dev from train, test = validation), cb and boolq (FewGLUE: 32 train,
 # 32 dev), sst5 and trec (k-shot, LM-BFF: 16 per class for train and for dev).
-# Results: $RESULTS/{table.md,runs.jsonl}; rows keep their dev and loss curves against forwards.
+# Results: $RESULTS/{table.md,runs.jsonl,baselines/}; rows keep their dev and loss curves against forwards. The page:
+#   python -m zotune.bench.report $RESULTS --baselines $RESULTS/baselines/*.json --out docs/results.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -25,7 +27,17 @@ RESULTS=${RESULTS:-benchmarks/results/suite-smollm2}
 source benchmarks/table_lib.sh
 EXTRA=(--model.name "$MODEL" --model.device "$DEVICE")   # table_lib's run() appends "$@" after its own flags
 
+baseline() {  # baseline TASK NAME [zotune eval flags]: the untrained model on the runs' own test split
+  local task=$1 name=$2; shift 2
+  [ -n "${ONLY:-}" ] && [[ $name != $ONLY* ]] && return
+  [[ " ${SKIP:-} " == *" $task-$name "* ]] && return
+  mkdir -p "$RESULTS/baselines"
+  zotune eval "$MODEL" --device "$DEVICE" $(data_args "$task") "$@" --out "$RESULTS/baselines/$task-$name.json"
+}
+
 for task in $TASKS; do
+  baseline "$task" icl4         --icl 4          # in-context learning: 4 demonstrations from the train split
+  baseline "$task" calibrated   --calibrated     # zero-shot with content-free calibration
   run "$task" mezo 20          "${EXTRA[@]}" --method mezo --mezo.lr 5e-5 --mezo.eps 1e-3
   run "$task" mezo-lora 20     "${EXTRA[@]}" --method mezo --model.peft lora --mezo.lr 3e-3 --mezo.eps 1e-2
   run "$task" mezo-prefix 20   "${EXTRA[@]}" --method mezo --model.peft prefix --mezo.lr 1e-2 --mezo.eps 1e-1

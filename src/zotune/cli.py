@@ -197,6 +197,23 @@ def load_for_eval(target: str, *, dtype: str = "float32", device: str = "auto") 
     return model, tok, None
 
 
+def _data_overrides(p: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
+    """``--data.KEY VALUE`` (or ``--data.KEY=VALUE``) pairs left over by ``p``; anything else is an error."""
+    out, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--data."):
+            p.error(f"unrecognized argument: {arg}")
+        key, eq, value = arg[len("--data.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                p.error(f"{arg} needs a value")
+            value, i = rest[i + 1], i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
 def cmd_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="zotune eval",
@@ -214,18 +231,24 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
-    a = p.parse_args(argv)
+    p.epilog = "Any data.* key of zotune train also works (--data.protocol kshot --data.k 16 --data.n_test 500)."
+    a, rest = p.parse_known_args(argv)
     if a.limit is not None and a.limit < 1 or a.icl < 0 or a.batch_size < 1:
         p.error("--limit and --batch-size must be >= 1, --icl >= 0")
+    data_keys = _data_overrides(p, rest)
+
+    import yaml
 
     from .tasks import evaluate
-    from .train.config import DataConfig
+    from .train.config import DataConfig, run_config_from_dict
     from .train.data import build_splits, resolve_task
 
     model, tok, cfg = load_for_eval(a.target, dtype=a.dtype, device=a.device)
     data = cfg.data if cfg is not None else DataConfig()
     overrides = {"task": a.task, "data_dir": a.data_dir, "seed": a.data_seed}
-    data = DataConfig(**{**data.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    tree = {**data.__dict__, **{k: yaml.safe_load(v) for k, v in data_keys.items()}}
+    tree |= {k: v for k, v in overrides.items() if v is not None}
+    data = run_config_from_dict({"data": tree}).data  # typed and checked as zotune train checks it
     task = resolve_task(data.task)
     splits = build_splits(data, task)
     examples = splits[a.split][: a.limit] if a.limit else splits[a.split]
@@ -242,6 +265,8 @@ def cmd_eval(argv: list[str]) -> int:
         max_length=data.max_length,
     )
     res = {"target": a.target, "task": task.name, "split": a.split, "protocol": splits.protocol, **res}
+    res["calibrated"] = a.calibrated
+    res["setting"] = f"ICL k={a.icl}" if a.icl else ("zero-shot calibrated" if a.calibrated else "zero-shot")
     metric = "f1" if "f1" in res else "accuracy"
     print(f"[zotune] {task.name} {a.split} {metric}: {res[metric]:.4f} (n={res['n']}, truncated {res['n_truncated']})")
     if a.out:

@@ -308,6 +308,13 @@ def test_cli_train_eval_plot(workdir, tmp_path, capsys):
     assert f"fine-tuned test {results['test']:.3f}" in out and "zero-shot test" in out
     assert cli(["eval", str(run), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == results["test"]
+    # the base model on any split a zotune train data.* config describes, with ICL: the suite's baselines
+    argv = ["eval", str(workdir / "model"), "--data.task", str(workdir / "reviews.yaml"), "--data.protocol", "files"]
+    assert cli([*argv, "--icl", "2", "--out", str(tmp_path / "icl.json")]) == 0
+    icl = json.loads((tmp_path / "icl.json").read_text())
+    assert icl["setting"] == "ICL k=2" and icl["n"] == 10 and icl["protocol"].startswith("files")
+    assert cli([*argv, "--data.n_testt", "3"]) == 2
+    assert "unknown key 'data.n_testt' (did you mean 'data.n_test'?)" in capsys.readouterr().err
     assert cli(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert cli(["train", "--config", str(recipe)]) == 2  # the run directory exists

@@ -66,12 +66,16 @@ def _link(path: str, base: Path) -> str:
 
 
 def load_baselines(files: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Lines of :mod:`zotune.bench.zeroshot` (zero-shot, calibrated, ICL), each tagged with its file."""
+    """Zero-shot, calibrated and ICL results: lines of :mod:`zotune.bench.zeroshot`, or ``zotune eval --out`` files;
+    each tagged with its file."""
     out = []
     for f in files:
-        for line in Path(f).read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line) | {"source": str(f)})
+        text = Path(f).read_text()
+        try:  # a `zotune eval --out` file: one JSON object
+            items = [json.loads(text)]
+        except json.JSONDecodeError:  # a zotune.bench.zeroshot file: JSON lines
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        out += [item | {"source": str(f)} for item in items]
     return out
 
 
