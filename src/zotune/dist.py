@@ -6,8 +6,9 @@ same seed everywhere; only losses are exchanged, as float64 scalars. Two ways to
 * **shared direction** (data parallel): each rank computes ℓ± on its own shard of the global batch;
   :func:`global_loss` wraps the closure so that both losses are the global batch's (a weighted mean of the shards'),
   and every rank applies the identical update. 32 bytes sent per rank per step, whatever the model size.
-* **independent directions** (n-SPSA with n = N): :class:`RankDirections` makes rank r measure direction r only, on
-  its own data; the 2N losses are all-gathered and every rank applies all N updates. The variance of ĝ drops ≈ N×
+  :func:`sharded` builds such a closure from a loss function and the step's global micro-batches.
+* **independent directions** (n-SPSA with n = N): :class:`RankDirections` (:func:`use_rank_directions` switches a
+  MeZO optimizer to it) makes rank r measure direction r only, on its own data; the 2N losses are all-gathered and every rank applies all N updates. The variance of ĝ drops ≈ N×
   at the wall-clock of 2 forwards. Ranks repeat the weight passes of the other directions without their forwards,
   so every rank ends bit for bit where single-process ``TwoPoint(num_directions=N)`` would, and the update log
   replays on one process.
@@ -17,7 +18,9 @@ may differ between ranks), so every rank sees bit-identical losses, hence bit-id
 timeout so that a collective fails instead of hanging when a rank dies; :func:`check_in_sync` verifies cheaply (three
 int64 per rank) that the ranks still hold identical weights; :data:`COUNTER` counts the bytes each collective moves.
 
-Under ``torchrun`` (``torchrun --nproc-per-node 2 train_dp.py``; plain ``python train_dp.py`` runs it on one process)::
+``zotune train`` does all of this when launched with ``torchrun --no-python --nproc-per-node N zotune train ...``
+(``train.distributed: shared | independent``). In your own loop, under ``torchrun`` (``torchrun --nproc-per-node 2
+train_dp.py``; plain ``python train_dp.py`` runs it on one process)::
 
     import torch, zotune
     import zotune.dist as zd
