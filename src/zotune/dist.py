@@ -8,8 +8,8 @@ same seed everywhere; only losses are exchanged, as float64 scalars. Two ways to
   and every rank applies the identical update. 32 bytes sent per rank per step, whatever the model size.
   :func:`sharded` builds such a closure from a loss function and the step's global micro-batches.
 * **independent directions** (n-SPSA with n = N): :class:`RankDirections` (:func:`use_rank_directions` switches a
-  MeZO optimizer to it) makes rank r measure direction r only, on its own data; the 2N losses are all-gathered and every rank applies all N updates. The variance of ĝ drops ≈ N×
-  at the wall-clock of 2 forwards. Ranks repeat the weight passes of the other directions without their forwards,
+  MeZO optimizer to it) makes rank r measure direction r only, on its own data; the 2N losses are all-gathered
+  and every rank applies all N updates. The variance of ĝ drops ≈ N× at the wall-clock of 2 forwards. Ranks repeat the weight passes of the other directions without their forwards,
   so every rank ends bit for bit where single-process ``TwoPoint(num_directions=N)`` would, and the update log
   replays on one process.
 
