@@ -7,11 +7,11 @@ same seed everywhere; only losses are exchanged, as float64 scalars. Two ways to
   :func:`global_loss` wraps the closure so that both losses are the global batch's (a weighted mean of the shards'),
   and every rank applies the identical update. 32 bytes sent per rank per step, whatever the model size.
   :func:`sharded` builds such a closure from a loss function and the step's global micro-batches.
-* **independent directions** (n-SPSA with n = N): :class:`RankDirections` (:func:`use_rank_directions` switches a
-  MeZO optimizer to it) makes rank r measure direction r only, on its own data; the 2N losses are all-gathered
-  and every rank applies all N updates. The variance of ĝ drops ≈ N× at the wall-clock of 2 forwards. Ranks repeat the weight passes of the other directions without their forwards,
-  so every rank ends bit for bit where single-process ``TwoPoint(num_directions=N)`` would, and the update log
-  replays on one process.
+* **independent directions** (n-SPSA with n = N): :class:`RankDirections` (:func:`use_rank_directions` switches a MeZO
+  optimizer to it) makes rank r measure direction r only, on its own data; the 2N losses are all-gathered and every
+  rank applies all N updates. The variance of ĝ drops ≈ N× at the wall-clock of 2 forwards. Ranks repeat the weight
+  passes of the other directions without their forwards, so every rank ends bit for bit where single-process
+  ``TwoPoint(num_directions=N)`` would, and the update log replays on one process.
 
 Losses are combined by an all-gather and summed in rank order on every rank (not an all-reduce, whose reduction order
 may differ between ranks), so every rank sees bit-identical losses, hence bit-identical updates. :func:`init` sets a
