@@ -234,7 +234,7 @@ def check_resident(trained: dict[str, torch.Tensor], cfg: Any) -> None:
         )
 
 
-def check_resume_world(cfg: Any, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def check_resume_world(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A resumed ZO run must keep its estimator: independent directions fix n = the number of ranks."""
     head = json.loads(saved["zo"]["log"][0])
     then, now = head.get("estimator"), opt.update_log.header.get("estimator")
@@ -333,7 +333,7 @@ class Metrics:
 
     def __init__(self, run: Path, tensorboard: bool, enabled: bool = True) -> None:
         self.path = run / "metrics.jsonl"
-        self.enabled = enabled  # False on ranks other than 0: one writer per run directory
+        # enabled=False on ranks other than 0: one writer per run directory
         self.file = open(self.path, "a") if enabled else None  # noqa: SIM115 (kept open for the run)
         self.tb = None
         if tensorboard and enabled:
@@ -580,7 +580,7 @@ def _train(cfg: Any, argv: Sequence[str] | None) -> dict[str, Any]:
         blobs, meta = zd.broadcast_object(loaded)
         zd.broadcast_parameters(list(trained.items()))
         if cfg.is_zo:
-            check_resume_world(cfg, opt, blobs["optimizer"])
+            check_resume_world(opt, blobs["optimizer"])
         opt.load_state_dict(blobs["optimizer"])
         sched.load_state_dict(blobs["scheduler"])
         torch.set_rng_state(blobs["rng"])
