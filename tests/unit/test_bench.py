@@ -11,6 +11,7 @@ from test_train import config
 from zotune.bench.accuracy import main as accuracy_main
 from zotune.bench.peft_memory import bench_peft_memory
 from zotune.bench.peft_memory import format_table as peft_table
+from zotune.bench.report import speed_rows
 from zotune.bench.speed import bench_speed_memory, format_table
 from zotune.train import run_config_from_dict, train
 
@@ -21,6 +22,10 @@ def test_speed_bench_measures_every_method(workdir):
     assert expected <= res["ratios"].keys()
     assert all(math.isfinite(v) and v > 0 for v in res["ratios"].values())
     assert len(res["rounds"]["forward"]) == 1 and "LOZO-M step" in format_table(res)
+    methods, other = speed_rows(res)  # the results page's per-method table reads these keys
+    assert {"mezo_gaussian", "lozo", "lozo_m", "svrg", "adamw", "reference"} <= methods.keys()
+    assert methods["svrg"]["forwards"] == 6 and methods["lozo"]["step"] == res["ratios"]["lozo_step_over_2fwd"]
+    assert all("peak" in m for m in methods.values()) and not other
 
 
 def test_peft_memory_bench_measures_zofo_against_lora_and_full(workdir):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,12 +125,60 @@ def sources_section(folders: Sequence[str | Path], base: Path) -> list[str]:
     return out + [""]
 
 
+# ratio-key stems of the speed/memory JSONs → the method they measure
+SPEED_LABELS = {
+    "mezo_gaussian": "MeZO (Gaussian z)",
+    "mezo_rademacher": "MeZO (Rademacher z)",
+    "reference": "MeZO, the reference code's loop",
+    "adamw": "FO full (AdamW)",
+    "fo_full": "FO full (AdamW)",
+    "lozo": "LOZO",
+    "lozo_inplace": "LOZO (in-place variant)",
+    "lozo_m": "LOZO-M",
+    "svrg": "MeZO-SVRG",
+    "sparse_zo": "SensZOQ: sparse 0.1 % over NF4",
+    "mezo_lora": "MeZO-LoRA",
+    "fo_lora": "FO-LoRA (AdamW)",
+    "zofo": "Bilevel ZOFO",
+    "zofo_no_release": "Bilevel ZOFO without the heap trim",
+}
+_STEP = re.compile(r"^(?:(.+)_)?step_over_(\d+)fwd$")  # a bare `step_over_2fwd` is the sparse benchmark's
+_PEAK = re.compile(r"^peak_(.+)_over_(fp32_)?inference$")  # fp32_: the sparse benchmark's base is NF4
+
+
+def speed_rows(res: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Split one benchmark JSON's ratios into per-method {step, forwards, peak} and the other ratios."""
+    methods: dict[str, dict[str, Any]] = {}
+    other = {}
+    for key, value in sorted(res.get("ratios", {}).items()):
+        if (m := _STEP.match(key)) and (m.group(1) or "sparse_zo") in SPEED_LABELS:
+            methods.setdefault(m.group(1) or "sparse_zo", {}).update(step=value, forwards=int(m.group(2)))
+        elif (m := _PEAK.match(key)) and m.group(1) in SPEED_LABELS:
+            methods.setdefault(m.group(1), {}).update(peak=value, fp32=bool(m.group(2)))
+        else:
+            other[key] = value
+    return methods, other
+
+
 def speed_section(files: Sequence[str | Path], base: Path) -> list[str]:
-    out = ["| benchmark | ratio | value |", "|---|---|---|"]
+    """Per method: step time ÷ the forwards it needs and peak memory ÷ inference, each from one process; then every
+    other ratio of the files."""
+    out = [
+        "| method | step time ÷ (n × forward) | peak memory ÷ inference | setting | benchmark |",
+        "|---|---|---|---|---|",
+    ]
+    rest = []
     for f in files:
         res = json.loads(Path(f).read_text())
-        for key, value in sorted(res.get("ratios", {}).items()):
-            out.append(f"| [{Path(f).name}]({_link(str(f), base)}) | {key} | {value:.3f} |")
+        link = f"[{Path(f).name}]({_link(str(f), base)})"
+        setting = f"{res.get('device', '?')} {res.get('dtype', 'float32')}, batch {res['batch']} × {res['seq']} tokens"
+        methods, other = speed_rows(res)
+        for name, m in methods.items():
+            step = f"{m['step']:.2f} (n = {m['forwards']})" if "step" in m else "—"
+            peak = f"{m['peak']:.2f}" + (" (÷ fp32 inference)" if m.get("fp32") else "") if "peak" in m else "—"
+            out.append(f"| {SPEED_LABELS[name]} | {step} | {peak} | {setting} | {link} |")
+        rest += [f"| {link} | {key} | {value:.3f} |" for key, value in other.items()]
+    out += ["", "Other ratios of the same files:", "", "| benchmark | ratio | value |", "|---|---|---|", *rest]
     return out + ["", "Commands: the `command` field of each JSON."]
 
 
