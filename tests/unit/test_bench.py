@@ -66,3 +66,36 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     assert forwards_to_reach(mezo, 2.0) is None
     assert "| MeZO (full) |" in page and "| Bilevel ZOFO |" in page and "](../t/runs.jsonl)" in page
     assert (tmp_path / "docs" / "img" / "curves-reviews.png").stat().st_size > 0
+    # the regeneration check: the same rows pass; a test accuracy 20 % off fails at 10 %, passes at 25 %
+    from zotune.bench.compare import main as compare_main
+
+    assert compare_main([str(tmp_path / "t"), str(tmp_path / "t")]) == 0
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    rows[0]["test"] = rows[0]["test"] * 1.2 if rows[0]["test"] else 0.5
+    (shifted / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
+    capsys.readouterr()
+    assert compare_main([str(tmp_path / "t"), str(shifted)]) == 1
+    out = capsys.readouterr().out
+    assert "**NO**" in out and "not compared" in out  # the zofo row was not rerun: listed, not failed
+    assert compare_main([str(tmp_path / "t"), str(shifted), "--tol", "0.25"]) == 0
+    assert compare_main([str(tmp_path / "t"), str(shifted), "--tol", "0.25", "--strict"]) == 1
+
+
+def test_compare_refuses_bad_input(tmp_path, capsys):
+    import pytest
+
+    from zotune.bench.compare import main as compare_main
+
+    (tmp_path / "a.json").write_text(json.dumps({"ratios": {"x_step_over_2fwd": 1.0}}))
+    (tmp_path / "none.json").write_text(json.dumps({"forward_s": 1.0}))
+    for args, message in [
+        ([str(tmp_path / "a.json"), str(tmp_path / "missing")], "neither a results folder"),
+        ([str(tmp_path / "a.json"), str(tmp_path / "none.json")], "has no 'ratios'"),
+        ([str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--tol", "1.5"], "tol must be in [0, 1)"),
+        ([str(tmp_path / "a.json"), str(tmp_path)], "no runs.jsonl"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            compare_main(args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
