@@ -160,6 +160,17 @@ def speed_rows(res: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str
     return methods, other
 
 
+def _spread(res: dict[str, Any], name: str, m: dict[str, Any]) -> str:
+    """The range of the per-round ratios behind a median (the JSON's interleaved ``rounds``), when it has them: how
+    much a timing ratio moves on this machine from one round to the next."""
+    rounds = res.get("rounds", {})
+    steps, fwds = rounds.get(name), rounds.get("forward")
+    if not steps or not fwds or len(steps) != len(fwds) or len(steps) < 2:
+        return ""
+    per = [t / (m["forwards"] * f) for t, f in zip(steps, fwds, strict=True)]
+    return f"; rounds {min(per):.2f}–{max(per):.2f}"
+
+
 def speed_section(files: Sequence[str | Path], base: Path) -> list[str]:
     """Per method: step time ÷ the forwards it needs and peak memory ÷ inference, each from one process; then every
     other ratio of the files."""
@@ -174,7 +185,7 @@ def speed_section(files: Sequence[str | Path], base: Path) -> list[str]:
         setting = f"{res.get('device', '?')} {res.get('dtype', 'float32')}, batch {res['batch']} × {res['seq']} tokens"
         methods, other = speed_rows(res)
         for name, m in methods.items():
-            step = f"{m['step']:.2f} (n = {m['forwards']})" if "step" in m else "—"
+            step = f"{m['step']:.2f} (n = {m['forwards']}{_spread(res, name, m)})" if "step" in m else "—"
             peak = f"{m['peak']:.2f}" + (" (÷ fp32 inference)" if m.get("fp32") else "") if "peak" in m else "—"
             out.append(f"| {SPEED_LABELS[name]} | {step} | {peak} | {setting} | {link} |")
         rest += [f"| {link} | {key} | {value:.3f} |" for key, value in other.items()]
