@@ -6,7 +6,8 @@
 #   TASKS="sst2" ONLY=lozo bash benchmarks/suite.sh            # rows whose name starts with "lozo"
 #   SKIP="sst2-mezo sst2-fo-lora" bash benchmarks/suite.sh     # skip runs whose rows are already in runs.jsonl
 #   MODEL=path/to/hf-model DEVICE=cuda BUDGET=2000 RESULTS=benchmarks/results/suite-mymodel bash benchmarks/suite.sh
-# Rows (one config each, no grid; the MeZO-family lrs are the ones scanned on SST-2 here, see recipes/README.md):
+# Rows (one config each, no grid; the MeZO-family lrs are the ones scanned on SST-2 dev here, see recipes/README.md;
+# MeZO-prefix's 1e-1 comes from benchmarks/prefix_scan.sh, the paper's 1e-2 leaving the prefix in place at this budget):
 #   mezo, mezo-lora, mezo-prefix, lozo, lozo-m, mezo-svrg, sparse-fisher (SensZOQ, 0.1 % over NF4), zofo (Bilevel
 #   ZOFO), fo-lora and fo-full (AdamW; one backward per forward, counted apart). Zero-shot is every run's step 0;
 #   icl4 (4 in-context demonstrations) and calibrated (content-free calibration) are `zotune eval` on the same test split.
@@ -40,7 +41,7 @@ for task in $TASKS; do
   baseline "$task" calibrated   --calibrated     # zero-shot with content-free calibration
   run "$task" mezo 20          "${EXTRA[@]}" --method mezo --mezo.lr 5e-5 --mezo.eps 1e-3
   run "$task" mezo-lora 20     "${EXTRA[@]}" --method mezo --model.peft lora --mezo.lr 3e-3 --mezo.eps 1e-2
-  run "$task" mezo-prefix 20   "${EXTRA[@]}" --method mezo --model.peft prefix --mezo.lr 1e-2 --mezo.eps 1e-1
+  run "$task" mezo-prefix 20   "${EXTRA[@]}" --method mezo --model.peft prefix --mezo.lr 1e-1 --mezo.eps 1e-1
   run "$task" lozo 20          "${EXTRA[@]}" --method lozo --lozo.lr 5e-5 --lozo.eps 1e-3 --lozo.rank 2 \
       --lozo.refresh_every 50
   run "$task" lozo-m 20        "${EXTRA[@]}" --method lozo_m --lozo_m.lr 5e-5 --lozo_m.eps 1e-3 --lozo_m.rank 2 \

@@ -93,25 +93,33 @@ def accuracy_section(
             f"dev {ref['zero_shot_dev']:.3f})",
             "",
             f"| method | test | best dev (step) | forwards (budget) | backwards | forwards to dev ≥ {target:.3f} | "
-            "trained params | peak MiB | row |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "trained params | lr | peak MiB | row |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         # zero-shot variants and in-context learning, where they were measured on this very test set (same n)
         for b in baselines:
             if b["task"] == task and b["n"] == ref["test_n"] and b["setting"] != "zero-shot":
                 src = f"[{Path(b['source']).name}]({_link(b['source'], base)})"
-                out.append(f"| {b['setting']} | {b['accuracy']:.3f} | — | 0 | 0 | — | 0 | — | {src} |")
+                out.append(f"| {b['setting']} | {b['accuracy']:.3f} | — | 0 | 0 | — | 0 | — | — | {src} |")
         for r in part:
             reach = forwards_to_reach(r, target)
             reach_s = "—" if "curves" not in r else (str(reach) if reach is not None else "not reached")
             peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "—"
             out.append(
                 f"| {label(r)} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['forwards']} "
-                f"({r['budget']}) | {r['backwards']} | {reach_s} | {r['trainable_parameters']:,} | {peak} | "
-                f"[{r['run']}]({_link(r['source'], base)}) |"
+                f"({r['budget']}) | {r['backwards']} | {reach_s} | {r['trainable_parameters']:,} | {_lr(r)} | "
+                f"{peak} | [{r['run']}]({_link(r['source'], base)}) |"
             )
         out.append("")
     return out
+
+
+def _lr(row: dict[str, Any]) -> str:
+    """The row's learning rate(s): ZOFO has three (the base's ZO step, the lower and the upper adapters')."""
+    h = row.get("hparams", {})
+    if "lr_lower" in h:
+        return f"{h['lr']:g} / {h['lr_lower']:g} / {h['lr_upper']:g}"
+    return f"{h['lr']:g}" if "lr" in h else "—"
 
 
 def sources_section(folders: Sequence[str | Path], base: Path) -> list[str]:
