@@ -99,3 +99,15 @@ def test_compare_refuses_bad_input(tmp_path, capsys):
             compare_main(args)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert compare_main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+
+
+def test_report_refuses_a_folder_without_rows(tmp_path, capsys):
+    import pytest
+
+    from zotune.bench.report import main as report_main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        report_main([str(tmp_path / "empty"), "--out", str(tmp_path / "page.md")])
+    assert e.value.code == 2 and "no runs.jsonl in" in capsys.readouterr().err
+    assert not (tmp_path / "page.md").exists()

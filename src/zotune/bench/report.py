@@ -280,8 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gain", type=float, default=0.05, help="'forwards to reach' target: zero-shot dev + gain")
     p.add_argument("--baselines", nargs="*", default=[], help="zero-shot/ICL lines of python -m zotune.bench.zeroshot")
     a = p.parse_args(argv)
-    argv = list(argv) if argv is not None else sys.argv[1:]
-    print(report(a.folders, a.speed, a.out, a.gain, a.baselines, "python -m zotune.bench.report " + " ".join(argv)))
+    command = "python -m zotune.bench.report " + " ".join(list(argv) if argv is not None else sys.argv[1:])
+    try:
+        text = report(a.folders, a.speed, a.out, a.gain, a.baselines, command)
+    except (OSError, ValueError, KeyError) as e:  # a missing folder or file, a malformed row: nothing is written
+        p.error(str(e))
+    print(text)
     return 0
 
 
