@@ -65,6 +65,7 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     assert forwards_to_reach(mezo, mezo["zero_shot_dev"]) == 0  # step 0 already reaches zero-shot dev
     assert forwards_to_reach(mezo, 2.0) is None
     assert "| MeZO (full) |" in page and "| Bilevel ZOFO |" in page and "](../t/runs.jsonl)" in page
+    assert f"| zero-shot | {mezo['zero_shot_test']:.3f} |" in page
     assert (tmp_path / "docs" / "img" / "curves-reviews.png").stat().st_size > 0
     # the regeneration check: the same rows pass; a test accuracy 20 % off fails at 10 %, passes at 25 %
     from zotune.bench.compare import main as compare_main

@@ -96,6 +96,11 @@ def accuracy_section(
             "trained params | lr | peak MiB | row |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        if ref.get("zero_shot_test") is not None:  # every run's step 0, evaluated on the same dev and test sets
+            out.append(
+                f"| zero-shot | {ref['zero_shot_test']:.3f} | {ref['zero_shot_dev']:.3f} (0) | 0 | 0 | 0 | 0 | — | "
+                f"— | step 0 of [{ref['run']}]({_link(ref['source'], base)}) |"
+            )
         # zero-shot variants and in-context learning, where they were measured on this very test set (same n)
         for b in baselines:
             if b["task"] == task and b["n"] == ref["test_n"] and b["setting"] != "zero-shot":
