@@ -54,6 +54,13 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
         assert dev[0][0] == 0 and dev[-1][0] == r["forwards"] and max(a for _, a in dev) == r["best_dev"]
         assert len(loss) == r["steps"] and all(f2 > f1 for (f1, _), (f2, _) in zip(loss, loss[1:], strict=False))
         assert r["peak_mem_mb"] > 0 and r["median_step_seconds"] > 0
+    # each row keeps its full config as a recipe: training from it gives the row's numbers again
+    from zotune.cli import parse_train_args
+
+    again = train(parse_train_args(["--config", str(tmp_path / "t" / "configs" / "mezo.yaml"),
+                                    "--out", str(tmp_path / "again")]))  # fmt: skip
+    redo = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again is not None and (redo["test"], redo["best_dev"]) == (rows[0]["test"], rows[0]["best_dev"])
     # the results page is made from the committed rows alone (the run folders are deleted first)
     import shutil
 
@@ -65,7 +72,7 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     assert forwards_to_reach(mezo, mezo["zero_shot_dev"]) == 0  # step 0 already reaches zero-shot dev
     assert forwards_to_reach(mezo, 2.0) is None
     assert "| MeZO (full) |" in page and "| Bilevel ZOFO |" in page and "](../t/runs.jsonl)" in page
-    assert f"| zero-shot | {mezo['zero_shot_test']:.3f} |" in page
+    assert f"| zero-shot | {mezo['zero_shot_test']:.3f} |" in page and " · [config](../t/configs/zofo.yaml)" in page
     assert (tmp_path / "docs" / "img" / "curves-reviews.png").stat().st_size > 0
     # the regeneration check: the same rows pass; a test accuracy 20 % off fails at 10 %, passes at 25 %
     from zotune.bench.compare import main as compare_main

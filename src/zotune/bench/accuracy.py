@@ -49,6 +49,19 @@ def summarize(run: str | Path) -> dict[str, Any]:
     }
 
 
+def save_config(run: Path, dest: Path) -> None:
+    """The run's ``config.yaml`` as a recipe: the same config, minus how that run was started (``resume``,
+    ``overwrite``), so that ``zotune train --config DEST`` makes the same run again in a fresh ``out``."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("resume", "overwrite", "allow_config_change"):
+        cfg.pop(key, None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# the config of run {run.name}, written by python -m zotune.bench.accuracy\n"
+    atomic_write_text(dest, header + yaml.safe_dump(cfg, sort_keys=False))
+
+
 def _curves(path: Path) -> dict[str, Any]:
     """The run's curves against forward passes, kept in the row so that plots and "forwards to reach a dev accuracy"
     can be made from the committed rows once the run folder is gone: dev and test evaluations, the training loss
@@ -139,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("no finished run (results.json) among the given folders")
     rows.sort(key=_order)
     out.mkdir(parents=True, exist_ok=True)
+    for r in a.runs:  # each row's full config, runnable as is: zotune train --config OUT/configs/RUN.yaml
+        if (Path(r) / "results.json").exists():
+            save_config(Path(r), out / "configs" / f"{Path(r).name}.yaml")
     atomic_write_text(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "table.md", table(rows) + "\n")
     print(table(rows))

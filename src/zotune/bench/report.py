@@ -113,10 +113,16 @@ def accuracy_section(
             out.append(
                 f"| {label(r)} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['forwards']} "
                 f"({r['budget']}) | {r['backwards']} | {reach_s} | {r['trainable_parameters']:,} | {_lr(r)} | "
-                f"{peak} | [{r['run']}]({_link(r['source'], base)}) |"
+                f"{peak} | [{r['run']}]({_link(r['source'], base)}){_config_link(r, base)} |"
             )
         out.append("")
     return out
+
+
+def _config_link(row: dict[str, Any], base: Path) -> str:
+    """A link to the row's full config (``configs/RUN.yaml`` beside its runs.jsonl), when it was kept."""
+    cfg = Path(row["source"]).parent / "configs" / f"{row['run']}.yaml"
+    return f" · [config]({_link(str(cfg), base)})" if cfg.is_file() else ""
 
 
 def _lr(row: dict[str, Any]) -> str:
