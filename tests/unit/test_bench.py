@@ -64,13 +64,16 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
     # the results page is made from the committed rows alone (the run folders are deleted first)
     import shutil
 
-    from zotune.bench.report import forwards_to_reach, report
+    from zotune.bench.report import forwards_to_reach, labels, report
 
     shutil.rmtree(tmp_path / "mezo")
     page = report([tmp_path / "t"], [], tmp_path / "docs" / "results.md", gain=0.0)
     mezo = rows[0]
     assert forwards_to_reach(mezo, mezo["zero_shot_dev"]) == 0  # step 0 already reaches zero-shot dev
     assert forwards_to_reach(mezo, 2.0) is None
+    scan = [mezo, {**mezo, "run": "mezo-lr1", "hparams": {**mezo["hparams"], "lr": 1.0}}, rows[1]]
+    assert labels(scan) == {"mezo": f"MeZO (full), lr {mezo['hparams']['lr']:g}", "mezo-lr1": "MeZO (full), lr 1",
+                            "zofo": "Bilevel ZOFO"}  # fmt: skip
     assert "| MeZO (full) |" in page and "| Bilevel ZOFO |" in page and "](../t/runs.jsonl)" in page
     assert f"| zero-shot | {mezo['zero_shot_test']:.3f} |" in page and " · [config](../t/configs/zofo.yaml)" in page
     assert (tmp_path / "docs" / "img" / "curves-reviews.png").stat().st_size > 0

@@ -54,6 +54,15 @@ def label(row: dict[str, Any]) -> str:
     return LABELS.get((row["method"], row["peft"]), f"{row['method']} ({row['peft']})")
 
 
+def labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Each row's label by run name; rows of one task that share a label (an lr scan) get their lr appended."""
+    out = {r["run"]: label(r) for r in rows}
+    for r in rows:
+        if sum(label(o) == label(r) for o in rows) > 1:
+            out[r["run"]] = f"{label(r)}, lr {_lr(r)}"
+    return out
+
+
 def forwards_to_reach(row: dict[str, Any], target: float) -> int | None:
     """Forward passes at the first dev evaluation at or above ``target`` (None: not reached, or no curve)."""
     for forwards, acc in row.get("curves", {}).get("dev", []):
@@ -106,12 +115,13 @@ def accuracy_section(
             if b["task"] == task and b["n"] == ref["test_n"] and b["setting"] != "zero-shot":
                 src = f"[{Path(b['source']).name}]({_link(b['source'], base)})"
                 out.append(f"| {b['setting']} | {b['accuracy']:.3f} | — | 0 | 0 | — | 0 | — | — | {src} |")
+        names = labels(part)
         for r in part:
             reach = forwards_to_reach(r, target)
             reach_s = "—" if "curves" not in r else (str(reach) if reach is not None else "not reached")
             peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "—"
             out.append(
-                f"| {label(r)} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['forwards']} "
+                f"| {names[r['run']]} | {r['test']:.3f} | {r['best_dev']:.3f} ({r['best_step']}) | {r['forwards']} "
                 f"({r['budget']}) | {r['backwards']} | {reach_s} | {r['trainable_parameters']:,} | {_lr(r)} | "
                 f"{peak} | [{r['run']}]({_link(r['source'], base)}){_config_link(r, base)} |"
             )
@@ -225,9 +235,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
         if not part:
             continue
         fig, (ax_dev, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = labels(part)
         for r in part:
             dev, loss = r["curves"]["dev"], r["curves"]["loss"]
-            (line,) = ax_dev.plot([f for f, _ in dev], [a for _, a in dev], marker="o", ms=3, label=label(r))
+            (line,) = ax_dev.plot([f for f, _ in dev], [a for _, a in dev], marker="o", ms=3, label=names[r["run"]])
             if loss:  # per-step minibatch losses are noisy: an EMA (0.9), as `zotune plot --smooth 0.9`
                 ys = _ema([v for _, v in loss], 0.9)
                 ax_loss.plot([f for f, _ in loss], ys, color=line.get_color(), lw=1.2)
