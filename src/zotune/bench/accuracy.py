@@ -141,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--merge", action="store_true", help="keep the rows already in OUT/runs.jsonl of runs not given here"
     )
     a = p.parse_args(argv)
-    rows = [summarize(r) for r in a.runs if (Path(r) / "results.json").exists()]
+    finished = [Path(r) for r in a.runs if (Path(r) / "results.json").exists()]
+    rows = [summarize(r) for r in finished]
     out = Path(a.out)
     if a.merge and (out / "runs.jsonl").exists():
         # runs are deterministic, so a row made earlier (its run folder since deleted) stands for its run
@@ -152,9 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("no finished run (results.json) among the given folders")
     rows.sort(key=_order)
     out.mkdir(parents=True, exist_ok=True)
-    for r in a.runs:  # each row's full config, runnable as is: zotune train --config OUT/configs/RUN.yaml
-        if (Path(r) / "results.json").exists():
-            save_config(Path(r), out / "configs" / f"{Path(r).name}.yaml")
+    for r in finished:  # each row's full config, runnable as is: zotune train --config OUT/configs/RUN.yaml
+        save_config(r, out / "configs" / f"{r.name}.yaml")
     atomic_write_text(out / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "table.md", table(rows) + "\n")
     print(table(rows))

@@ -26,15 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .report import load_rows
+
 ROW_FIGURES = ("test", "best_dev", "zero_shot_test", "zero_shot_dev")
-
-
-def _rows(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    path = folder / "runs.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no runs.jsonl in {folder} (made by python -m zotune.bench.accuracy)")
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {(r["task"], r["run"]): r for r in rows}
 
 
 def figures(path: str | Path) -> dict[str, float]:
@@ -42,8 +36,8 @@ def figures(path: str | Path) -> dict[str, float]:
     path = Path(path)
     if path.is_dir():
         return {
-            f"{task}/{run}:{key}": float(row[key])
-            for (task, run), row in _rows(path).items()
+            f"{row['task']}/{row['run']}:{key}": float(row[key])
+            for row in load_rows([path])
             for key in ROW_FIGURES
             if row.get(key) is not None
         }

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,9 @@ def label(row: dict[str, Any]) -> str:
 
 def labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """Each row's label by run name; rows of one task that share a label (an lr scan) get their lr appended."""
-    out = {r["run"]: label(r) for r in rows}
-    for r in rows:
-        if sum(label(o) == label(r) for o in rows) > 1:
-            out[r["run"]] = f"{label(r)}, lr {_lr(r)}"
-    return out
+    names = {r["run"]: label(r) for r in rows}
+    shared = {name for name, n in Counter(names.values()).items() if n > 1}
+    return {r["run"]: f"{name}, lr {_lr(r)}" if (name := names[r["run"]]) in shared else name for r in rows}
 
 
 def forwards_to_reach(row: dict[str, Any], target: float) -> int | None:
