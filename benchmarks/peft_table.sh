@@ -27,4 +27,4 @@ for task in $TASKS; do
       --zofo.lr_lower 1e-3 --zofo.lr_upper 1e-3 --zofo.lam 1.0 --zofo.inner_steps 3
 done
 
-python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge
+summarize

@@ -20,5 +20,4 @@ for lr in $LRS; do
   run sst2 "mezo-prefix-lr$lr" 20 --method mezo --model.peft prefix --mezo.lr "$lr" --mezo.eps 1e-1
 done
 
-python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge
-echo "bash benchmarks/prefix_scan.sh" > "$RESULTS/command.txt"  # for the results page (python -m zotune.bench.report)
+summarize

@@ -26,5 +26,4 @@ for task in $TASKS; do
   run "$task" mezo 20              --method mezo --mezo.lr 5e-5 --mezo.eps 1e-3
 done
 
-python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge
-echo "bash benchmarks/senszoq_table.sh" > "$RESULTS/command.txt"  # for the results page (python -m zotune.bench.report)
+summarize

@@ -30,6 +30,7 @@ EXTRA=(--model.name "$MODEL" --model.device "$DEVICE")   # table_lib's run() app
 
 baseline() {  # baseline TASK NAME [zotune eval flags]: the untrained model on the runs' own test split
   local task=$1 name=$2; shift 2
+  [ -n "${CONFIG_ONLY:-}" ] && return
   [ -n "${ONLY:-}" ] && [[ $name != $ONLY* ]] && return
   [[ " ${SKIP:-} " == *" $task-$name "* ]] && return
   mkdir -p "$RESULTS/baselines"
@@ -56,5 +57,4 @@ for task in $TASKS; do
   run "$task" fo-full 40       "${EXTRA[@]}" --method adamw --adamw.lr 1e-5
 done
 
-python -m zotune.bench.accuracy "$OUT"/* --out "$RESULTS" --merge
-echo "bash benchmarks/suite.sh" > "$RESULTS/command.txt"  # for the results page (python -m zotune.bench.report)
+summarize

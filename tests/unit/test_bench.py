@@ -122,3 +122,29 @@ def test_report_refuses_a_folder_without_rows(tmp_path, capsys):
         report_main([str(tmp_path / "empty"), "--out", str(tmp_path / "page.md")])
     assert e.value.code == 2 and "no runs.jsonl in" in capsys.readouterr().err
     assert not (tmp_path / "page.md").exists()
+
+
+def test_config_only_rebuilds_the_recipe_a_run_keeps(workdir, tmp_path, capsys):
+    """Rows whose run folder is gone get their config back from the benchmark's command (``CONFIG_ONLY=1``): the
+    rebuilt recipe equals the one the run itself keeps, and bad arguments write nothing."""
+    import yaml
+
+    from zotune.bench.accuracy import save_config
+    from zotune.cli import parse_train_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config(workdir, tmp_path / "unused")))
+    argv = ["--config", str(recipe), "--train.max_forwards", "4", "--mezo.lr", "3e-3", "--out", str(tmp_path / "run")]
+    train(parse_train_args([*argv, "--overwrite", "true"]))
+    save_config(tmp_path / "run", tmp_path / "kept.yaml")
+    assert accuracy_main(["--config-only", str(tmp_path / "rebuilt.yaml"), *argv]) == 0
+
+    def body(path):  # the header line says where the recipe came from; the config below it must be the same
+        return yaml.safe_load(path.read_text())
+
+    assert body(tmp_path / "rebuilt.yaml") == body(tmp_path / "kept.yaml")
+    assert body(tmp_path / "rebuilt.yaml")["mezo"]["lr"] == 3e-3
+    capsys.readouterr()
+    assert accuracy_main(["--config-only", str(tmp_path / "bad.yaml"), *argv, "--mezo.lrr", "1"]) == 2
+    assert "mezo.lr" in capsys.readouterr().err and not (tmp_path / "bad.yaml").exists()
+    assert accuracy_main(["--config-only", str(tmp_path / "bad.yaml")]) == 2

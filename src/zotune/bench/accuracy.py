@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,30 @@ def save_config(run: Path, dest: Path) -> None:
     import yaml
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
+    _write_recipe(cfg, dest, f"# the config of run {run.name}, written by python -m zotune.bench.accuracy\n")
+
+
+def config_from_command(argv: Sequence[str], dest: Path) -> None:
+    """The recipe that ``save_config`` would keep for a ``zotune train ARGV`` run, without running it: for rows whose
+    run folder was not kept. Nothing is loaded or trained; a bad ARGV raises the error ``zotune train`` would give.
+
+    Example:
+        python -m zotune.bench.accuracy --config-only /tmp/mezo.yaml --config recipes/smollm2-sst2-mezo.yaml
+    """
+    from ..cli import parse_train_args
+    from ..train.config import config_to_dict
+
+    cfg = config_to_dict(parse_train_args(list(argv)))
+    header = "# the config of this row, rebuilt from its command (the run folder was not kept) by --config-only\n"
+    _write_recipe(cfg, dest, header)
+
+
+def _write_recipe(cfg: dict[str, Any], dest: Path, header: str) -> None:
+    import yaml
+
     for key in ("resume", "overwrite", "allow_config_change"):
         cfg.pop(key, None)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# the config of run {run.name}, written by python -m zotune.bench.accuracy\n"
     atomic_write_text(dest, header + yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -134,7 +155,26 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zotune.bench.accuracy", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--config-only"]:  # --config-only DEST ZOTUNE_TRAIN_ARGS...: the row's recipe, no run
+        if len(argv) < 3:
+            print("usage: python -m zotune.bench.accuracy --config-only DEST ZOTUNE_TRAIN_ARGS...", file=sys.stderr)
+            return 2
+        from ..train.config import ConfigError
+
+        try:
+            config_from_command(argv[2:], Path(argv[1]))
+        except ConfigError as err:
+            print(f"python -m zotune.bench.accuracy --config-only: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {argv[1]}")
+        return 0
+    p = argparse.ArgumentParser(
+        prog="python -m zotune.bench.accuracy",
+        description=__doc__.split("\n\n")[0],
+        epilog="--config-only DEST ZOTUNE_TRAIN_ARGS... (first): write the recipe a `zotune train` run with these "
+        "arguments would keep, without running it (rows whose run folder is gone).",
+    )
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True, help="folder for table.md and runs.jsonl")
     p.add_argument(
