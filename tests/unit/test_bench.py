@@ -148,3 +148,15 @@ def test_config_only_rebuilds_the_recipe_a_run_keeps(workdir, tmp_path, capsys):
     assert accuracy_main(["--config-only", str(tmp_path / "bad.yaml"), *argv, "--mezo.lrr", "1"]) == 2
     assert "mezo.lr" in capsys.readouterr().err and not (tmp_path / "bad.yaml").exists()
     assert accuracy_main(["--config-only", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_speed_section_names_a_fixed_mmap_threshold(tmp_path):
+    """A sparse benchmark run with ``--mmap-threshold`` is told apart from a default-allocator one on the page."""
+    from zotune.bench.report import speed_section
+
+    res = {"device": "cpu", "batch": 16, "seq": 64, "ratios": {"step_over_2fwd": 1.0,
+           "peak_sparse_zo_over_fp32_inference": 0.66}}  # fmt: skip
+    (tmp_path / "default.json").write_text(json.dumps(res))
+    (tmp_path / "mmap.json").write_text(json.dumps({**res, "mmap_threshold": 131072}))
+    rows = [r for r in speed_section([tmp_path / "default.json", tmp_path / "mmap.json"], tmp_path) if "SensZOQ" in r]
+    assert len(rows) == 2 and "mmap" not in rows[0] and "glibc mmap threshold 131,072 B" in rows[1]

@@ -211,6 +211,8 @@ def speed_section(files: Sequence[str | Path], base: Path) -> list[str]:
         res = json.loads(Path(f).read_text())
         link = f"[{Path(f).name}]({_link(str(f), base)})"
         setting = f"{res.get('device', '?')} {res.get('dtype', 'float32')}, batch {res['batch']} × {res['seq']} tokens"
+        if res.get("mmap_threshold"):  # peaks with freed blocks unmapped at once: reproducible, forwards slower
+            setting += f", glibc mmap threshold {res['mmap_threshold']:,} B"
         methods, other = speed_rows(res)
         for name, m in methods.items():
             step = f"{m['step']:.2f} (n = {m['forwards']}{_spread(res, name, m)})" if "step" in m else "—"
