@@ -167,7 +167,7 @@ def _run_config(run: Path) -> Any:
 def _load_run_base(run: Path) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head)."""
     from .train.data import resolve_task
-    from .train.loop import load_model
+    from .train.setup import load_model
 
     cfg = _run_config(run)
     task = resolve_task(cfg.data.task)
@@ -300,7 +300,7 @@ def cmd_replay(argv: list[str]) -> int:
         raise ValueError(f"{a.out} exists; pass --overwrite to replace it")
 
     from .core import UpdateLog, replay
-    from .train.loop import export_model
+    from .train.rundir import export_model
 
     if a.run is not None:
         run = Path(a.run)

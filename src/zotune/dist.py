@@ -69,7 +69,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor
 
-from .core.estimators import Closure, Estimate, NonFiniteLossError, TwoPoint, _perturb, read_loss
+from .core.estimators import Closure, Estimate, NonFiniteLossError, TwoPoint, perturb, read_loss
 from .core.samplers import BlockSampler, DirectionSampler
 from .core.space import ParamSpace
 
@@ -491,29 +491,30 @@ class RankDirections(TwoPoint):
             if i != me:  # TwoPoint's passes for direction i, without the forwards
                 passes = [[(s, 1.0)], [(s, -1.0), (s, -1.0)]] + ([] if last else [[(s, 1.0)]])
                 if fused:
-                    _perturb(space, sampler, [op for p in passes for op in p], eps)
+                    perturb(space, sampler, [op for p in passes for op in p], eps)
                 else:  # e.g. LowRank merges ops of one seed within a pass: keep TwoPoint's passes as they are
                     for p in passes:
-                        _perturb(space, sampler, p, eps)
+                        perturb(space, sampler, p, eps)
                 continue
-            _perturb(space, sampler, [(s, 1.0)], eps)
+            perturb(space, sampler, [(s, 1.0)], eps)
             plus = self._forward(space, sampler, eps, [(s, -1.0)], closure)
-            _perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
+            perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
             minus = self._forward(space, sampler, eps, [(s, 1.0)], closure)
             if not last:
-                _perturb(space, sampler, [(s, 1.0)], eps)
+                perturb(space, sampler, [(s, 1.0)], eps)
             local = [plus, minus]
         est = Estimate(seeds=list(seeds), eps=eps[0], pending=[(seeds[-1], 1.0)])
         table = _all_gather(local, torch.float64, self.group, self.counter).tolist()
         bad = [r for r, (p, m) in enumerate(table) if not (math.isfinite(p) and math.isfinite(m))]
         if bad:
-            _perturb(space, sampler, est.pending, eps)  # every rank restores θ identically before raising
+            perturb(space, sampler, est.pending, eps)  # every rank restores θ identically before raising
             raise NonFiniteLossError(
                 f"rank(s) {bad} returned a non-finite loss; lower lr or eps, or run the model in fp32/bf16 "
                 "instead of fp16"
             )
         for plus, minus in table:  # the same order and arithmetic as TwoPoint
             est.losses += [plus, minus]
+            est.pairs.append((plus, minus))
             est.grads.append((plus - minus) / (2 * eps[0]))
         est.loss = sum(est.losses) / len(est.losses)
         return est.finish()
@@ -524,7 +525,7 @@ class RankDirections(TwoPoint):
         try:
             return _read_local(closure())
         except Exception:
-            _perturb(space, sampler, undo, eps)
+            perturb(space, sampler, undo, eps)
             raise
 
 

@@ -27,7 +27,7 @@ from zotune.train import ConfigError, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
 from zotune.train.config import ModelConfig
 from zotune.train.data import make_objective
-from zotune.train.loop import load_model
+from zotune.train.setup import load_model
 
 MODES = ["lora", "prefix", "prompt", "head"]
 T = 3  # virtual tokens in these tests

@@ -16,7 +16,7 @@ from zotune.models.quant import load_sparse, sparse_layers
 from zotune.models.sensitivity import SparseMask, compute_mask
 from zotune.train import ConfigError, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
-from zotune.train.loop import load_model
+from zotune.train.setup import load_model
 
 pytest.importorskip("bitsandbytes")
 

@@ -377,7 +377,7 @@ def test_forward_gradient_matches_autograd(arch):
     with torch.no_grad():  # as inside ZOOptimizer.step: forward-mode AD is not disabled by no_grad
         est = ForwardGradient(model, num_directions=2).estimate(space, sampler, f, [3, 4], [1e-3])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert est.pending == [] and est.pending_ops == {}
+    assert est.pending == [] and est.info == {}
     with torch.no_grad():
         assert est.losses == [f().item()] and est.loss == est.losses[0]
     for g, seed in zip(est.grads, [3, 4], strict=True):

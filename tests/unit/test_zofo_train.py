@@ -73,7 +73,7 @@ def test_zofo_export_is_the_base_with_the_upper_adapter_merged(workdir, tmp_path
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        ({"model": {"peft": "none"}}, r"method=zofo: Bilevel ZOFO needs a peft model with exactly one LoRA adapter"),
+        ({"model": {"peft": "none"}}, r"method=zofo trains only with model\.peft: lora \(got model\.peft: none\)"),
         ({"train": {"grad_accum": 2}}, r"method=zofo takes train.grad_accum=1"),
         ({"zofo": {"inner_steps": 0}}, r"zofo: ZOFO inner_steps=0 \(K\) must be an integer >= 1"),
         ({"zofo": {"lam": -1.0}}, r"zofo: ZOFO lam=-1.0 must be a finite number >= 0"),

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .samplers import DirectionSampler, Op, Z
-from .space import ParamSpace
+from .space import Entry, ParamSpace
 
 Closure = Callable[[], Tensor | float]
 
@@ -37,12 +37,13 @@ class Estimate:
         grads: projected gradient g_i per direction (a scalar: the directional derivative along z_i).
         losses: every loss the closure returned, in call order (replay feeds them back instead of forwarding).
         loss: the estimator's best value of the loss at θ (mean of ℓ±, or ℓ(θ) for one-point).
+        pairs: the pairs of losses whose difference is the signal, one per measurement (two-point: (ℓ+, ℓ−));
+            all pairs equal means the perturbation no longer changes the loss (the loop's watchdog reads this).
         pending: (seed, multiple of eps) ops still to apply to restore θ exactly as the passes left it.
-        pending_ops: further restoring ops per tensor name, applied after ``pending`` (SVRG: back from θ̄ to θ).
         eps: the ε that g was divided by (param group 0); groups with another ε rescale g (see ZOSGD).
         terms: the gradient estimate as ĝ = Σ_k coef_k z(seed_k); default (set by :meth:`finish`): g_i / n on z_i.
-        lr_scale: multiplies the learning rate of this step (SVRG: η₁/η₂ on anchor steps, and its annealing).
-        anchor_calls: how many of ``losses`` came from an anchor (full-batch) closure rather than the minibatch.
+        lr_scale: multiplies the learning rate of this step (an estimator's own step-size choice).
+        info: the estimator's own values to log with the step (e.g. MeZO-SVRG marks its anchor steps).
         step: the optimizer step this estimate belongs to (set by the optimizer).
     """
 
@@ -50,12 +51,12 @@ class Estimate:
     grads: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     loss: float = math.nan
+    pairs: list[tuple[float, float]] = field(default_factory=list)
     pending: list[tuple[int, float]] = field(default_factory=list)
-    pending_ops: dict[str, list[Op]] = field(default_factory=dict)
     eps: float = math.nan  # ε of param group 0, the one g was divided by
     terms: list[tuple[int, float]] = field(default_factory=list)
     lr_scale: float = 1.0
-    anchor_calls: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
     step: int = 0
 
     def finish(self) -> Estimate:
@@ -119,6 +120,10 @@ class Estimator(ABC):
         """(minibatch closure calls, anchor closure calls) the next :meth:`estimate` will make (forward budgets)."""
         return 2 * self.num_directions, 0
 
+    def program(self, entry: Entry, est: Estimate, eps: Sequence[float], update: list[Op]) -> list[Op]:
+        """The ops of the step's last pass over ``entry``: restore θ (the pending perturbation), then ``update``."""
+        return [Z(s, k * eps[entry.group], perturb=True) for s, k in est.pending] + update
+
     def observe(self, est: Estimate, update: dict[str, list[Op]]) -> None:  # noqa: B027 (stateless by default)
         """Called after each step with the update ops applied to every tensor (by name): SVRG keeps them."""
 
@@ -129,16 +134,17 @@ class Estimator(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
-def _perturb(space: ParamSpace, sampler: DirectionSampler, ops: list[tuple[int, float]], eps: Sequence[float]) -> None:
+def perturb(space: ParamSpace, sampler: DirectionSampler, ops: list[tuple[int, float]], eps: Sequence[float]) -> None:
+    """Apply the perturbation ops ``(seed, k)`` (θ += k·ε_g·z(seed) for each tensor of group g) in one pass."""
     sampler.apply_(space, lambda e: [Z(s, k * eps[e.group], perturb=True) for s, k in ops])
 
 
-def _guarded(space, sampler, eps, undo: list[tuple[int, float]], closure: Closure) -> float:
-    """Call the closure; on a bad loss, undo the perturbation (to rounding) before raising."""
+def guarded(space, sampler, eps, undo: list[tuple[int, float]], closure: Closure) -> float:
+    """Call the closure and read its loss; on a bad loss, apply ``undo`` (back to θ, to rounding) before raising."""
     try:
         return read_loss(closure())
     except Exception:
-        _perturb(space, sampler, undo, eps)
+        perturb(space, sampler, undo, eps)
         raise
 
 
@@ -158,14 +164,15 @@ class TwoPoint(Estimator):
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])
         for i, s in enumerate(seeds):
-            _perturb(space, sampler, [(s, 1.0)], eps)
-            plus = _guarded(space, sampler, eps, [(s, -1.0)], closure)
-            _perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
-            minus = _guarded(space, sampler, eps, [(s, 1.0)], closure)
+            perturb(space, sampler, [(s, 1.0)], eps)
+            plus = guarded(space, sampler, eps, [(s, -1.0)], closure)
+            perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
+            minus = guarded(space, sampler, eps, [(s, 1.0)], closure)
             est.losses += [plus, minus]
+            est.pairs.append((plus, minus))
             est.grads.append((plus - minus) / (2 * eps[0]))
             if i < len(seeds) - 1:
-                _perturb(space, sampler, [(s, 1.0)], eps)
+                perturb(space, sampler, [(s, 1.0)], eps)
             else:
                 est.pending = [(s, 1.0)]
         est.loss = sum(est.losses) / len(est.losses)
@@ -188,12 +195,13 @@ class OnePoint(Estimator):
         base = read_loss(closure())
         est.losses.append(base)
         for i, s in enumerate(seeds):
-            _perturb(space, sampler, [(s, 1.0)], eps)
-            plus = _guarded(space, sampler, eps, [(s, -1.0)], closure)
+            perturb(space, sampler, [(s, 1.0)], eps)
+            plus = guarded(space, sampler, eps, [(s, -1.0)], closure)
             est.losses.append(plus)
+            est.pairs.append((plus, base))
             est.grads.append((plus - base) / eps[0])
             if i < len(seeds) - 1:
-                _perturb(space, sampler, [(s, -1.0)], eps)
+                perturb(space, sampler, [(s, -1.0)], eps)
             else:
                 est.pending = [(s, -1.0)]
         est.loss = base

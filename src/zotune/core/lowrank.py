@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .estimators import Estimate
 from .rng import derive_seed, tensor_seed
-from .rules import RULES, Momentum, _decay, _terms
+from .rules import RULES, Momentum, decay_ops, direction_terms
 from .samplers import SAMPLERS, DirectionSampler, Fn, Gaussian, Op, Scale, Z
 from .space import Entry, ParamSpace
 
@@ -411,9 +411,9 @@ class LowRankMomentum(Momentum):
         def step(W: Tensor, U: Any, V: Tensor) -> Tensor:  # −η N, merged with the restore into one pass over W
             return n_buf.to(W.dtype) * (-lr * sampler.update_scale(entry))
 
-        terms = _terms(entry, est, group)
+        terms = direction_terms(entry, est, group)
         ops: list[Op] = [StateFn(project_and_decay)] + [StateFn(accumulate(c), seed=s) for s, c in terms]
-        return ops + (_decay(entry, group, lr) + [FactorFn(step)] if lr else [])
+        return ops + (decay_ops(entry, group, lr) + [FactorFn(step)] if lr else [])
 
     def state_dict(self):
         return {

@@ -34,7 +34,7 @@ from .estimators import ESTIMATORS, Closure, Estimator, TwoPoint, read_loss
 from .log import UpdateLog, UpdateRecord
 from .rng import derive_seed
 from .rules import RULES, ZOSGD, UpdateRule
-from .samplers import SAMPLERS, DirectionSampler, Z, make_sampler
+from .samplers import SAMPLERS, DirectionSampler, make_sampler
 from .space import DecayMask, ParamSpace, _is_quantized, check_tensor
 
 
@@ -154,6 +154,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             "machine": platform.machine(),
         }
 
+    @property
+    def checks_closure(self) -> bool:
+        """Whether the next step first calls the closure once at θ to check it (the first step of a run)."""
+        return not self._validated
+
     # ----------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -178,15 +183,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         est = self.estimator.estimate(self.space, self.sampler, closure, seeds, eps)
         est.step = t
         update = {e.name: list(self.rule.program(e, est, self.param_groups[e.group])) for e in self.space}
-
-        def program(e):  # one pass: restore θ (pending perturbation ops), then the update
-            restore = [Z(s, k * eps[e.group], perturb=True) for s, k in est.pending]
-            ops = restore + est.pending_ops.get(e.name, []) + update[e.name]
-            if e.name in est.pending_ops and all(isinstance(op, Z) for op in ops):
-                return _merge(ops)  # SVRG's redo ops interleave seeds; additive ops commute: one draw per seed
-            return ops
-
-        self.sampler.apply_(self.space, program)
+        # one pass: the estimator's restore of θ (its pending perturbation), then the update
+        self.sampler.apply_(self.space, lambda e: self.estimator.program(e, est, eps, update[e.name]))
         self.estimator.observe(est, update)
         lrs = [g["lr"] for g in self.param_groups]
         self.update_log.append(UpdateRecord(t, est.seeds, est.grads, lrs, est.losses))
@@ -224,14 +222,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.estimator.load_state_dict(zo["estimator"])
         self.rule.load_state_dict(zo["rule"])
         self.update_log = UpdateLog.from_lines(zo["log"])
-
-
-def _merge(ops: list[Z]) -> list[Z]:
-    """Sum the coefficients of Z ops that share a seed (first-appearance order)."""
-    coefs: dict[int, float] = {}
-    for op in ops:
-        coefs[op.seed] = coefs.get(op.seed, 0.0) + op.coef
-    return [Z(s, c) for s, c in coefs.items() if c]
 
 
 def _replay_closure(losses: list[float]):

@@ -19,12 +19,13 @@ from .samplers import DirectionSampler, Fn, Op, Scale, Z
 from .space import Entry, ParamSpace
 
 
-def _decay(entry: Entry, group: dict[str, Any], lr: float) -> list[Op]:
+def decay_ops(entry: Entry, group: dict[str, Any], lr: float) -> list[Op]:
+    """Decoupled weight decay θ *= 1 − ηλ for a tensor selected by the decay mask (no op otherwise)."""
     wd = group["weight_decay"]
     return [Scale(1.0 - lr * wd)] if wd and entry.decay and lr else []
 
 
-def _terms(entry: Entry, est: Estimate, group: dict[str, Any]) -> list[tuple[int, float]]:
+def direction_terms(entry: Entry, est: Estimate, group: dict[str, Any]) -> list[tuple[int, float]]:
     """ĝ's (seed, coef) pairs for this tensor, the pending restore's seed first (one draw serves both).
 
     A group perturbed with its own ε_j sees (ℓ+ − ℓ−)/2 ≈ ε_j zᵀ∇, so its coefficients are rescaled by ε_0/ε_j.
@@ -70,7 +71,7 @@ class ZOSGD(UpdateRule):
         lr = group["lr"] * est.lr_scale
         if not lr:
             return []
-        return _decay(entry, group, lr) + [Z(s, -lr * c) for s, c in _terms(entry, est, group)]
+        return decay_ops(entry, group, lr) + [Z(s, -lr * c) for s, c in direction_terms(entry, est, group)]
 
 
 class Momentum(UpdateRule):
@@ -93,8 +94,10 @@ class Momentum(UpdateRule):
         self.buffers: dict[str, Tensor] = {}
 
     def bind(self, space, sampler):
-        if sampler.name == "lowrank":  # its matrices take (W, U, V) ops, not blocks of a dense z
-            raise ValueError("dense Momentum does not apply to the LowRank sampler; use LowRankMomentum (LOZO-M)")
+        if not sampler.blockwise:  # e.g. LowRank: its matrices take (W, U, V) ops, not blocks of a dense z
+            raise ValueError(
+                f"dense Momentum does not apply to the {type(sampler).__name__} sampler; use LowRankMomentum (LOZO-M)"
+            )
         self.buffers = {e.name: torch.zeros(e.numel, dtype=torch.float32, device=e.param.device) for e in space}
 
     def program(self, entry, est, group):
@@ -112,9 +115,9 @@ class Momentum(UpdateRule):
         def accumulate(coef: float):
             return lambda t, z, where: m[where].add_(z, alpha=(1.0 - b) * coef)
 
-        terms = _terms(entry, est, group)
+        terms = direction_terms(entry, est, group)
         ops: list[Op] = [Fn(decay)] + [Fn(accumulate(c), seed=s) for s, c in terms]
-        return ops + (_decay(entry, group, lr) + [Fn(step)] if lr else [])
+        return ops + (decay_ops(entry, group, lr) + [Fn(step)] if lr else [])
 
     def config(self):
         return {"beta": self.beta}
@@ -149,8 +152,8 @@ class Sign(UpdateRule):
         if not lr or not est.terms:
             return []
         n = len(est.terms)  # the average is over every direction, those with g_i = 0 (sign 0) included
-        ops = [Z(s, -lr * math.copysign(1.0, c) / n) for s, c in _terms(entry, est, group)]
-        return _decay(entry, group, lr) + ops
+        ops = [Z(s, -lr * math.copysign(1.0, c) / n) for s, c in direction_terms(entry, est, group)]
+        return decay_ops(entry, group, lr) + ops
 
 
 class Adam(UpdateRule):
@@ -187,9 +190,7 @@ class Adam(UpdateRule):
         self._sum: dict[str, Tensor] = {}  # n > 1 only: ĝ summed over the directions, before the moments
 
     def bind(self, space, sampler):
-        from .samplers import BlockSampler
-
-        if not isinstance(sampler, BlockSampler):
+        if not sampler.blockwise:
             raise ValueError(
                 f"the Adam rule needs a block sampler (gaussian or rademacher), got {type(sampler).__name__}: its "
                 "dense moments are indexed by the position of each block of z"
@@ -216,7 +217,7 @@ class Adam(UpdateRule):
             denom = v[where].sqrt().div_(bc2_sqrt).add_(delta)
             t_.add_(m[where] / denom, alpha=-step_size)
 
-        terms = _terms(entry, est, group)
+        terms = direction_terms(entry, est, group)
         ops: list[Op]
         if not terms:
             ops = [Fn(lambda t_, z, where: moments(None, where))]
@@ -236,7 +237,7 @@ class Adam(UpdateRule):
 
             ops = [Fn(first(terms[0][1]), seed=terms[0][0])] + [Fn(add(c), seed=s) for s, c in terms[1:]]
             ops.append(Fn(lambda t_, z, where: moments(acc[where], where)))
-        return ops + (_decay(entry, group, lr) + [Fn(step)] if lr else [])
+        return ops + (decay_ops(entry, group, lr) + [Fn(step)] if lr else [])
 
     def config(self):
         return {"beta1": self.beta1, "beta2": self.beta2, "delta": self.delta}

@@ -74,6 +74,21 @@ Op = Z | Scale | Fn
 Program = Callable[[Entry], Sequence[Op]]
 
 
+def merge_ops(ops: Sequence[Z]) -> list[Z]:
+    """Sum the coefficients of Z ops that share a seed (first-appearance order): one draw of z per seed.
+
+    Only for lists of Z ops, whose additions commute.
+
+    Example:
+        >>> merge_ops([Z(1, 0.5), Z(2, 1.0), Z(1, 0.25)])
+        [Z(seed=1, coef=0.75, perturb=False), Z(seed=2, coef=1.0, perturb=False)]
+    """
+    coefs: dict[int, float] = {}
+    for op in ops:
+        coefs[op.seed] = coefs.get(op.seed, 0.0) + op.coef
+    return [Z(s, c) for s, c in coefs.items() if c]
+
+
 @dataclass(frozen=True)
 class _Job:
     """One block of one tensor and a run of its program's ops that share one z (seed None: Scale ops only)."""
@@ -101,9 +116,14 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 class DirectionSampler(ABC):
-    """Base class: draws z for a tensor at a seed and applies programs of ops to a space, in place."""
+    """Base class: draws z for a tensor at a seed and applies programs of ops to a space, in place.
+
+    ``blockwise`` says whether every tensor's z comes as blocks of i.i.d. entries, which rules with per-coordinate
+    state (momentum, Adam) need for their :class:`Fn` ops.
+    """
 
     name: ClassVar[str]
+    blockwise: ClassVar[bool] = False
 
     @abstractmethod
     def apply_(self, space: ParamSpace, program: Program) -> None:
@@ -136,6 +156,8 @@ class BlockSampler(DirectionSampler):
     Args:
         workers: CPU threads generating blocks (default: ``torch.get_num_threads()``). z does not depend on it.
     """
+
+    blockwise = True
 
     def __init__(self, workers: int | None = None):
         if workers is not None and workers < 1:

@@ -35,9 +35,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .estimators import ESTIMATORS, Closure, Estimate, Estimator, TwoPoint, _guarded, _perturb, read_loss
-from .optimizer import _merge
-from .samplers import Fn, Op, Scale, Z
+from .estimators import ESTIMATORS, Closure, Estimate, Estimator, TwoPoint, guarded, perturb, read_loss
+from .samplers import Fn, Op, Scale, Z, merge_ops
 
 
 def _check(name: str, value: Any, *, minimum: float, integer: bool = False, strict: bool = False) -> None:
@@ -96,6 +95,7 @@ class SVRG(Estimator):
         self.window: list[float] = []  # minibatch losses of the current annealing window
         self.previous: float | None = None  # mean loss of the previous window
         self.count = 0  # steps estimated so far (anchor steps are count % q == 0)
+        self.redo: dict[str, list[Op]] = {}  # per tensor: the ops from θ̄ back to θ_t, applied in the update pass
 
     # ----------------------------------------------------------------------------------------------- estimate
     def next_calls(self) -> tuple[int, int]:
@@ -113,8 +113,9 @@ class SVRG(Estimator):
                 "SVRG(anchor=...) or opt.estimator.anchor = lambda: full_batch_loss()"
             )
         est = TwoPoint(self.num_directions).estimate(space, sampler, self.anchor, seeds, eps)  # on the anchor set
-        est.anchor_calls = len(est.losses)
+        est.info["anchor"] = True  # the losses are the anchor set's
         self.g_tilde = list(est.terms)
+        self.redo = {}
         est.lr_scale = self.anchor_lr_scale * self.factor
         self.history = {}
         return est
@@ -125,10 +126,10 @@ class SVRG(Estimator):
         undo = {name: _inverse(ops) for name, ops in redo.items()}
         here, there = [], []  # projected gradients at θ_t and at θ̄ (same z, same batch)
         for i, s in enumerate(seeds):
-            _perturb(space, sampler, [(s, 1.0)], eps)
-            p1 = _guarded(space, sampler, eps, [(s, -1.0)], closure)
-            _perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
-            m1 = _guarded(space, sampler, eps, [(s, 1.0)], closure)
+            perturb(space, sampler, [(s, 1.0)], eps)
+            p1 = guarded(space, sampler, eps, [(s, -1.0)], closure)
+            perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
+            m1 = guarded(space, sampler, eps, [(s, 1.0)], closure)
 
             def to_anchor(e, s=s):  # θ_t − εz → θ_t → θ̄ → θ̄ + εz
                 k = eps[e.group]
@@ -140,7 +141,7 @@ class SVRG(Estimator):
             back = [(s, -1.0)]  # on a bad loss: θ̄ + εz → θ̄, then redo the history → θ_t
             try:
                 p2 = read_loss(closure())
-                _perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
+                perturb(space, sampler, [(s, -1.0), (s, -1.0)], eps)
                 back = [(s, 1.0)]
                 m2 = read_loss(closure())
             except Exception:
@@ -149,13 +150,14 @@ class SVRG(Estimator):
                 )
                 raise
             est.losses += [p1, m1, p2, m2]
+            est.pairs += [(p1, m1), (p2, m2)]
             here.append((p1 - m1) / (2 * eps[0]))
             there.append((p2 - m2) / (2 * eps[0]))
             if i < len(seeds) - 1:
                 sampler.apply_(space, lambda e, s=s: [Z(s, eps[e.group], perturb=True)] + redo[e.name])
             else:
                 est.pending = [(s, 1.0)]
-                est.pending_ops = redo
+                self.redo = redo  # θ̄ → θ_t, applied in the update pass (see :meth:`program`)
         n = len(seeds)
         est.grads = [a - b for a, b in zip(here, there, strict=True)]
         est.terms = [(s, g / n) for s, g in zip(seeds, est.grads, strict=True)] + self.g_tilde
@@ -166,7 +168,16 @@ class SVRG(Estimator):
     @staticmethod
     def _merged(ops: list[Op]) -> list[Op]:
         """Sum the Z ops of one seed when there is no Scale op (additive ops commute): fewer draws."""
-        return list(ops) if any(isinstance(op, Scale) for op in ops) else _merge(ops)
+        return list(ops) if any(isinstance(op, Scale) for op in ops) else merge_ops(ops)
+
+    def program(self, entry, est, eps, update):
+        """Restore θ_t after a minibatch step's last forward: the pending −εz, the history from θ̄ back to θ_t, then
+        the update. Additive ops commute, so they are merged into one draw per seed when no Scale op interleaves."""
+        ops = super().program(entry, est, eps, [])
+        if entry.name not in self.redo:
+            return ops + update
+        ops += self.redo[entry.name] + update
+        return merge_ops(ops) if all(isinstance(op, Z) for op in ops) else ops
 
     # ----------------------------------------------------------------------------------------------- after the update
     def observe(self, est: Estimate, update: dict[str, list[Op]]) -> None:
@@ -175,7 +186,7 @@ class SVRG(Estimator):
                 raise ValueError("MeZO-SVRG needs an update rule made of Z/Scale ops (ZO-SGD), not a stateful one")
             self.history.setdefault(name, []).extend(ops)
         self.count += 1
-        if not est.anchor_calls and self.anneal > 1:
+        if not est.info.get("anchor") and self.anneal > 1:
             self._anneal(est.loss)
 
     def _anneal(self, loss: float) -> None:

@@ -1,8 +1,9 @@
-"""Configured ZO methods: a config dataclass + ``build()`` + one registry line each."""
+"""Configured methods: a config dataclass + ``build()`` + a stepper + one registry line each (:mod:`.registry`)."""
 
+from . import adamw, zofo
 from .lozo import LOZO, LOZOM, LOZOConfig, LOZOMConfig
 from .mezo import MeZO, MeZOConfig
-from .registry import METHODS, build, get_method, register_method
+from .registry import METHODS, Capabilities, Method, build, get_method, register_method
 from .svrg import MeZOSVRG, MeZOSVRGConfig
 from .zobench import (
     NSPSA,
@@ -21,15 +22,19 @@ __all__ = [
     "LOZO",
     "LOZOM",
     "METHODS",
+    "Capabilities",
     "LOZOConfig",
     "LOZOMConfig",
     "MeZO",
     "MeZOConfig",
     "MeZOSVRG",
     "MeZOSVRGConfig",
+    "Method",
+    "adamw",
     "build",
     "get_method",
     "register_method",
+    "zofo",
     "NSPSA",
     "NSPSAConfig",
     "ZOAdam",

@@ -35,54 +35,46 @@ from typing import Any
 
 from ..core import ZOSGD, LowRank, LowRankMomentum, TwoPoint, ZOOptimizer
 from ..core.lowrank import SCALES
-from ..core.optimizer import check_hparams
 from ..core.space import DecayMask
+from .base import ZOConfig, check_unit_interval
 from .registry import register_method
 
 SIDE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass
-class LOZOConfig:
+class LOZOConfig(ZOConfig):
     """Hyperparameters of LOZO.
 
     Args:
         lr: learning rate η (paper, OPT: 1e-6 or 1e-7).
         eps: perturbation size ε (paper: 1e-3).
         weight_decay: decoupled weight decay λ on matrices (ndim >= 2).
+        num_directions: directions averaged per step (2n forwards).
+        seed: run seed (zotune train sets it from the run's seed).
         rank: r, rank of the perturbation of each matrix (paper: 1 or 2 for OPT, 4 for RoBERTa).
         refresh_every: ν, steps between redraws of V (paper: 50 or 100).
         scale: "none" (official code: update g·UVᵀ) or "1/r" (paper docs: g·UVᵀ/r on matrices).
         side_branch: "auto" (perturb inside the forward where the weights are plain Linear/Embedding layers and
             their outputs are smaller than the weights, decided at the first forward; needs the model to be passed
             to the optimizer, as zotune train does), "on" (wherever possible) or "off" (always in place).
-        num_directions: directions averaged per step (2n forwards).
-        seed: run seed (zotune train sets it from the run's seed).
     """
 
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
     rank: int = 2
     refresh_every: int = 50
     scale: str = "none"
     side_branch: str = "auto"
-    num_directions: int = 1
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_hparams(self.lr, self.eps, self.weight_decay)
-        name = type(self).__name__.removesuffix("Config")
-        for key in ("rank", "refresh_every", "num_directions"):
+        super().__post_init__()
+        for key in ("rank", "refresh_every"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} {key}={v!r} must be an integer >= 1")
+                raise ValueError(f"{self.owner} {key}={v!r} must be an integer >= 1")
         if self.side_branch not in SIDE:
-            raise ValueError(f"{name} side_branch={self.side_branch!r}; choose one of {list(SIDE)}")
+            raise ValueError(f"{self.owner} side_branch={self.side_branch!r}; choose one of {list(SIDE)}")
         if self.scale not in SCALES:
-            raise ValueError(f"{name} scale={self.scale!r}; choose one of {list(SCALES)}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"{name} seed={self.seed!r} must be a non-negative integer")
+            raise ValueError(f"{self.owner} scale={self.scale!r}; choose one of {list(SCALES)}")
 
     def sampler(self) -> LowRank:
         return LowRank(self.rank, self.refresh_every, self.scale, SIDE[self.side_branch])
@@ -100,8 +92,7 @@ class LOZOMConfig(LOZOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"LOZOM beta={self.beta!r} must be in [0, 1)")
+        check_unit_interval(self.owner, "beta", self.beta)
 
 
 def build(params: Iterable[Any], config: LOZOConfig, *, decay: DecayMask = None) -> ZOOptimizer:

@@ -25,14 +25,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import SAMPLERS, ZOSGD, TwoPoint, ZOOptimizer
-from ..core.optimizer import check_hparams
+from ..core import ZOSGD, TwoPoint, ZOOptimizer
 from ..core.space import DecayMask
+from .base import SampledZOConfig
 from .registry import register_method
 
 
 @dataclass
-class MeZOConfig:
+class MeZOConfig(SampledZOConfig):
     """Hyperparameters of MeZO.
 
     Args:
@@ -40,25 +40,9 @@ class MeZOConfig:
         eps: perturbation size ε (paper: 1e-3).
         weight_decay: decoupled weight decay λ on matrices (ndim >= 2).
         num_directions: directions averaged per step (n-SPSA); 2n forwards per step.
-        sampler: distribution of z: gaussian or rademacher.
         seed: run seed: direction i of step t uses hash(seed, t, i) (zotune train sets it from the run's seed).
+        sampler: distribution of z: gaussian or rademacher.
     """
-
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    num_directions: int = 1
-    sampler: str = "gaussian"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_hparams(self.lr, self.eps, self.weight_decay)
-        if int(self.num_directions) != self.num_directions or self.num_directions < 1:
-            raise ValueError(f"MeZO num_directions={self.num_directions} must be an integer >= 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"MeZO sampler={self.sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"MeZO seed={self.seed!r} must be a non-negative integer")
 
 
 def build(params: Iterable[Any], config: MeZOConfig, *, decay: DecayMask = None) -> ZOOptimizer:
@@ -89,7 +73,7 @@ def MeZO(  # noqa: N802 (a constructor-like factory, named like torch.optim clas
     decay: DecayMask = None,
 ) -> ZOOptimizer:
     """MeZO as a ``torch.optim.Optimizer``; see the module docstring. Pass ``model.named_parameters()``."""
-    config = MeZOConfig(lr, eps, weight_decay, num_directions, sampler, seed)
+    config = MeZOConfig(lr, eps, weight_decay, num_directions, seed, sampler)
     return build(params, config, decay=decay)
 
 

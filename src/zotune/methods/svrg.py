@@ -33,69 +33,57 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..core import SAMPLERS, SVRG, ZOSGD, ZOOptimizer
+from ..core import SVRG, ZOSGD, ZOOptimizer
 from ..core.estimators import Closure
-from ..core.optimizer import check_hparams
 from ..core.space import DecayMask
-from .registry import register_method
+from .base import SampledZOConfig
+from .registry import Capabilities, register_method
 
 
 @dataclass
-class MeZOSVRGConfig:
+class MeZOSVRGConfig(SampledZOConfig):
     """Hyperparameters of MeZO-SVRG.
 
     Args:
         lr: minibatch learning rate η₂ (paper: 1e-5 or 1e-6).
-        anchor_lr: anchor-step learning rate η₁ (paper: 1e-4 or 1e-5).
         eps: perturbation size ε (paper: 1e-3).
         weight_decay: decoupled weight decay λ on matrices (ndim >= 2).
+        num_directions: directions per step (anchor and minibatch estimates alike).
+        seed: run seed (zotune train sets it from the run's seed).
+        sampler: distribution of z: gaussian or rademacher.
+        anchor_lr: anchor-step learning rate η₁ (paper: 1e-4 or 1e-5).
         q: anchor period: a full-batch step every q steps (paper: 2).
         anchor_size: training examples in the anchor set (the first ones of the shuffled training split; None: all
             of it), micro-batched at the training batch size. Used by zotune train.
-        num_directions: directions per step (anchor and minibatch estimates alike).
         anneal: divide both learning rates by this when the windowed training loss rises (1: off; paper: 3 to 5).
         anneal_every: steps per annealing window (the paper uses one epoch).
         anneal_threshold: relative rise of the windowed loss that triggers annealing (paper: 0.05).
         anneal_floor: smallest factor annealing may reach (paper: 0.1, its floors 1e-5 and 1e-6).
-        sampler: distribution of z: gaussian or rademacher.
-        seed: run seed (zotune train sets it from the run's seed).
     """
 
-    lr: float = 1e-6
     anchor_lr: float = 1e-5
-    eps: float = 1e-3
-    weight_decay: float = 0.0
     q: int = 2
     anchor_size: int | None = None
-    num_directions: int = 1
     anneal: float = 1.0
     anneal_every: int = 50
     anneal_threshold: float = 0.05
     anneal_floor: float = 0.1
-    sampler: str = "gaussian"
-    seed: int = 0
+    dense_state: ClassVar[bool] = True  # the history of updates since the anchor is Z/Scale ops on blocks of z
 
     def __post_init__(self) -> None:
-        check_hparams(self.lr, self.eps, self.weight_decay)
-        if self.lr <= 0:
-            raise ValueError(f"MeZOSVRG lr={self.lr!r} must be > 0 (anchor_lr is set relative to it)")
-        check_hparams(self.anchor_lr, self.eps, self.weight_decay)
-        if self.anchor_lr <= 0:
-            raise ValueError(f"MeZOSVRG anchor_lr={self.anchor_lr!r} must be > 0")
+        super().__post_init__()
+        self.check_finite(self.owner, "lr", self.lr)  # anchor_lr is set relative to it
+        self.check_finite(self.owner, "anchor_lr", self.anchor_lr)
         if self.anchor_size is not None and (
             isinstance(self.anchor_size, bool) or not isinstance(self.anchor_size, int) or self.anchor_size < 1
         ):
-            raise ValueError(f"MeZOSVRG anchor_size={self.anchor_size!r} must be an integer >= 1 (or None: all)")
-        if self.sampler not in SAMPLERS or self.sampler == "lowrank":
-            raise ValueError(f"MeZOSVRG sampler={self.sampler!r}; choose gaussian or rademacher")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"MeZOSVRG seed={self.seed!r} must be a non-negative integer")
+            raise ValueError(f"{self.owner} anchor_size={self.anchor_size!r} must be an integer >= 1 (or None: all)")
         try:
             self.estimator()
         except ValueError as err:
-            raise ValueError(f"MeZOSVRG {str(err).removeprefix('SVRG ')}") from None
+            raise ValueError(f"{self.owner} {str(err).removeprefix('SVRG ')}") from None
 
     def estimator(self, anchor: Closure | None = None) -> SVRG:
         return SVRG(
@@ -142,5 +130,6 @@ def MeZOSVRG(  # noqa: N802
     return build(params, MeZOSVRGConfig(lr=lr, eps=eps, **kwargs), decay=decay, anchor=anchor)
 
 
-register_method("mezo_svrg", MeZOSVRGConfig, build)
+# MeZO-SVRG: an anchor set; independent directions need a two-point estimator, so shared data parallelism only
+register_method("mezo_svrg", MeZOSVRGConfig, build, caps=Capabilities(distributed=frozenset({"shared"}), anchor=True))
 __all__ = ["MeZOSVRG", "MeZOSVRGConfig", "build"]

@@ -42,52 +42,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..core import SAMPLERS, ZOSGD, BlockSampler, Estimator, Momentum, OnePoint, TwoPoint, ZOOptimizer
-from ..core.optimizer import check_hparams
+from ..core import ZOSGD, Estimator, Momentum, OnePoint, TwoPoint, ZOOptimizer
 from ..core.rules import Adam, Sign, UpdateRule
 from ..core.space import DecayMask
-from .registry import register_method
-
-
-def _unit_interval(owner: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner} {key}={value!r} must be in [0, 1)")
+from .base import SampledZOConfig, check_unit_interval
+from .registry import Capabilities, register_method
 
 
 @dataclass
-class _ZOBenchConfig:
-    """Fields and checks shared by the ZO-Bench configs (documented on each of them)."""
-
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    num_directions: int = 1
-    sampler: str = "gaussian"
-    seed: int = 0
-
-    @property
-    def _owner(self) -> str:
-        return type(self).__name__.removesuffix("Config")
-
-    def __post_init__(self) -> None:
-        check_hparams(self.lr, self.eps, self.weight_decay)
-        n = self.num_directions
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{self._owner} num_directions={n!r} must be an integer >= 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"{self._owner} sampler={self.sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"{self._owner} seed={self.seed!r} must be a non-negative integer")
-
-    def _needs_block_sampler(self) -> None:
-        """Rules with dense per-coordinate state index it by the blocks of z: gaussian or rademacher only."""
-        if not issubclass(SAMPLERS[self.sampler], BlockSampler):
-            blocks = sorted(k for k, v in SAMPLERS.items() if issubclass(v, BlockSampler))
-            raise ValueError(
-                f"{self._owner} sampler={self.sampler!r}: its dense optimizer state needs one of {blocks}"
-            )
+class _ZOBenchConfig(SampledZOConfig):
+    """What the ZO-Bench configs share beyond :class:`~zotune.methods.base.SampledZOConfig`: their estimator."""
 
     def estimator(self) -> Estimator:
         return TwoPoint(self.num_directions)
@@ -128,11 +94,11 @@ class ZOMomentumConfig(_ZOBenchConfig):
     """
 
     beta: float = 0.9
+    dense_state: ClassVar[bool] = True  # m is indexed by the blocks of z
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _unit_interval(self._owner, "beta", self.beta)
-        self._needs_block_sampler()
+        check_unit_interval(self.owner, "beta", self.beta)
 
     def rule(self) -> UpdateRule:
         return Momentum(self.beta)
@@ -159,15 +125,13 @@ class ZOAdamConfig(_ZOBenchConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     delta: float = 1e-8
+    dense_state: ClassVar[bool] = True  # m and v are indexed by the blocks of z
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _unit_interval(self._owner, "beta1", self.beta1)
-        _unit_interval(self._owner, "beta2", self.beta2)
-        d = self.delta
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d < float("inf"):
-            raise ValueError(f"{self._owner} delta={d!r} must be a finite number > 0 (typical: 1e-8)")
-        self._needs_block_sampler()
+        check_unit_interval(self.owner, "beta1", self.beta1)
+        check_unit_interval(self.owner, "beta2", self.beta2)
+        self.check_finite(self.owner, "delta", self.delta)
 
     def rule(self) -> UpdateRule:
         return Adam(self.beta1, self.beta2, self.delta)
@@ -265,7 +229,7 @@ NSPSA = _factory(NSPSAConfig, "NSPSA", "n-SPSA (ZO-SGD on n averaged two-point e
 register_method("zo_sgd_sign", ZOSignConfig, build)
 register_method("zo_momentum", ZOMomentumConfig, build)
 register_method("zo_adam", ZOAdamConfig, build)
-register_method("zo_one_sided", ZOOneSidedConfig, build)
+register_method("zo_one_sided", ZOOneSidedConfig, build, caps=Capabilities(distributed=frozenset({"shared"})))
 register_method("nspsa", NSPSAConfig, build)
 
 __all__ = [

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -59,22 +58,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import SAMPLERS, ZOSGD, NonFiniteLossError, OnePoint, TwoPoint, ZOOptimizer
+from ..core import ZOSGD, NonFiniteLossError, OnePoint, TwoPoint, ZOOptimizer
 from ..core.memory import release_freed_memory
-from ..core.optimizer import check_hparams
 from ..core.rng import derive_seed
+from .base import SampledZOConfig
+from .registry import Capabilities, register_method
+from .steppers import BatchOrder, StepContext, StepResult
 
-__all__ = ["BilevelZOFO", "ZOFOConfig", "ZOFOStats", "split_penalty"]
+__all__ = ["BilevelStepper", "BilevelZOFO", "ZOFOConfig", "ZOFOStats", "split_penalty"]
 
 
 @dataclass
-class ZOFOConfig:
+class ZOFOConfig(SampledZOConfig):
     """Hyperparameters of Bilevel ZOFO.
 
     Args:
         lr: ZO learning rate η on the base θ (plain seeded ZO-SGD, as MeZO's lr).
         eps: perturbation size ε of the base.
         weight_decay: decoupled weight decay on the base's matrices.
+        num_directions: directions of the base's ZO estimate per step (3 forwards each side).
+        seed: run seed (directions; the lower adapter's initialisation).
+        sampler: distribution of z for the base: gaussian or rademacher.
         lr_lower: Adam learning rate of the lower adapter p_l (paper sweep 1e-2 … 1e-6).
         lr_upper: Adam learning rate of the upper adapter p_u.
         lam: penalty weight λ >= 0 (paper sweep 1 … 1e6; 1e4 for meta-training); 0 gives FO-LoRA on D_f plus ZO
@@ -82,43 +86,31 @@ class ZOFOConfig:
         inner_steps: K, first-order steps on p_l per step (paper: 10, 20 or 30).
         one_sided: F(θ + εz) − F(θ) over ε instead of the two-sided estimate (same 6 forwards, higher variance).
         penalty_fraction: share of the training set in D_p (the rest is D_f), drawn with the data seed.
-        sampler: distribution of z for the base: gaussian or rademacher.
-        seed: run seed (directions; the lower adapter's initialisation).
         release_memory: on CPU, give the C heap's freed pages back to the OS before each forward of the step
             (glibc ``malloc_trim``; :mod:`zotune.core.memory`). A step allocates differently sized large blocks in
             turn and glibc keeps the freed ones resident: without it the step's peak RSS is 1.25 × a first-order
             LoRA step's on SmolLM2-135M, with it 1.02 ×, for ~0.08 s per forward (a few %). Changes no number.
     """
 
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
     lr_lower: float = 1e-3
     lr_upper: float = 1e-3
     lam: float = 1.0
     inner_steps: int = 10
     one_sided: bool = False
     penalty_fraction: float = 0.5
-    sampler: str = "gaussian"
-    seed: int = 0
     release_memory: bool = True
 
     def __post_init__(self) -> None:
-        check_hparams(self.lr, self.eps, self.weight_decay)
+        super().__post_init__()
         for key in ("lr_lower", "lr_upper", "lam"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"ZOFO {key}={value!r} must be a finite number >= 0")
+            self.check_finite(self.owner, key, getattr(self, key), strict=False)
         if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 1:
-            raise ValueError(f"ZOFO inner_steps={self.inner_steps!r} (K) must be an integer >= 1")
+            raise ValueError(f"{self.owner} inner_steps={self.inner_steps!r} (K) must be an integer >= 1")
         if not isinstance(self.penalty_fraction, (int, float)) or not 0 < self.penalty_fraction < 1:
-            raise ValueError(f"ZOFO penalty_fraction={self.penalty_fraction!r} must be in (0, 1)")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"ZOFO sampler={self.sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"ZOFO seed={self.seed!r} must be a non-negative integer")
-        if not isinstance(self.release_memory, bool):
-            raise ValueError(f"ZOFO release_memory={self.release_memory!r} must be true or false")
+            raise ValueError(f"{self.owner} penalty_fraction={self.penalty_fraction!r} must be in (0, 1)")
+        for key in ("one_sided", "release_memory"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{self.owner} {key}={getattr(self, key)!r} must be true or false")
 
 
 @dataclass
@@ -130,6 +122,7 @@ class ZOFOStats:
     lower: list[float] = field(default_factory=list)  # L(θ, p_l; b_k), k = 1..K
     objective: list[float] = field(default_factory=list)  # the F values of the ZO step
     grad: float = 0.0  # the base's projected gradient
+    stuck: bool = False  # the perturbation did not change F: every ± pair of the base's estimate was equal
 
 
 def split_penalty(examples: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -144,12 +137,13 @@ def split_penalty(examples: Sequence[Any], fraction: float, seed: int) -> tuple[
     return [e for i, e in enumerate(examples) if i not in picked], [examples[i] for i in sorted(picked)]
 
 
-class BilevelZOFO(torch.optim.Optimizer):
+class BilevelZOFO:
     """Bilevel ZOFO on a peft LoRA model: the model's adapter is p_u, a second one (same config) is added as p_l.
 
-    ``param_groups`` are [base θ, lower adapters, upper adapters] with their learning rates, so an LR scheduler
-    scales all three. ``step(loss_fn, batch_f, batch_p, inner)`` runs one step (see the module docstring);
-    ``loss_fn(batch)`` returns the differentiable loss of the model's active adapter on ``batch``.
+    It combines three optimizers, not being one itself: ``zo`` (a :class:`~zotune.core.ZOOptimizer` on the base),
+    ``lower_opt`` and ``upper_opt`` (Adam on the adapters); :meth:`optimizers` lists them for LR schedulers.
+    ``step(loss_fn, batch_f, batch_p, inner)`` runs one step (see the module docstring); ``loss_fn(batch)`` returns
+    the differentiable loss of the model's active adapter on ``batch``.
 
     Args:
         model: a ``peft`` model with one LoRA adapter (``get_peft_model``); its base is updated by ZO.
@@ -193,14 +187,6 @@ class BilevelZOFO(torch.optim.Optimizer):
         lower = [p for _, lo in names for _, p in adapters[lo]]
         upper = [p for up, _ in names for _, p in adapters[up]]
         self._activate(names[0][0])
-        super().__init__(
-            [
-                {"params": [p for _, p in base], "lr": config.lr, "name": "base"},
-                {"params": lower, "lr": config.lr_lower, "name": "lower"},
-                {"params": upper, "lr": config.lr_upper, "name": "upper"},
-            ],
-            {},
-        )
         with _trainable(base):  # ZO needs no autograd; the space is built from the "trainable" tensors
             self.zo = ZOOptimizer(
                 base,
@@ -208,7 +194,7 @@ class BilevelZOFO(torch.optim.Optimizer):
                 eps=config.eps,
                 weight_decay=config.weight_decay,
                 sampler=config.sampler,
-                estimator=OnePoint() if config.one_sided else TwoPoint(),
+                estimator=OnePoint(config.num_directions) if config.one_sided else TwoPoint(config.num_directions),
                 rule=ZOSGD(),
                 seed=config.seed,
                 method="zofo",
@@ -225,9 +211,14 @@ class BilevelZOFO(torch.optim.Optimizer):
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The three optimizers: the base's ZO, the lower and the upper adapters' Adam (one LR schedule each)."""
+        return [self.zo, self.lower_opt, self.upper_opt]
+
     def forwards_per_step(self) -> int:
-        """Forward passes of one step: K + 2 first-order (each with a backward) and 6 for the base's estimate."""
-        return self.config.inner_steps + 2 + 6
+        """Forward passes of one step: K + 2 first-order (each with a backward) and 3 per call of the base's
+        objective (6 for one two-sided direction)."""
+        return self.config.inner_steps + 2 + 3 * self.zo.estimator.next_calls()[0]
 
     def trained_tensors(self) -> dict[str, Tensor]:
         """Every tensor a run changes: the base (by ZO) and every adapter (by Adam), by name."""
@@ -273,9 +264,6 @@ class BilevelZOFO(torch.optim.Optimizer):
         up, lo = self._pair(task)
         if self.config.release_memory and self._on_cpu:
             loss_fn = _releasing(loss_fn)
-        for opt, group in ((self.zo, 0), (self.lower_opt, 1), (self.upper_opt, 2)):
-            for g in opt.param_groups:  # a scheduler edits this optimizer's groups; the parts follow
-                g["lr"] = self.param_groups[group]["lr"]
         lam = self.config.lam
 
         # 1. lower level: K first-order steps on p_l (θ frozen)
@@ -312,23 +300,22 @@ class BilevelZOFO(torch.optim.Optimizer):
         est = self.zo.last_estimate
         first_up = next(iter(self.pairs.values()))[0]
         self._activate(first_up)
-        return ZOFOStats(float(loss_f.detach()), float(loss_p.detach()), lower, list(est.losses), est.grads[0])
+        stats = ZOFOStats(float(loss_f.detach()), float(loss_p.detach()), lower, list(est.losses), est.grads[0])
+        stats.stuck = bool(est.pairs) and all(a == b for a, b in est.pairs)
+        return stats
 
     # ---------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "lrs": [g["lr"] for g in self.param_groups],
             "zo": self.zo.state_dict(),
             "lower": self.lower_opt.state_dict(),
             "upper": self.upper_opt.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"lrs", "zo", "lower", "upper"} - set(state_dict)
+        missing = {"zo", "lower", "upper"} - set(state_dict)
         if missing:
             raise ValueError(f"not a BilevelZOFO state dict (missing {sorted(missing)})")
-        for g, lr in zip(self.param_groups, state_dict["lrs"], strict=True):
-            g["lr"] = lr
         self.zo.load_state_dict(state_dict["zo"])
         self.lower_opt.load_state_dict(state_dict["lower"])
         self.upper_opt.load_state_dict(state_dict["upper"])
@@ -372,3 +359,101 @@ def _finite(loss: Tensor, what: str) -> Tensor:
     if not torch.isfinite(loss.detach()):
         raise NonFiniteLossError(f"non-finite {what} loss ({float(loss.detach())})")
     return loss
+
+
+class BilevelStepper:
+    """The training loop's step of Bilevel ZOFO: each task's training set split into D_f and D_p, a batch of D_f and
+    K + 1 batches of D_p per step (:meth:`BilevelZOFO.step`); one process only.
+
+    Built by the registry for one task (``zotune train``); :meth:`for_tasks` builds the multi-task version of
+    meta-training, where step t trains task ``t mod n`` (its own step count ``t // n`` picks its batches).
+    """
+
+    def __init__(self, method: Any, config: ZOFOConfig, ctx: StepContext) -> None:
+        try:
+            opt = method.build(ctx.model, config)
+        except ValueError as err:
+            raise ValueError(f"method={method.name}: {err}") from None
+        d_f, d_p = split_penalty(ctx.train, config.penalty_fraction, ctx.data_seed)
+        self.sizes = {"D_f": len(d_f), "D_p": len(d_p)}
+        f_seed, p_seed = ctx.data_seed, derive_seed(ctx.data_seed, 1, 0x2F0F)
+        parts = [(None, ctx.loss_fn, BatchOrder(d_f, ctx.batch_size, f_seed), BatchOrder(d_p, ctx.batch_size, p_seed))]
+        self._init(opt, config, parts, ctx.model)
+
+    @classmethod
+    def for_tasks(
+        cls,
+        opt: BilevelZOFO,
+        tasks: dict[str, tuple[Callable[[Any], Tensor], Sequence[Any]]],
+        batch_size: int,
+        data_seed: int,
+    ) -> BilevelStepper:
+        """Multi-task steps on ``opt`` (built with ``tasks=``): ``tasks`` maps a name to (loss_fn, examples)."""
+        parts = []
+        for j, (name, (loss_fn, examples)) in enumerate(tasks.items()):
+            d_f, d_p = split_penalty(examples, opt.config.penalty_fraction, data_seed)
+            order_f = BatchOrder(d_f, batch_size, derive_seed(data_seed, j, 0xF))
+            order_p = BatchOrder(d_p, batch_size, derive_seed(data_seed, j, 0xD))
+            parts.append((name, loss_fn, order_f, order_p))
+        self = cls.__new__(cls)
+        self.sizes = {}
+        self._init(opt, opt.config, parts, opt.model)
+        return self
+
+    def _init(self, opt: BilevelZOFO, config: ZOFOConfig, parts: list[tuple], model: torch.nn.Module) -> None:
+        self.opt, self.config, self.parts = opt, config, parts
+        model.train(False)  # no dropout: the base's ± forwards see the same function
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.opt.optimizers()
+
+    def cost(self) -> int:
+        return self.opt.forwards_per_step()
+
+    def step(self, t: int) -> StepResult:
+        check = self.opt.zo.checks_closure  # the first step also checks F once at θ (3 forwards)
+        forwards = self.cost() + (3 if check else 0)
+        task, loss_fn, order_f, order_p = self.parts[t % len(self.parts)]
+        i, k = t // len(self.parts), self.config.inner_steps  # this task's own step count picks its batches
+        p_batches = [order_p.batch(i * (k + 1) + j) for j in range(k + 1)]
+        fields: dict[str, Any] = {"lr": self.opt.zo.param_groups[0]["lr"]} | ({"task": task} if task else {})
+        stats = self.opt.step(loss_fn, order_f.batch(i), p_batches[-1], p_batches[:-1], task=task)
+        fields |= {"loss_penalty": stats.loss_p, "loss_lower": stats.lower[-1]}
+        fields |= {"objective": stats.objective, "projected_grad": stats.grad}
+        return StepResult(stats.loss_f, forwards, k + 2, fields, stats.stuck)
+
+    def epoch(self, t: int) -> float:
+        """Epochs of D_f completed, after t steps, by the task that step t trained."""
+        if t == 0:
+            return 0.0
+        _, _, order_f, _ = self.parts[(t - 1) % len(self.parts)]
+        return order_f.epoch((t - 1) // len(self.parts) + 1)
+
+    def data_sizes(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+    def trained_tensors(self) -> dict[str, Tensor]:
+        return self.opt.trained_tensors()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
+
+    @property
+    def update_log(self):
+        return self.opt.update_log
+
+    def export_model(self) -> torch.nn.Module:
+        return self.opt.merged()  # the base (moved by ZO) with the upper adapter merged in
+
+
+# first-order inner steps (backward passes) on one LoRA adapter pair; one process; one micro-batch per step
+register_method(
+    "zofo",
+    ZOFOConfig,
+    BilevelZOFO,
+    stepper=BilevelStepper,
+    caps=Capabilities(distributed=frozenset(), peft=frozenset({"lora"}), backward=True, grad_accum=False),
+)

@@ -341,7 +341,7 @@ def sparse_mask(
 ) -> Any:
     """The :class:`~zotune.models.sensitivity.SparseMask` ``cfg`` asks for on the full-precision ``model``: the file
     ``cfg.mask`` names (checked against the model), or computed by that method (task_gradient: over ``batches``
-    with ``loss_fn(model, batch)``, which :func:`zotune.train.loop.load_model` builds from the task)."""
+    with ``loss_fn(model, batch)``, which :func:`zotune.train.setup.load_model` builds from the task)."""
     from .sensitivity import SparseMask, compute_mask
 
     method = getattr(cfg, "mask", "fisher")

@@ -8,8 +8,8 @@ Example::
     ('mezo', 16)
 """
 
+from ..methods.adamw import AdamWConfig
 from .config import (
-    AdamWConfig,
     ConfigError,
     DataConfig,
     ModelConfig,

@@ -1,8 +1,8 @@
 """Run configuration: dataclasses are the one source of truth for the YAML files, the flags and ``--help``.
 
 A run config has four fixed sections (``model``, ``data``, ``train``, and the top-level keys) plus one section per
-optimization method: every ZO method registered in :mod:`zotune.methods` (``mezo``, ...) and the first-order
-baselines (``adamw``). ``method`` picks which section is used; the others are ignored.
+method registered in :mod:`zotune.methods` (ZO methods such as ``mezo``, the first-order baseline ``adamw``, Bilevel
+ZOFO ``zofo``). ``method`` picks which section is used; the others are ignored.
 
 YAML and flags are parsed by jsonargparse (``zotune train --config r.yaml --train.steps 2000``). Unknown keys are
 rejected here first, with the closest valid key, because a typo in a fine-tuning config otherwise silently trains
@@ -29,14 +29,11 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from ..methods import METHODS
-from ..methods.zofo import ZOFOConfig
+from ..methods import METHODS, get_method
 from ..models.peft import PEFT_MODES
 from ..models.sensitivity import METHODS as MASK_METHODS
 
 __all__ = [
-    "AdamWConfig",
-    "BILEVEL_METHODS",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -111,19 +108,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.device_map, str):
-            _choice("model.device_map", self.device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
+            check_choice("model.device_map", self.device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
         if self.device_map is not None and self.peft == "sparse":
             raise ConfigError("model.device_map does not apply to peft sparse (its 4-bit base is built on one device)")
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.kind", self.kind, ("causal-lm", "seq-cls", None))
-        _choice("model.peft", self.peft, PEFT_MODES)
-        _positive("model.lora_r", self.lora_r)
-        _positive("model.lora_alpha", self.lora_alpha)
-        _positive("model.num_virtual_tokens", self.num_virtual_tokens)
-        _choice("model.prefix_init", self.prefix_init, ("real", "random"))
-        _choice("model.mask_scope", self.mask_scope, ("global", "per_tensor"))
-        _choice("model.quantize", self.quantize, ("nf4", "none"))
-        _positive("model.calibration_tokens", self.calibration_tokens)
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.kind", self.kind, ("causal-lm", "seq-cls", None))
+        check_choice("model.peft", self.peft, PEFT_MODES)
+        check_positive("model.lora_r", self.lora_r)
+        check_positive("model.lora_alpha", self.lora_alpha)
+        check_positive("model.num_virtual_tokens", self.num_virtual_tokens)
+        check_choice("model.prefix_init", self.prefix_init, ("real", "random"))
+        check_choice("model.mask_scope", self.mask_scope, ("global", "per_tensor"))
+        check_choice("model.quantize", self.quantize, ("nf4", "none"))
+        check_positive("model.calibration_tokens", self.calibration_tokens)
         sparsity = self.sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity <= 1:
             raise ConfigError(f"model.sparsity={self.sparsity!r} must be in (0, 1] (SensZOQ: 0.001, i.e. 0.1 %)")
@@ -173,15 +170,15 @@ class DataConfig:
     objective: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("data.protocol", self.protocol, ("mezo", "kshot", "files"))
-        _choice("data.objective", self.objective, ("auto", "classification", "lm", "accuracy", "f1"))
+        check_choice("data.protocol", self.protocol, ("mezo", "kshot", "files"))
+        check_choice("data.objective", self.objective, ("auto", "classification", "lm", "accuracy", "f1"))
         for name in ("k", "n_train", "n_test"):
-            _positive(f"data.{name}", getattr(self, name))
+            check_positive(f"data.{name}", getattr(self, name))
         if self.n_dev is not None:
-            _positive("data.n_dev", self.n_dev)
+            check_positive("data.n_dev", self.n_dev)
         if self.max_length is not None:
-            _positive("data.max_length", self.max_length)
-        _non_negative("data.seed", self.seed)
+            check_positive("data.max_length", self.max_length)
+        check_non_negative("data.seed", self.seed)
 
 
 @dataclass
@@ -243,7 +240,7 @@ class TrainConfig:
     sync_every: int = 100
 
     def __post_init__(self) -> None:
-        _choice("train.distributed", self.distributed, ("shared", "independent"))
+        check_choice("train.distributed", self.distributed, ("shared", "independent"))
         if not (isinstance(self.dist_timeout, int | float) and 0 < self.dist_timeout < float("inf")):
             raise ConfigError(f"train.dist_timeout={self.dist_timeout} must be a finite number of seconds > 0")
         for name in (
@@ -255,49 +252,15 @@ class TrainConfig:
             "patience",
             "sync_every",
         ):
-            _positive(f"train.{name}", getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "early_stopping"):
-            _non_negative(f"train.{name}", getattr(self, name))
+            check_non_negative(f"train.{name}", getattr(self, name))
         for name in ("max_forwards", "eval_limit"):
             if getattr(self, name) is not None:
-                _positive(f"train.{name}", getattr(self, name))
-        _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+                check_positive(f"train.{name}", getattr(self, name))
+        check_choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
         if not self.divergence > 1:
             raise ConfigError(f"train.divergence={self.divergence} must be > 1")
-
-
-@dataclass
-class AdamWConfig:
-    """First-order baseline: AdamW with backpropagation (full fine-tuning, or a PEFT mode: model.peft).
-
-    Args:
-        lr: learning rate (MeZO's FT baseline: 1e-5 full, 1e-4 LoRA).
-        weight_decay: decoupled weight decay on matrices.
-        beta1: Adam β1.
-        beta2: Adam β2.
-        eps: Adam ε.
-        max_grad_norm: clip the gradient norm to this (0: no clipping).
-    """
-
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.lr >= 0 or not self.weight_decay >= 0 or not self.eps > 0 or not self.max_grad_norm >= 0:
-            raise ConfigError(f"adamw: bad hyperparameters {self}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError(f"adamw: betas ({self.beta1}, {self.beta2}) must be in [0, 1)")
-
-
-FO_METHODS: dict[str, type] = {"adamw": AdamWConfig}
-"""First-order baselines (backpropagation), by name."""
-
-BILEVEL_METHODS: dict[str, type] = {"zofo": ZOFOConfig}
-"""Hybrid methods: first-order PEFT steps plus ZO on the base (Bilevel ZOFO), by name."""
 
 
 @dataclass
@@ -305,7 +268,8 @@ class RunConfig:
     """A fine-tuning run: model, data, loop, method, and where the run directory goes.
 
     Args:
-        method: which optimization method section is used (a ZO method such as mezo, adamw, or zofo).
+        method: which method section is used (a ZO method such as mezo or lozo, the first-order baseline adamw, or
+            Bilevel ZOFO zofo).
         seed: run seed: ZO directions (hash of seed, step, direction), LoRA initialisation, dropout.
         out: the run directory (null: runs/<model>-<task>-<method>-s<seed>).
         overwrite: replace an existing run directory (otherwise an existing one is an error).
@@ -324,24 +288,21 @@ class RunConfig:
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
-        known = sorted({*METHODS, *FO_METHODS, *BILEVEL_METHODS})
+        known = sorted(METHODS)
         if self.method not in known:
             close = difflib.get_close_matches(str(self.method), known, n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"method={self.method!r} is not one of: {', '.join(known)}{hint}")
-        _non_negative("seed", self.seed)
+        check_non_negative("seed", self.seed)
 
     def method_config(self) -> Any:
         """The section of the chosen method."""
         return getattr(self, self.method)
 
     @property
-    def is_zo(self) -> bool:
-        return self.method in METHODS
-
-    @property
-    def is_bilevel(self) -> bool:
-        return self.method in BILEVEL_METHODS
+    def method_entry(self) -> Any:
+        """The chosen method's registry entry (:class:`zotune.methods.Method`): its stepper and capabilities."""
+        return get_method(self.method)
 
 
 _RESUME_MAY_CHANGE = {"train.steps", "train.max_forwards", "train.progress", "train.tensorboard", "resume"}
@@ -350,7 +311,7 @@ _RESUME_MAY_CHANGE |= {"overwrite", "allow_config_change", "out", "train.dist_ti
 
 def run_config_class() -> type:
     """``RunConfig`` plus one section per registered method (built now, so methods registered later appear)."""
-    sections = {**{name: m.config_cls for name, m in METHODS.items()}, **FO_METHODS, **BILEVEL_METHODS}
+    sections = {name: m.config_cls for name, m in METHODS.items()}
     extra = [(name, cls, field(default_factory=cls)) for name, cls in sorted(sections.items())]
     cls = dataclasses.make_dataclass("RunConfig", extra, bases=(RunConfig,))
     cls.__doc__ = RunConfig.__doc__
@@ -358,18 +319,21 @@ def run_config_class() -> type:
     return cls
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         shown = ", ".join("null" if a is None else str(a) for a in allowed)
         raise ConfigError(f"{key}={value!r} is not one of: {shown}")
 
 
-def _positive(key: str, value: Any) -> None:
+def check_positive(key: str, value: Any) -> None:
+    """ConfigError naming ``key`` unless ``value`` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer")
 
 
-def _non_negative(key: str, value: Any) -> None:
+def check_non_negative(key: str, value: Any) -> None:
+    """ConfigError naming ``key`` unless ``value`` is an integer >= 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{key}={value!r} must be a non-negative integer")
 
@@ -508,7 +472,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], ignore: set[str] = _RESUME_MAY_CHANGE) -> list[str]:
-    """Keys whose values differ between two config dicts, as ``key: a -> b`` lines."""
+    """What differs between a run's saved config ``a`` and a new one ``b`` in what decides the run, as
+    ``key: a -> b`` lines.
+
+    Not counted: the keys that may change on resume (``ignore``), the sections of methods the run does not use, and
+    keys that ``a`` lacks because they were added to zotune after the run started (so a newer zotune resumes it).
+
+    Example:
+        >>> config_diff({"method": "mezo", "mezo": {"lr": 1.0}}, {"method": "mezo", "mezo": {"lr": 2.0}, "hizoo": {}})
+        ['mezo.lr: 1.0 -> 2.0']
+    """
     fa, fb = flatten(a), flatten(b)
-    keys = sorted((set(fa) | set(fb)) - ignore)
+    used = {a.get("method"), b.get("method")}
+    unused = set(METHODS) - used
+
+    def counted(key: str) -> bool:
+        return key not in ignore and key.split(".", 1)[0] not in unused and key in fa
+
+    keys = sorted(k for k in set(fa) | set(fb) if counted(k))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core.rng import derive_seed
+from ..methods.steppers import BatchOrder
 from ..tasks import (
     Example,
     Splits,
@@ -94,33 +94,6 @@ def build_splits(cfg: DataConfig, task: Task) -> Splits:
     return mezo_splits(
         task, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, data_dir=cfg.data_dir
     )
-
-
-class BatchOrder:
-    """Micro-batch ``i`` of a seeded, epoch-wise shuffled stream of ``examples`` (stateless, so resumable)."""
-
-    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
-        if not examples:
-            raise ValueError("no training examples")
-        self.examples, self.batch_size, self.seed = list(examples), batch_size, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            order = list(range(len(self.examples)))
-            random.Random(derive_seed(self.seed, epoch, 0x0DA7A)).shuffle(order)  # own RNG: global state untouched
-            self._perms = {epoch: order}  # only the current epoch is needed
-        return self._perms[epoch]
-
-    def batch(self, i: int) -> list[Example]:
-        n, out = len(self.examples), []
-        for j in range(i * self.batch_size, (i + 1) * self.batch_size):
-            out.append(self.examples[self._perm(j // n)[j % n]])
-        return out
-
-    def epoch(self, i: int) -> float:
-        """Epochs completed before micro-batch ``i``."""
-        return i * self.batch_size / len(self.examples)
 
 
 def objective_name(cfg: DataConfig, task: Task, model_kind: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,12 +31,23 @@ from typing import Any
 import torch
 
 from ..core.rng import derive_seed
-from ..methods.zofo import BilevelZOFO, ZOFOConfig, split_penalty
+from ..methods.steppers import BatchOrder
+from ..methods.zofo import BilevelStepper, BilevelZOFO, ZOFOConfig
 from ..tasks import evaluate, model_max_length
 from . import checkpoint as ckpt
-from .config import ConfigError, DataConfig, ModelConfig, _positive
-from .data import BatchOrder, build_splits, make_objective, objective_name, resolve_task
-from .loop import load_model
+from .config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    check_non_negative,
+    check_positive,
+    config_digest,
+)
+from .data import build_splits, make_objective, objective_name, resolve_task
+from .loop import steps
+from .rundir import Metrics, prepare_run_dir
+from .setup import LoopState, Session, build_scheduler, load_model, restore
 
 __all__ = ["MetaConfig", "meta_train"]
 
@@ -69,8 +79,12 @@ class MetaConfig:
         eval_batch_size: examples per forward when evaluating.
         seed: run seed (ZO directions, adapter initialisations).
         data_seed: which examples are drawn, and the batch order.
+        checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
+        progress: show a progress bar.
         out: the run directory (null: runs/<model>-meta-zofo-s<seed>).
         overwrite: replace an existing run directory.
+        resume: continue the run in out from its newest complete checkpoint.
+        allow_config_change: let resume continue with a config that differs from the checkpoint's.
     """
 
     model: ModelConfig = field(default_factory=_lora_model)
@@ -90,12 +104,17 @@ class MetaConfig:
     eval_batch_size: int = 16
     seed: int = 0
     data_seed: int = 0
+    checkpoint_every: int = 50
+    progress: bool = True
     out: str | None = None
     overwrite: bool = False
+    resume: bool = False
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         for key in ("n_train", "steps", "batch_size", "adapt_examples", "adapt_steps", "n_test", "eval_batch_size"):
-            _positive(key, getattr(self, key))
+            check_positive(key, getattr(self, key))
+        check_non_negative("checkpoint_every", self.checkpoint_every)
         if not self.train_tasks:
             raise ConfigError("train_tasks: give at least one meta-training task")
         both = sorted(set(self.train_tasks) & set(self.test_tasks))
@@ -115,8 +134,13 @@ def _data(cfg: MetaConfig, name: str, n_train: int) -> DataConfig:
 
 
 def meta_train(cfg: MetaConfig) -> dict[str, Any]:
-    """Meta-train ``cfg.train_tasks`` with Bilevel ZOFO and evaluate ``cfg.test_tasks``; return the results."""
-    start = time.perf_counter()
+    """Meta-train ``cfg.train_tasks`` with Bilevel ZOFO and evaluate ``cfg.test_tasks``; return the results.
+
+    The meta-training steps run through the same loop as ``zotune train`` (:func:`zotune.train.loop.steps`): metrics
+    per step, checkpoints every ``checkpoint_every`` steps, and ``resume: true`` continues a stopped run (the "before"
+    adaptation is kept in the checkpoint, not redone).
+    """
+    began = time.perf_counter()
     tasks = {}
     for name in [*cfg.train_tasks, *cfg.test_tasks]:  # every task resolved before anything is written
         try:
@@ -125,24 +149,17 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
             raise ConfigError(f"task {name!r}: {err}") from None
     splits = {n: build_splits(_data(cfg, n, cfg.n_train), tasks[n]) for n in cfg.train_tasks}
     held = {n: build_splits(_data(cfg, n, cfg.adapt_examples), tasks[n]) for n in cfg.test_tasks}
-    out = Path(cfg.out or f"runs/{Path(cfg.model.name).name}-meta-zofo-s{cfg.seed}")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ConfigError(f"run directory {out} already exists: pass --overwrite true to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.out is None:
+        cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-meta-zofo-s{cfg.seed}")
+    tree = asdict(cfg)
+    out, resume_from = prepare_run_dir(cfg, tree)
     import yaml
 
-    ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     model, tok, kind = load_model(_LoadCfg(cfg.model), cfg.seed, None)
     max_length = cfg.max_length or model_max_length(model, tok)
     loss = {n: make_objective(objective_name(DataConfig(), tasks[n], kind), model, tok, max_length=max_length)
             for n in tasks}  # fmt: skip
-    metrics = open(out / "metrics.jsonl", "w")  # noqa: SIM115 (kept open for the run)
-
-    def write(rec: dict[str, Any]) -> None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
 
     def adapt_and_eval(phase: str) -> dict[str, Any]:
         """Zero-shot, then a fresh LoRA adapter trained by Adam on each held-out task, evaluated on its test."""
@@ -171,40 +188,60 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
             model.delete_adapter("adapt")
             metric = "f1" if tasks[name].metric == "f1" else "accuracy"
             res[name] = {"zero_shot": zero[metric], "adapted": adapted[metric], "n": adapted["n"], "metric": metric}
-            write({"kind": "eval", "phase": phase, "task": name, **res[name]})
             logger.info("%s: %s %s zero-shot %.4f, adapted %.4f", phase, name, metric, zero[metric], adapted[metric])
         return res
 
+    before = adapt_and_eval("before") if resume_from is None else None
+    opt = BilevelZOFO(model, replace(cfg.zofo, seed=cfg.seed), tasks=cfg.train_tasks)
+    data = {n: (loss[n], splits[n]["train"]) for n in cfg.train_tasks}
+    stepper = BilevelStepper.for_tasks(opt, data, cfg.batch_size, cfg.data_seed)
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_every=0,
+        test=False,
+        checkpoint_every=cfg.checkpoint_every,
+        progress=cfg.progress,
+        tensorboard=False,
+    )
+    schedulers = [build_scheduler(train_cfg, o) for o in stepper.optimizers()]  # constant learning rates
+    trained = stepper.trained_tensors()
+    state = LoopState()
+    if resume_from is not None:
+        state = restore(out, resume_from, cfg, tree, model, stepper, schedulers, trained)
+    elif cfg.resume:
+        Metrics.truncate(out, -1)
+    metrics = Metrics(out, tensorboard=False)
+    if before is not None:
+        state.history["before"] = before
+        for name, rec in before.items():
+            metrics.write({"kind": "eval", "phase": "before", "task": name, **rec})
+    session = Session(
+        dir=out,
+        train_cfg=train_cfg,
+        stepper=stepper,
+        schedulers=schedulers,
+        trained=trained,
+        state=state,
+        metrics=metrics,
+        evaluator=None,
+        main=True,
+        checkpoint_meta={"digest": config_digest(tree), "config": tree},
+        label="zofo meta-training",
+        model=model,
+        tokenizer=tok,
+        fresh=resume_from is None,
+    )
     try:
-        before = adapt_and_eval("before")
-        opt = BilevelZOFO(model, replace(cfg.zofo, seed=cfg.seed), tasks=cfg.train_tasks)
-        model.eval()  # no dropout: the ± forwards of the base's estimate see the same function
-        orders = {}
-        for j, name in enumerate(cfg.train_tasks):
-            d_f, d_p = split_penalty(splits[name]["train"], cfg.zofo.penalty_fraction, cfg.data_seed)
-            orders[name] = (BatchOrder(d_f, cfg.batch_size, derive_seed(cfg.data_seed, j, 0xF)),
-                            BatchOrder(d_p, cfg.batch_size, derive_seed(cfg.data_seed, j, 0xD)))  # fmt: skip
-        k, n_tasks = cfg.zofo.inner_steps, len(cfg.train_tasks)
-        forwards = backwards = 0
-        for step in range(cfg.steps):
-            name = cfg.train_tasks[step % n_tasks]
-            i = step // n_tasks  # this task's own step count: its batches follow one another
-            order_f, order_p = orders[name]
-            p_batches = [order_p.batch(i * (k + 1) + j) for j in range(k + 1)]
-            t0 = time.perf_counter()
-            stats = opt.step(loss[name], order_f.batch(i), p_batches[-1], p_batches[:-1], task=name)
-            forwards += opt.forwards_per_step() + (3 if step == 0 else 0)
-            backwards += k + 2
-            write({"kind": "train", "step": step + 1, "task": name, "loss": stats.loss_f, "loss_penalty": stats.loss_p,
-                   "loss_lower": stats.lower[-1], "objective": stats.objective, "projected_grad": stats.grad,
-                   "forwards": forwards, "backwards": backwards, "step_time": time.perf_counter() - t0})  # fmt: skip
-            logger.info("step %d/%d %s: loss %.4f", step + 1, cfg.steps, name, stats.loss_f)
+        stopped = steps(session)
         opt.update_log.save(out / "updates.jsonl")
         adapters = {n: p for pairs in opt.adapters.values() for n, p in pairs}
         tmp = out / ".adapters.tmp"
         ckpt.save_tensors(tmp, adapters)
         tmp.replace(out / "adapters.safetensors")
         after = adapt_and_eval("after")
+        for name, rec in after.items():
+            metrics.write({"kind": "eval", "phase": "after", "task": name, **rec})
     finally:
         metrics.close()
     results = {
@@ -213,12 +250,13 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
         "train_tasks": cfg.train_tasks,
         "test_tasks": cfg.test_tasks,
         "protocols": {n: s.protocol for n, s in {**splits, **held}.items()},
-        "steps": cfg.steps,
-        "forwards": forwards,
-        "backwards": backwards,
-        "before": before,
+        "steps": state.step,
+        "forwards": state.forwards,
+        "backwards": state.backwards,
+        "stopped": stopped,
+        "before": state.history["before"],
         "after": after,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - began,
     }
     ckpt.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     return results
@@ -226,6 +264,6 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
 
 @dataclass
 class _LoadCfg:
-    """What :func:`zotune.train.loop.load_model` reads from a run config."""
+    """What :func:`zotune.train.setup.load_model` reads from a run config."""
 
     model: ModelConfig
