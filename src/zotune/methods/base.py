@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..core import SAMPLERS, BlockSampler
+from ..core import SAMPLERS, BlockSampler, ZOOptimizer
 from ..core.optimizer import check_hparams
 
 __all__ = ["DISTRIBUTIONS", "SampledZOConfig", "ZOConfig", "check_unit_interval"]
@@ -61,6 +61,12 @@ class ZOConfig:
             raise ValueError(f"{self.owner} num_directions={n!r} must be an integer >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"{self.owner} seed={self.seed!r} must be a non-negative integer")
+
+    def optimizer(self, params: Any, *, method: str, decay: Any = None, **pieces: Any) -> ZOOptimizer:
+        """A :class:`~zotune.core.ZOOptimizer` with this config's shared fields and the method's ``pieces``
+        (``sampler``, ``estimator``, ``rule``); ``method`` is the name its update log records."""
+        shared = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay, "seed": self.seed}
+        return ZOOptimizer(params, **shared, decay=decay, method=method, **pieces)
 
     @staticmethod
     def check_finite(owner: str, key: str, value: Any, *, minimum: float = 0.0, strict: bool = True) -> None:

@@ -98,17 +98,11 @@ class LOZOMConfig(LOZOConfig):
 def build(params: Iterable[Any], config: LOZOConfig, *, decay: DecayMask = None) -> ZOOptimizer:
     """Wire LOZO (or LOZO-M for a :class:`LOZOMConfig`): LowRank(r, ν) · TwoPoint(n) · ZO-SGD (low-rank momentum)."""
     momentum = isinstance(config, LOZOMConfig)
-    return ZOOptimizer(
-        params,
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        sampler=config.sampler(),
-        estimator=TwoPoint(config.num_directions),
-        rule=LowRankMomentum(config.beta) if momentum else ZOSGD(),
-        seed=config.seed,
-        decay=decay,
-        method="lozo_m" if momentum else "lozo",
+    rule = LowRankMomentum(config.beta) if momentum else ZOSGD()
+    estimator = TwoPoint(config.num_directions)
+    method = "lozo_m" if momentum else "lozo"
+    return config.optimizer(
+        params, sampler=config.sampler(), estimator=estimator, rule=rule, decay=decay, method=method
     )
 
 

@@ -47,15 +47,11 @@ class MeZOConfig(SampledZOConfig):
 
 def build(params: Iterable[Any], config: MeZOConfig, *, decay: DecayMask = None) -> ZOOptimizer:
     """Wire MeZO: all given trainable tensors · sampler · TwoPoint(n) · ZO-SGD."""
-    return ZOOptimizer(
+    return config.optimizer(
         params,
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
         sampler=config.sampler,
         estimator=TwoPoint(config.num_directions),
         rule=ZOSGD(),
-        seed=config.seed,
         decay=decay,
         method="mezo",
     )

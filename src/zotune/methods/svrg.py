@@ -102,17 +102,9 @@ def build(
     params: Iterable[Any], config: MeZOSVRGConfig, *, decay: DecayMask = None, anchor: Closure | None = None
 ) -> ZOOptimizer:
     """Wire MeZO-SVRG: all trainable tensors · sampler · SVRG(q) · ZO-SGD. Set the anchor closure before stepping."""
-    return ZOOptimizer(
-        params,
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        sampler=config.sampler,
-        estimator=config.estimator(anchor),
-        rule=ZOSGD(),
-        seed=config.seed,
-        decay=decay,
-        method="mezo_svrg",
+    estimator = config.estimator(anchor)
+    return config.optimizer(
+        params, sampler=config.sampler, estimator=estimator, rule=ZOSGD(), decay=decay, method="mezo_svrg"
     )
 
 

@@ -189,17 +189,9 @@ def build(params: Iterable[Any], config: _ZOBenchConfig, *, decay: DecayMask = N
     """Wire a ZO-Bench method from its config: sampler · TwoPoint(n) or OnePoint(n) · the config's rule."""
     if type(config) not in _NAMES:
         raise ValueError(f"not a ZO-Bench config: {type(config).__name__}; use one of {[c.__name__ for c in _NAMES]}")
-    return ZOOptimizer(
-        params,
-        lr=config.lr,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        sampler=config.sampler,
-        estimator=config.estimator(),
-        rule=config.rule(),
-        seed=config.seed,
-        decay=decay,
-        method=_NAMES[type(config)],
+    estimator, rule = config.estimator(), config.rule()
+    return config.optimizer(
+        params, sampler=config.sampler, estimator=estimator, rule=rule, decay=decay, method=_NAMES[type(config)]
     )
 
 
