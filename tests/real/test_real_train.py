@@ -39,7 +39,7 @@ def test_every_recipe_is_a_valid_config():
         assert cfg.method_config().lr > 0, recipe.name
 
 
-@pytest.mark.parametrize("recipe", ["smollm2-sst2-mezo.yaml", "minilm-sst2-mezo.yaml"])
+@pytest.mark.parametrize("recipe", ["smollm2-sst2-mezo.yaml", "smollm2-sst2-hizoo.yaml", "minilm-sst2-mezo.yaml"])
 def test_recipe_runs_end_to_end(recipe, data_dir, smollm2, tmp_path, capsys):
     run = tmp_path / "run"
     small = ["--data.n_train", "16", "--data.n_dev", "8", "--data.n_test", "8", "--data.k", "4"]

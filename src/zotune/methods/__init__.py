@@ -1,6 +1,6 @@
 """Configured methods: a config dataclass + ``build()`` + a stepper + one registry line each (:mod:`.registry`)."""
 
-from . import adamw, zofo
+from . import adamw, hizoo, zofo
 from .lozo import LOZO, LOZOM, LOZOConfig, LOZOMConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Capabilities, Method, build, get_method, register_method
@@ -33,6 +33,7 @@ __all__ = [
     "adamw",
     "build",
     "get_method",
+    "hizoo",
     "register_method",
     "zofo",
     "NSPSA",
