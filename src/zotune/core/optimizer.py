@@ -234,6 +234,35 @@ def _merge(ops: list[Z]) -> list[Z]:
     return [Z(s, c) for s, c in coefs.items() if c]
 
 
+def check_log_grads(log: UpdateLog) -> None:
+    """Recompute each record's projected gradients from its losses, as the estimator does, before any weight moves.
+
+    Two-point: g_i = (ℓ+_i − ℓ−_i) / (2ε), from losses [ℓ+_1, ℓ−_1, ℓ+_2, ℓ−_2, ...]; one-point:
+    g_i = (ℓ_i − ℓ_0) / ε, from [ℓ_0, ℓ_1, ..., ℓ_n]; ε is param group 0's. Other estimators (SVRG, whose g also
+    depends on the anchor) are checked step by step during :func:`replay`. A ValueError names the step and its line.
+    """
+    name = log.header.get("estimator", {}).get("name")
+    if name not in ("two_point", "one_point"):
+        return
+    eps = log.header["groups"][0]["eps"]
+    for i, rec in enumerate(log.records):
+        ls = rec.losses
+        if name == "two_point" and len(ls) == 2 * len(rec.grads):
+            expected = [(ls[2 * k] - ls[2 * k + 1]) / (2 * eps) for k in range(len(rec.grads))]
+        elif name == "one_point" and len(ls) == len(rec.grads) + 1:
+            expected = [(ls[k + 1] - ls[0]) / eps for k in range(len(rec.grads))]
+        else:
+            raise ValueError(
+                f"step {rec.step} (line {i + 2}): {len(ls)} losses for {len(rec.grads)} projected gradient(s), which "
+                f"a {name} estimator cannot have logged: the log was edited or damaged"
+            )
+        if expected != rec.grads:
+            raise ValueError(
+                f"step {rec.step} (line {i + 2}): the logged projected gradient {rec.grads} is not the one its losses "
+                f"give ({expected}): the log was edited or damaged"
+            )
+
+
 def _replay_closure(losses: list[float]):
     it = iter(losses)
 
@@ -283,6 +312,7 @@ def replay(
     """
     if not isinstance(log, UpdateLog):
         log = UpdateLog.load(log)
+    check_log_grads(log)  # before any weight moves
     h = log.header
     named = dict(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
     groups = []
@@ -328,6 +358,11 @@ def replay(
             opt.step(closure)
             if opt.last_estimate.seeds != rec.seeds:
                 raise ValueError(f"step {rec.step}: seeds in the log do not match seed {h['seed']} (corrupt log?)")
+            if opt.last_estimate.grads != rec.grads:  # estimators check_log_grads cannot recompute (SVRG)
+                raise ValueError(
+                    f"step {rec.step}: the logged projected gradient {rec.grads} is not the one its losses give "
+                    f"({opt.last_estimate.grads}): the log was edited or damaged (the weights are part-replayed)"
+                )
     finally:
         for n, p in named.items():
             p.requires_grad_(saved[n])
