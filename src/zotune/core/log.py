@@ -35,7 +35,7 @@ LEGACY_FORMATS = ("zotune-update-log/1",)  # read without integrity checks
 _INTEGRITY_KEYS = ("records", "chain")
 
 
-def _new_file_mode() -> int:
+def new_file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0o666 less the umask (read without changing it)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -64,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        mode = _new_file_mode()
+        mode = new_file_mode()
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:

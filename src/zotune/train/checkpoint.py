@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..core.log import UpdateLog, atomic_write_text
+from ..core.log import UpdateLog, atomic_write_text, new_file_mode
 
 __all__ = [
     "CheckpointError",
@@ -62,6 +62,7 @@ __all__ = [
     "prune_checkpoints",
     "save_checkpoint",
     "save_tensors",
+    "share",
     "sync_update_log",
     "trainable_tensors",
     "verify_checkpoint",
@@ -113,8 +114,20 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file of ``tensors`` (detached, contiguous, on the CPU)."""
+    """safetensors file of ``tensors`` (detached, contiguous, on the CPU), with a plain file's permissions."""
     save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(path))
+    os.chmod(path, new_file_mode())  # safetensors writes 0o600 whatever the umask
+
+
+def share(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything in it the permissions plain ``mkdir`` / ``open`` give under the umask (writers
+    such as safetensors and ``mkdtemp`` make 0o600 files and 0o700 folders that the rest of a group cannot read).
+
+    Wiring: :func:`zotune.train.loop.export_model` calls it on its temporary folder before the rename."""
+    mode = new_file_mode()
+    os.chmod(folder, mode | ((mode & 0o444) >> 2))  # rw-r--r-- -> rwxr-xr-x: a folder needs x where it has r
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, mode | ((mode & 0o444) >> 2) if path.is_dir() else mode)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -249,7 +262,7 @@ def save_checkpoint(
     try:
         save_tensors(tmp / TENSORS, tensors)
         if blob_tensors:
-            save_file(blob_tensors, str(tmp / BLOBS_TENSORS))
+            save_tensors(tmp / BLOBS_TENSORS, blob_tensors)
         (tmp / BLOBS_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
         (tmp / META).write_text(json.dumps(meta, indent=1))
         names = sorted(f.name for f in tmp.iterdir())
