@@ -94,7 +94,7 @@ def test_a_legacy_log_still_replays_and_its_edited_loss_is_refused_before_any_we
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
     edit(path, 3, bump_loss)
     before = params(base)
-    with pytest.raises(ValueError, match=r"step 1 \(line 3\): the logged projected gradient .* is not the one its losses"):
+    with pytest.raises(ValueError, match=r"step 1 \(line 3\): the logged projected gradient .* is not the one"):
         replay(base, path)
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())  # nothing moved
 
