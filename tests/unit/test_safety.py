@@ -64,7 +64,8 @@ def test_long_names_are_cut_but_stay_apart():
 def test_the_default_run_dir_stays_under_runs_whatever_the_task_name(tmp_path):
     out = default_run_dir("path/to/model", "x/../../../../tmp/ESCAPED", "mezo", 0, root=tmp_path / "runs")
     assert out.parent == tmp_path / "runs" and out.name == "model-x-tmp-ESCAPED-mezo-s0"
-    assert default_run_dir("HuggingFaceTB/SmolLM2-135M", "sst2", "mezo", 3).as_posix() == "runs/SmolLM2-135M-sst2-mezo-s3"
+    hub = default_run_dir("HuggingFaceTB/SmolLM2-135M", "sst2", "mezo", 3)
+    assert hub.as_posix() == "runs/SmolLM2-135M-sst2-mezo-s3"
 
 
 # ------------------------------------------------------------------------------------------------ writable output
