@@ -27,6 +27,7 @@ from zotune.train.safety import (
     resume_command,
     safe_name,
     stop_everywhere,
+    truncate_metrics,
 )
 
 # ----------------------------------------------------------------------------------------------------------- names
@@ -238,3 +239,34 @@ def test_the_resume_command_drops_overwrite_and_adds_resume():
     assert resume_command(["zotune", "train", "--resume=false", "--out", "o"], out="o") == (
         "zotune train --out o --resume true"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+
+
+def test_resume_truncation_drops_the_final_test_record_and_keeps_the_zero_shot_one(workdir, tmp_path):
+    """A finished run resumed with more steps would otherwise hold two test records (its old final one)."""
+    import json
+
+    from zotune.train import run_config_from_dict, train
+
+    run = tmp_path / "run"
+    cfg = {
+        "model": {"name": str(workdir / "model")},
+        "data": {"task": str(workdir / "reviews.yaml"), "protocol": "files"},
+        "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "checkpoint_every": 2, "progress": False}
+        | {"test_at_start": True},
+        "mezo": {"lr": 1e-2, "eps": 1e-2},
+        "out": str(run),
+    }
+    train(run_config_from_dict(cfg))
+    path = run / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"kind": "train", "st')  # and a line torn by a kill
+    before = [json.loads(x) for x in path.read_text().splitlines()[:-1]]
+    tests = [r for r in before if r["kind"] == "eval" and r["split"] == "test"]
+    assert [r["step"] for r in tests][:1] == [0] and len(tests) == 2
+    assert truncate_metrics(run, 4) == 2  # the final test record and the torn line
+    after = [json.loads(x) for x in path.read_text().splitlines()]
+    assert after == [r for r in before if r is not tests[1]]
+    assert truncate_metrics(run, 2) == sum(r["step"] > 2 for r in after)
+    assert max(json.loads(x)["step"] for x in path.read_text().splitlines()) == 2

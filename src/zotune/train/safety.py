@@ -45,6 +45,7 @@ __all__ = [
     "resume_command",
     "safe_name",
     "stop_everywhere",
+    "truncate_metrics",
 ]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,3 +384,52 @@ def resume_command(argv: Sequence[str], out: str | os.PathLike | None = None) ->
     if out is not None and not any(a == "--out" or a.startswith("--out=") for a in args):
         args += ["--out", str(out)]
     return shlex.join([*args, "--resume", "true"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# resume: the metrics file as of a checkpoint
+
+
+def truncate_metrics(run: str | os.PathLike, step: int) -> int:
+    """Cut ``RUN/metrics.jsonl`` back to what it held when checkpoint ``step`` was written; return the lines dropped.
+
+    The file is chronological: zero-shot evaluations, then the train records and dev evaluations, then the final
+    test evaluation. A resumed run rewrites everything after its checkpoint, so the cut is at the first line that is
+    later than the checkpoint: a record of a later step, or a test evaluation that follows training (the final one,
+    whatever step its best weights came from: a resumed finished run or a longer ``train.steps`` would otherwise
+    leave two). Lines torn by a kill are dropped. The zero-shot test record (before any training) is kept.
+
+    Wiring: ``Metrics.truncate(run, state.step)`` on resume is this function.
+
+    Example:
+        >>> import json, tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> rows = [{"kind": "eval", "split": "test", "step": 0}, {"kind": "train", "step": 1},
+        ...         {"kind": "eval", "split": "dev", "step": 1}, {"kind": "eval", "split": "test", "step": 1}]
+        >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+        >>> truncate_metrics(run, 1), len((run / "metrics.jsonl").read_text().splitlines())
+        (1, 3)
+    """
+    import json
+
+    from .checkpoint import atomic_write_text
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept, trained = [], False
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if not isinstance(rec, dict) or rec.get("step", 0) > step:
+            break
+        if trained and rec.get("kind") == "eval" and rec.get("split") == "test":
+            break
+        trained = trained or rec.get("kind") == "train"
+        kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+    return len(lines) - len(kept)
