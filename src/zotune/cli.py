@@ -44,6 +44,73 @@ def train_parser(cls: type | None = None, prog: str = "zotune train") -> Any:
     return parser
 
 
+def _float_keys(cls: type, prefix: str = "") -> set[str]:
+    """The dotted keys of ``cls`` whose type is ``float`` (or ``float | None``)."""
+    import dataclasses
+    import typing
+
+    out: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out |= _float_keys(hint, f"{prefix}{f.name}.")
+        elif hint is float or float in typing.get_args(hint):
+            out.add(prefix + f.name)
+    return out
+
+
+_NUMBER_WORDS = {"nan": ".nan", "inf": ".inf", "+inf": ".inf", "-inf": "-.inf", "infinity": ".inf"}
+_NUMBER_WORDS |= {"+infinity": ".inf", "-infinity": "-.inf"}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def normalize_argv(argv: list[str], cls: type) -> list[str]:
+    """Flags as jsonargparse can read them: ``--key -1e-5`` becomes ``--key=-1e-5`` (argparse takes a value that
+    starts with '-' and is not a plain ``-3`` or ``-0.5`` for an option), and ``nan``/``inf`` given to a float key
+    become YAML's ``.nan``/``.inf``, so the config's own check reports them ("must be a finite number")."""
+    floats = _float_keys(cls)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            if _is_number(argv[i + 1]):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+        key, eq, value = arg.partition("=")
+        if key.startswith("--") and key[2:] in floats:
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value, i = argv[i + 1], i + 1
+                eq = "="
+            if eq:
+                arg = f"{key}={_NUMBER_WORDS.get(value.strip().lower(), value)}"
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text file's content; ConfigError naming the file, line and what to do for a binary or non-UTF-8 one."""
+    from .train.config import ConfigError
+
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 text; give a YAML file saved as "
+            "UTF-8"
+        ) from None
+
+
 def _precheck(argv: list[str], cls: type) -> None:
     """Unknown keys in the YAML files and flags, with the closest valid key (before jsonargparse's own errors)."""
     import yaml
@@ -52,14 +119,16 @@ def _precheck(argv: list[str], cls: type) -> None:
 
     keys = set(valid_keys(cls))
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = Path(argv[i + 1])
+        if arg.startswith("--config=") or (arg == "--config" and i + 1 < len(argv)):
+            path = Path(arg.partition("=")[2] or argv[i + 1])
+            if path.is_dir():
+                raise ConfigError(f"--config {path} is a folder: give a YAML recipe file (e.g. {path}/config.yaml)")
             if not path.is_file():
                 raise ConfigError(f"--config: no such file {path}")
             try:
-                tree = yaml.safe_load(path.read_text()) or {}
+                tree = yaml.safe_load(_read_text(path, "--config")) or {}
             except yaml.YAMLError as err:
-                raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+                raise ConfigError(f"--config {path}: not valid YAML ({err})".replace("\n", " ")) from None
             try:
                 check_keys(tree, cls)
             except ConfigError as err:
@@ -77,6 +146,7 @@ def parse_train_args(argv: list[str], cls: type | None = None, prog: str = "zotu
     from .train.config import ConfigError, run_config_class, run_config_from_dict
 
     cls = cls or run_config_class()
+    argv = normalize_argv(argv, cls)
     _precheck(argv, cls)
     parser = train_parser(cls, prog)
     try:
@@ -296,26 +366,45 @@ def cmd_replay(argv: list[str]) -> int:
         p.error("give a run directory, or --base MODEL with --log FILE")
     if a.base is not None and a.log is None:
         p.error("--base needs --log")
+    from .train.safety import check_writable
+
+    check_writable(a.out)  # a file, or a folder that cannot be written: said before the model loads
     if a.out.exists() and any(a.out.iterdir()) and not a.overwrite:
         raise ValueError(f"{a.out} exists; pass --overwrite to replace it")
 
     from .core import UpdateLog, replay
+    from .train import checkpoint as ckpt
     from .train.rundir import export_model
 
+    log, log_path = None, a.log
     if a.run is not None:
         run = Path(a.run)
         if not (run / "config.yaml").exists():
             raise ValueError(f"{run} is not a zotune run directory (no config.yaml)")
-        model, tok, _ = _load_run_base(run)
-        log_path = a.log or run / "updates.jsonl"
+        if a.log is None:  # the run's log, checked against its newest checkpoint (verified)
+            log, note = ckpt.run_update_log(run)
+            log_path = run / "updates.jsonl"
+            if note:
+                print(f"[zotune] {note}", file=sys.stderr)
+    if log is None:
+        if not Path(log_path).exists():
+            raise ValueError(f"no update log at {log_path} (only ZO runs have one)")
+        log = UpdateLog.load(log_path)
+        newest = ckpt.latest_checkpoint(a.run) if a.run is not None else None
+        saved = ckpt.checkpoint_update_log(newest) if newest is not None else None
+        if saved is not None and len(saved) != len(log) and a.steps is None:
+            raise ValueError(
+                f"{log_path} has {len(log)} records but the run's newest checkpoint {newest} holds {len(saved)}: pass "
+                f"--steps {min(len(log), len(saved))} to replay that many on purpose"
+            )
+    if a.steps is not None and a.steps > len(log):
+        raise ValueError(f"--steps {a.steps}: {log_path} has only {len(log)} records")
+    if a.run is not None:
+        model, tok, _ = _load_run_base(Path(a.run))
     else:
         from .models import load
 
         model, tok = load(a.base)
-        log_path = a.log
-    if not Path(log_path).exists():
-        raise ValueError(f"no update log at {log_path} (only ZO runs have one)")
-    log = UpdateLog.load(log_path)
     n = replay(model, log, steps=a.steps)
     adapters = log.header.get("method") == "zofo"
     if adapters:  # Bilevel ZOFO: the log rebuilds the base; its adapters are first-order (RUN/checkpoints)
@@ -388,13 +477,49 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nzotune: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
-    from .models import ModelLoadError
-
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:  # bad input or missing files: one line
-        print(f"zotune {argv[0]}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nzotune {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = user_error(e)
+        if message is None:  # a bug: the traceback is what helps
+            raise
+        print(f"zotune {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error that comes from the user's input or the machine (bad config or data, a
+    missing or damaged file, a full or read-only disk), or None for anything else: a bug keeps its traceback."""
+    import errno
+
+    import yaml
+    from safetensors import SafetensorError
+
+    from .models import ModelLoadError
+
+    if isinstance(err, UnicodeDecodeError):  # the readers name the file; a stray one still gets one line
+        return f"a file is not UTF-8 text ({err.reason} at byte {err.start})"
+    if isinstance(err, ValueError | ModelLoadError | yaml.YAMLError):
+        return " ".join(str(err).split("\n")) if isinstance(err, yaml.YAMLError) else str(err)
+    if isinstance(err, OSError):
+        if err.strerror is None:  # raised with a message of ours (DataNotFoundError)
+            return str(err)
+        where = f": {err.filename}" if err.filename is not None else ""
+        hint = ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = " (free some space or lower train.keep_checkpoints: the README's Safety section gives a run's need)"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = " (choose a folder you can write)"
+        return f"{err.strerror}{where}{hint}"
+    if isinstance(err, SafetensorError):
+        text = str(err)
+        if "No space left" in text:
+            return f"no space left on the device writing a safetensors file ({text.splitlines()[0]}): free some space"
+        return f"a safetensors file is damaged or incomplete ({text.splitlines()[0]})"
+    return None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "zotune",
     "zotune.core.rng",
+    "zotune.core.log",
     "zotune.core.space",
     "zotune.core.samplers",
     "zotune.core.optimizer",
@@ -31,6 +32,7 @@ MODULES = [
     "zotune.train.config",
     "zotune.train.data",
     "zotune.train.checkpoint",
+    "zotune.train.safety",
     "zotune.train.plot",
 ]
 

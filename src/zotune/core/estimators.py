@@ -120,6 +120,11 @@ class Estimator(ABC):
         """(minibatch closure calls, anchor closure calls) the next :meth:`estimate` will make (forward budgets)."""
         return 2 * self.num_directions, 0
 
+    def grads_from_losses(self, losses: Sequence[float], eps: float) -> list[float] | None:
+        """The projected gradients a step with these logged losses gave (what replay can check before it starts);
+        None when they also depend on the estimator's state. ValueError for a count of losses it cannot log."""
+        return None
+
     def program(self, entry: Entry, est: Estimate, eps: Sequence[float], update: list[Op]) -> list[Op]:
         """The ops of the step's last pass over ``entry``: restore θ (the pending perturbation), then ``update``."""
         return [Z(s, k * eps[entry.group], perturb=True) for s, k in est.pending] + update
@@ -161,6 +166,12 @@ class TwoPoint(Estimator):
 
     name = "two_point"
 
+    def grads_from_losses(self, losses, eps):
+        n = self.num_directions
+        if len(losses) != 2 * n:
+            raise ValueError(f"{len(losses)} losses for {n} two-point direction(s)")
+        return [(losses[2 * k] - losses[2 * k + 1]) / (2 * eps) for k in range(n)]
+
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])
         for i, s in enumerate(seeds):
@@ -189,6 +200,12 @@ class OnePoint(Estimator):
 
     def next_calls(self):
         return self.num_directions + 1, 0
+
+    def grads_from_losses(self, losses, eps):
+        n = self.num_directions
+        if len(losses) != n + 1:
+            raise ValueError(f"{len(losses)} losses for {n} one-point direction(s)")
+        return [(losses[k + 1] - losses[0]) / eps for k in range(n)]
 
     def estimate(self, space, sampler, closure, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0])

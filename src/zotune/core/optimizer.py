@@ -224,6 +224,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.update_log = UpdateLog.from_lines(zo["log"])
 
 
+def check_log_grads(log: UpdateLog) -> None:
+    """Recompute each record's projected gradients from its losses, as the estimator does, before any weight moves.
+
+    Each estimator says how its gradients follow from its losses (:meth:`Estimator.grads_from_losses`: two-point
+    g_i = (ℓ+_i − ℓ−_i) / (2ε), one-point g_i = (ℓ_i − ℓ_0) / ε, ...; ε is param group 0's); those whose gradients
+    also depend on state (SVRG's anchor) are checked step by step during :func:`replay`. A ValueError names the step
+    and its line.
+    """
+    est_cls = ESTIMATORS.get(log.header.get("estimator", {}).get("name"))
+    if est_cls is None:
+        return
+    estimator = est_cls(**log.header["estimator"]["config"])
+    eps = log.header["groups"][0]["eps"]
+    for i, rec in enumerate(log.records):
+        try:
+            expected = estimator.grads_from_losses(rec.losses, eps)
+        except ValueError as err:
+            raise ValueError(f"step {rec.step} (line {i + 2}): {err}: the log was edited or damaged") from None
+        if expected is not None and expected != rec.grads:
+            raise ValueError(
+                f"step {rec.step} (line {i + 2}): the logged projected gradient {rec.grads} is not the one its losses "
+                f"give ({expected}): the log was edited or damaged"
+            )
+
+
 def _replay_closure(losses: list[float]):
     it = iter(losses)
 
@@ -273,6 +298,7 @@ def replay(
     """
     if not isinstance(log, UpdateLog):
         log = UpdateLog.load(log)
+    check_log_grads(log)  # before any weight moves
     h = log.header
     named = dict(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
     groups = []
@@ -318,6 +344,11 @@ def replay(
             opt.step(closure)
             if opt.last_estimate.seeds != rec.seeds:
                 raise ValueError(f"step {rec.step}: seeds in the log do not match seed {h['seed']} (corrupt log?)")
+            if opt.last_estimate.grads != rec.grads:  # estimators check_log_grads cannot recompute (SVRG)
+                raise ValueError(
+                    f"step {rec.step}: the logged projected gradient {rec.grads} is not the one its losses give "
+                    f"({opt.last_estimate.grads}): the log was edited or damaged (the weights are part-replayed)"
+                )
     finally:
         for n, p in named.items():
             p.requires_grad_(saved[n])

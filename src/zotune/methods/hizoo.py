@@ -116,6 +116,11 @@ class Centered(TwoPoint):
     def next_calls(self) -> tuple[int, int]:
         return 2 * self.num_directions + 1, 0
 
+    def grads_from_losses(self, losses, eps):
+        if len(losses) != 2 * self.num_directions + 1:
+            raise ValueError(f"{len(losses)} losses for {self.num_directions} centered direction(s)")
+        return super().grads_from_losses(losses[1:], eps)
+
     def estimate(self, space, sampler, closure, seeds, eps):
         zero = read_loss(closure())  # θ is untouched here: nothing to undo if it fails
         est = super().estimate(space, sampler, closure, seeds, eps)

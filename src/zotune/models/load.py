@@ -220,6 +220,11 @@ def resolve(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
         )
     if path.is_dir():
         return _resolve_folder(path)
+    if "/" not in text and _did_you_mean(text):  # a misspelt packaged name, not a hub id to retry for 30 s
+        raise ModelLoadError(
+            f"'{text}' is not a packaged model ({_packaged_list()}){_did_you_mean(text)} "
+            "(a hub id is written owner/name)"
+        )
     if _looks_like_hub_id(text):
         return ResolvedModel("hub", text, None, "causal-lm", text)
     raise ModelLoadError(
@@ -410,8 +415,10 @@ def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
     except Exception as exc:
         raise _corrupt(gguf, exc) from None
     return model, tokenizer
@@ -637,7 +644,7 @@ def _load_hf(
 
     auto_class = getattr(transformers, KINDS[kind])
     try:
-        config = AutoConfig.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)  # never run a folder's code
     except Exception as exc:
         raise on_error(exc) from None
     mapping = getattr(auto_class, "_model_mapping", None)
@@ -649,12 +656,12 @@ def _load_hf(
         )
     if num_labels is not None:
         config.num_labels = num_labels
-    kwargs: dict[str, object] = {"config": config}
+    kwargs: dict[str, object] = {"config": config, "trust_remote_code": False}
     if dtype is not None:
         kwargs["dtype"] = dtype
     kwargs |= {k: v for k, v in (placement or {}).items() if v is not None}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
         model = auto_class.from_pretrained(location, **kwargs)
     except Exception as exc:
         raise on_error(exc) from None
@@ -699,6 +706,17 @@ def _short(exc: BaseException, limit: int = 240) -> str:
 
 def _load_error(resolved: ResolvedModel, location: str, exc: BaseException) -> ModelLoadError:
     """The one-line error for a failure while reading ``location`` (a local folder, a converted GGUF or a hub id)."""
+    text = str(exc)
+    if "custom code" in text or "trust_remote_code" in text:
+        return ModelLoadError(
+            f"the model at {location} needs its own Python code (auto_map in its config): zotune never runs code "
+            "from a model folder or hub repository; use a model that transformers supports as it is"
+        )
+    if "Weights only load failed" in text:
+        return ModelLoadError(
+            f"the weights at {location} (a pickle .bin file) hold Python objects other than tensors, which zotune "
+            "does not load (unpickling them could run code); use a copy of the model in safetensors format"
+        )
     if resolved.source == "hub":
         return ModelLoadError(
             f"could not load '{location}' from the Hugging Face hub (offline? not found?): {_short(exc)}; "

@@ -27,6 +27,7 @@ import csv
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,60 @@ def _json_line(path: Path, n: int, text: str) -> dict[str, Any]:
 
 def _json_lines(path: Path, gz: bool = False):
     opener = gzip.open if gz else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _utf8(path, gz), opener(path, "rt", encoding="utf-8") as f:
         for n, text in enumerate(f, start=1):
             if text.strip():
                 yield n, _json_line(path, n, text)
+
+
+class _utf8:  # noqa: N801 (a context manager)
+    """Turn a UnicodeDecodeError while reading ``path`` into a ValueError naming the file, the line and the fix."""
+
+    def __init__(self, path: Path, gz: bool = False) -> None:
+        self.path, self.gz = path, gz
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
+        if kind is not None and issubclass(kind, UnicodeDecodeError):
+            raise _not_utf8(self.path, self.gz) from None
+
+
+def _not_utf8(path: Path, gz: bool = False) -> ValueError:
+    """The error for a file that is not UTF-8: its first bad line (found by rereading it) and how to convert it."""
+    opener = gzip.open if gz else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return ValueError(
+                    f"{path}:{n}: byte 0x{raw[err.start]:02x} is not UTF-8 (a Latin-1 or Windows-1252 file?): save "
+                    f"the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}-utf8{path.suffix}"
+                )
+    return ValueError(f"{path}: not UTF-8 text: save the file as UTF-8")
+
+
+class _no_field_limit:  # noqa: N801 (a context manager)
+    """Lift the csv module's field size limit (131,072 characters by default) while a file is read: a long text is
+    data, not an error. The limit is process-wide, so the previous one is put back after."""
+
+    def __enter__(self) -> None:
+        self.old = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+    def __exit__(self, *exc: Any) -> None:
+        csv.field_size_limit(self.old)
+
+
+def _cells(path: Path, n: int, row: dict[Any, Any], header: list[str]) -> None:
+    """A ValueError when a CSV/TSV row has more cells than its header (the extra ones would be dropped silently)."""
+    if None in row:
+        extra = len(row[None])
+        raise ValueError(
+            f"{path}:{n}: {len(header) + extra} cells, but the header has {len(header)} columns (quote a field "
+            'that holds the separator, e.g. "a, b")'
+        )
 
 
 def read_rows(path: str | os.PathLike, fmt: str) -> list[dict[str, Any]]:
@@ -92,21 +143,24 @@ def read_rows(path: str | os.PathLike, fmt: str) -> list[dict[str, Any]]:
         raise DataNotFoundError(f"missing data file {path}")
     rows: list[dict[str, Any]] = []
     if fmt == "glue_tsv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with _utf8(path), _no_field_limit(), path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             for n, row in enumerate(reader, start=2):
-                if None in row:  # more cells than header columns
-                    raise ValueError(f"{path}:{n}: more cells than the header's {len(reader.fieldnames or [])}")
+                _cells(path, n, row, reader.fieldnames or [])
                 rows.append(
                     {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} | {"meta": _meta(path, n)}
                 )
     elif fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with _utf8(path), _no_field_limit(), path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             last = 1
-            for row in reader:
-                start, last = last + 1, reader.line_num
-                rows.append(dict(row) | {"meta": _meta(path, start)})
+            try:
+                for row in reader:
+                    start, last = last + 1, reader.line_num
+                    _cells(path, start, row, reader.fieldnames or [])
+                    rows.append(dict(row) | {"meta": _meta(path, start)})
+            except csv.Error as err:
+                raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
     elif fmt in ("jsonl", "jsonl.gz"):
         rows = [obj | {"meta": _meta(path, n)} for n, obj in _json_lines(path, gz=fmt == "jsonl.gz")]
     elif fmt == "lmbff":

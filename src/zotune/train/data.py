@@ -48,15 +48,29 @@ def resolve_task(spec: str) -> Task:
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise ConfigError(f"data.task: task file {path} does not exist")
-        text = path.read_text()
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise ConfigError(f"data.task: {path}:{line}: not UTF-8 text: save the task file as UTF-8") from None
         if path.suffix.lower() == ".json":
             import json
 
-            tree = json.loads(text)
+            try:
+                tree = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"data.task: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
         else:
             import yaml
 
-            tree = yaml.safe_load(text)
+            try:
+                tree = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                at = f":{mark.line + 1}" if mark is not None else ""
+                what = " ".join(str(getattr(err, "problem", None) or err).split())
+                raise ConfigError(f"data.task: {path}{at}: not valid YAML ({what})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"data.task: {path} must hold a mapping (name, files, template, verbalizer, ...)")
         tree.setdefault("base_dir", str(path.parent))
