@@ -109,7 +109,7 @@ def test_every_estimator_formula_recomputes_the_logged_gradients(method):
     with pytest.raises(ValueError, match=r"step 2 \(line 4\): the logged projected gradient"):
         check_log_grads(log)
     log.records[2].losses.pop()
-    with pytest.raises(ValueError, match=r"step 2 \(line 4\): \d+ losses for \d+ projected gradient"):
+    with pytest.raises(ValueError, match=r"step 2 \(line 4\): \d+ losses for \d+ [a-z-]+ direction"):
         replay(base, log)
 
 
