@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .. import dist as zd
+from .. import environment
 from ..core import NonFiniteLossError, micro_batched
 from ..core.rng import derive_seed
 from ..methods import METHODS
@@ -545,6 +546,7 @@ def _train(cfg: Any, argv: Sequence[str] | None) -> dict[str, Any]:
         ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     env = {
         "versions": versions(),
+        "environment": environment.describe(),  # every installed package; the lock and any difference from it
         "command": list(argv) if argv is not None else sys.argv,
         "seed": cfg.seed,
         "data_seed": cfg.data.seed,
