@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "zotune",
+    "zotune.environment",
     "zotune.core.rng",
     "zotune.core.log",
     "zotune.core.space",

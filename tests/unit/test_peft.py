@@ -20,7 +20,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 
 from zotune.cli import main as cli
 from zotune.methods import METHODS
-from zotune.models.peft import apply_peft, init_token_ids, linear_module_names, peft_mode, virtual_tokens
+from zotune.models.peft import (
+    _output_cache,
+    apply_peft,
+    init_token_ids,
+    linear_module_names,
+    peft_mode,
+    virtual_tokens,
+)
 from zotune.tasks.base import Example
 from zotune.tasks.scoring import generate_answers, model_max_length, score_candidates
 from zotune.train import ConfigError, run_config_from_dict, train
@@ -52,7 +59,7 @@ def test_the_prefix_holds_the_keys_and_values_the_base_computes_on_real_tokens(a
     ids = init_token_ids(tok, base, T, seed=7, mode="prefix")
     assert not set(ids.tolist()) & set(tok.all_special_ids)
     with torch.no_grad():
-        cache = base(input_ids=ids[None], use_cache=True).past_key_values
+        cache = _output_cache(base(input_ids=ids[None], use_cache=True))
     model = peft_model(arch, "prefix")
     prefix = model.get_prompt(batch_size=1)  # peft's reading of its embedding: the cache it hands the model
     assert len(prefix.layers) == len(cache.layers) == 2
@@ -94,8 +101,8 @@ def test_prefix_and_prompt_models_score_like_the_base_reading_their_tokens(arch,
 
 @pytest.mark.parametrize("mode", ["prefix", "prompt"])
 def test_greedy_answers_of_prefix_and_prompt_models_do_not_depend_on_batching(mode):
-    """Generation pads on the left: peft drops position ids for prompt tuning, so rows of other lengths must not share
-    a batch; the answers equal the base model's on the text-prefixed prompts."""
+    """Generation pads on the left, rows of other lengths in one batch: the answers equal one-at-a-time generation and
+    the base model's on the text-prefixed prompts."""
     tok = make_tokenizer("left")
     model = peft_model("gpt2", mode, tok)
     prompts = ["the cat sat on the mat it was", "a dog", "the film is not a movie it", "it was", "w5 w9 w13 w40"]
@@ -103,6 +110,33 @@ def test_greedy_answers_of_prefix_and_prompt_models_do_not_depend_on_batching(mo
     want = generate_answers(tiny_model("gpt2"), tok, text_prefixed(model, mode, examples), stop=None, batch_size=1)
     one_by_one = generate_answers(model, tok, examples, stop=None, batch_size=1)
     assert generate_answers(model, tok, examples, stop=None, batch_size=8) == one_by_one == want
+
+
+def greedy_by_forwards(model, tok, prompt: str, n: int) -> str:
+    """The reference: up to n greedy tokens (to EOS), each from a whole forward of the model over the text so far."""
+    ids, new = tok(prompt)["input_ids"], []
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        while len(new) < n and (not new or new[-1] not in (eos if isinstance(eos, list) else [eos])):
+            new.append(int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("mode", ["prefix", "prompt"])
+def test_greedy_answers_of_prefix_and_prompt_models_follow_their_virtual_tokens(arch, mode):
+    """With virtual tokens far from any real token's (so that dropping them, or adding them twice, changes the
+    answers), batched and one-at-a-time generation both equal greedy decoding by whole forwards of the peft model."""
+    tok = make_tokenizer("left")
+    model = peft_model(arch, mode, tok)
+    weight = model.prompt_encoder.default.embedding.weight
+    with torch.no_grad():
+        weight.copy_(3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    prompts = ["the cat sat on the mat it was", "a dog", "the film is not a movie it", "it was", "w5 w9 w13 w40"]
+    examples = [Example(p, answers=["x"], kind="generation") for p in prompts]
+    want = [greedy_by_forwards(model, tok, p, 12) for p in prompts]
+    assert want != generate_answers(tiny_model(arch), tok, examples, stop=None, max_new_tokens=12)  # they matter
+    for batch_size in (1, 8):
+        assert generate_answers(model, tok, examples, stop=None, max_new_tokens=12, batch_size=batch_size) == want
 
 
 def test_virtual_tokens_take_positions_from_the_maximum_length():

@@ -199,6 +199,12 @@ def init_token_ids(tokenizer: Any, model: Any, n: int, seed: int, mode: str = "p
     return allowed[torch.randint(len(allowed), (n,), generator=gen)]
 
 
+def _output_cache(out: Any) -> Any:
+    """The key/value cache a forward returned: ``out.cache`` from transformers 5.24 on (``past_key_values``, read
+    before, is a deprecated alias there), ``out.past_key_values`` before."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
+
+
 def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(K, V)]`` per layer, each ``[batch, kv_heads, T, head_dim]``, from any cache format transformers returns."""
     if hasattr(cache, "layers"):  # transformers >= 4.56: Cache.layers[i].keys / .values
@@ -241,9 +247,10 @@ def _apply_prefix(model: Any, tokenizer: Any, n: int, init: str, seed: int) -> A
     if ids is not None:
         with torch.no_grad():  # the frozen base on the real tokens: its cached keys/values become the prefix
             out = model(input_ids=ids[None].to(model.device), use_cache=True)
-        if out.past_key_values is None:
+        cache = _output_cache(out)
+        if cache is None:
             raise ValueError(f"model.prefix_init=real: {type(model).__name__} returns no key/value cache")
-        layers = [(k.detach(), v.detach()) for k, v in _cache_layers(out.past_key_values)]
+        layers = [(k.detach(), v.detach()) for k, v in _cache_layers(cache)]
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=False)
     peft_model = _get_peft_model(model, config)
     weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight

@@ -37,7 +37,6 @@ import inspect
 import logging
 import re
 import string
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -549,6 +548,57 @@ class _StopOnString:
         return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
+def _cache_argument(model: Any) -> str:
+    """The name under which ``model.forward`` takes a key/value cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is a deprecated alias), ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _greedy(model: Any, ids: Tensor, mask: Tensor, config: Any, tokenizer: Any, stop: str | None) -> Tensor:
+    """``model.generate`` on a left-padded batch: the input ids ``[rows, width]`` followed by the new tokens.
+
+    A prefix- or prompt-tuned peft model is not generated through peft: its ``prepare_inputs_for_generation`` (peft
+    0.21) reads and writes the cache under the key ``past_key_values``, which transformers 5.24 renamed ``cache``.
+    From 5.24 on it misses the running cache, so it treats every decoding step as the first: it hands over the
+    prefix under the old name, which the model drops in favour of generate's own (empty) cache, while it still
+    prepends the virtual tokens' mask (the prefix is ignored, and padded rows attend to the wrong columns); and it
+    prepends the prompt's embeddings again at every step (positions run past the model's maximum: IndexError).
+    Here the base model generates, given what peft's forward would give it: ``T`` placeholder ids counted by the
+    mask stand for the virtual tokens (left padding sits between them and the text, masked, so every row's text
+    starts at position ``T`` as in one-at-a-time generation), with the prefix as the starting cache, or the
+    prompt's embeddings in front of the text's.
+    """
+    from transformers import StoppingCriteriaList
+
+    n_virtual, mode = virtual_tokens(model), peft_mode(model)
+    if n_virtual == 0 or mode not in ("prefix", "prompt"):
+        criteria = [_StopOnString(tokenizer, ids.shape[1], stop)] if stop else []
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+    base = model.get_base_model()
+    rows = ids.shape[0]
+    head = torch.full((rows, n_virtual), config.pad_token_id, dtype=ids.dtype, device=ids.device)
+    kwargs: dict[str, Any] = {}
+    if mode == "prefix":
+        kwargs[_cache_argument(base)] = model.get_prompt(batch_size=rows)  # T keys/values per layer
+    else:
+        text = model.word_embeddings(ids)  # [rows, width, hidden]
+        kwargs["inputs_embeds"] = torch.cat([model.get_prompt(batch_size=rows).to(text.dtype), text], dim=1)
+    criteria = [_StopOnString(tokenizer, n_virtual + ids.shape[1], stop)] if stop else []
+    out = base.generate(
+        input_ids=torch.cat([head, ids], dim=1),
+        attention_mask=torch.cat([torch.ones_like(head), mask], dim=1),
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList(criteria),
+        **kwargs,
+    )
+    return out[:, n_virtual:]
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -566,7 +616,7 @@ def generate_answers(
     Each answer is the decoded new text up to (not including) the first ``stop``, with surrounding whitespace
     stripped. Prompts longer than ``max_length - max_new_tokens`` are cut from the left and counted in ``stats``.
     """
-    from transformers import GenerationConfig, StoppingCriteriaList
+    from transformers import GenerationConfig
 
     if prompts is not None and len(prompts) != len(examples):
         raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
@@ -603,19 +653,12 @@ def generate_answers(
     )
     device = _device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
-    if _ignores_position_ids(model):  # left padding would shift a prompt-tuned row's positions: no padding at all
-        batches = [[i for i in rows if len(seqs[i]) == n] for rows in batches for n in {len(seqs[i]): 0 for i in rows}]
     answers = [""] * len(seqs)
-    for rows in batches:
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
         ids, mask, _, _ = _pad([seqs[i] for i in rows], _pad_id(tokenizer), "left", device)
-        criteria = StoppingCriteriaList([_StopOnString(tokenizer, ids.shape[1], stop)] if stop else [])
-        with torch.no_grad(), warnings.catch_warnings():
-            # peft ignores the position ids generate passes to a prompt-tuned model: its rows are unpadded here
-            warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=criteria
-            )
+        with torch.no_grad():
+            out = _greedy(model, ids, mask, config, tokenizer, stop)  # [rows, width + new tokens]
         texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         for row, text in zip(rows, texts, strict=True):
             if stop:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .. import dist as zd
+from .. import environment
 from ..core.rng import derive_seed
 from ..methods.steppers import StepContext, Stepper
 from ..tasks import model_max_length
@@ -345,6 +346,7 @@ def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
 
     env = {
         "versions": versions(),
+        "environment": environment.describe(),  # every installed package; the lock and any difference from it
         "command": list(argv) if argv is not None else sys.argv,
         "seed": cfg.seed,
         "data_seed": cfg.data.seed,
