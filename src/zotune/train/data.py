@@ -80,7 +80,9 @@ def resolve_protocol(cfg: DataConfig, task: Task) -> tuple[str, str]:
     if cfg.protocol != "auto":
         return cfg.protocol, ""
     own = set(task.local) if _is_user_task(task) else set()
-    if own & {"dev", "validation"} and own & {"test", "validation"} and len(own & {"dev", "validation", "test"}) >= 2:
+    has_dev = bool(own & {"dev", "validation"})
+    has_test = "test" in own or {"dev", "validation"} <= own  # validation is the test split when dev exists
+    if has_dev and has_test:
         return "files", f"data.protocol=auto: {task.name} names its own {', '.join(sorted(own))} files, used as given"
     if _is_user_task(task):
         return "mezo", (
