@@ -301,3 +301,12 @@ def test_run_and_train_api(chatdir, tmp_path):
     }
     results = train(run_config_from_dict(tree))
     assert results["metric"] == "f1" and 0 <= results["test"] <= 1
+
+
+def test_the_recipe_data_is_what_the_generator_writes(tmp_path):
+    shipped = Path(__file__).parents[2] / "recipes" / "data" / "instruct"
+    write_task(tmp_path)
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "task.yaml"):
+        assert (shipped / name).read_text() == (tmp_path / name).read_text(), name
+    splits = build_splits(DataConfig(task=str(shipped / "task.yaml")), resolve_task(str(shipped / "task.yaml")))
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [400, 50, 100]
