@@ -64,22 +64,30 @@ def export_task(task: str, examples: list, folder: Path) -> str:
 
 
 def zotune_side(model_path: str, task: str, out: Path) -> tuple[dict[str, Any], list, list[list[float]], Any]:
-    """``zotune eval`` (the CLI) on the test split, and the per-candidate scores of the same examples."""
-    from zotune.cli import main as cli
-    from zotune.models import load
-    from zotune.tasks import score_candidates
-    from zotune.train.config import DataConfig
-    from zotune.train.data import build_splits, resolve_task
+    """``zotune eval`` (the CLI) on the test split, with the per-candidate scores it computed on the way."""
+    from transformers import AutoTokenizer
 
-    result_file = out / f"zotune-{task}.json"
-    rc = cli(["eval", model_path, "--task", task, "--split", "test", "--out", str(result_file)])
+    import zotune.tasks.evaluate as zev
+    from zotune.cli import main as cli
+
+    seen: list = []
+    score = zev.score_candidates
+
+    def recording(model: Any, tokenizer: Any, examples: list, **kw: Any) -> list[list[float]]:
+        scores = score(model, tokenizer, examples, **kw)
+        seen.append((list(examples), scores))
+        return scores
+
+    result_file = out / f"zotune-{task}-{Path(model_path).name}.json"
+    zev.score_candidates = recording  # the CLI's own scoring, recorded: no second pass
+    try:
+        rc = cli(["eval", model_path, "--task", task, "--split", "test", "--out", str(result_file)])
+    finally:
+        zev.score_candidates = score
     if rc != 0:
         raise SystemExit(f"zotune eval failed on {model_path} {task}")
-    result = json.loads(result_file.read_text())
-    examples = build_splits(DataConfig(task=task), resolve_task(task))["test"]
-    model, tok = load(model_path)
-    scores = score_candidates(model, tok, examples, batch_size=32)
-    return result, examples, scores, tok
+    (examples, scores), tok = seen[-1], AutoTokenizer.from_pretrained(model_path)
+    return json.loads(result_file.read_text()), examples, scores, tok
 
 
 def lmeval_side(model_path: str, name: str, folder: Path) -> tuple[float, dict[int, list[float]], str]:
