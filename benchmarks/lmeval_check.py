@@ -65,11 +65,13 @@ def export_task(task: str, examples: list, folder: Path) -> str:
 
 def zotune_side(model_path: str, task: str, out: Path) -> tuple[dict[str, Any], list, list[list[float]], Any]:
     """``zotune eval`` (the CLI) on the test split, with the per-candidate scores it computed on the way."""
+    import importlib
+
     from transformers import AutoTokenizer
 
-    import zotune.tasks.evaluate as zev
     from zotune.cli import main as cli
 
+    zev = importlib.import_module("zotune.tasks.evaluate")  # the module (zotune.tasks.evaluate is also a function)
     seen: list = []
     score = zev.score_candidates
 
