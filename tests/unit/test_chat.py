@@ -167,7 +167,7 @@ def test_rows_of_messages_prompt_completion_template_and_system(tmp_path):
         ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'"),
         ('{"messages": [{"role": "user"}]}', "must be an object with 'role' and 'content'"),
         ('{"messages": "hello"}', "not a JSON list of messages"),
-            ('{"messages": []}', "must be a non-empty list"),
+        ('{"messages": []}', "must be a non-empty list"),
         ('{"prompt": "hi"}', "needs a 'completion' column"),
         ('{"question": "hi"}', "needs a 'messages' list"),
         ('{"messages": [', "not valid JSON"),
