@@ -63,7 +63,9 @@ def export_task(task: str, examples: list, folder: Path) -> str:
     return name
 
 
-def zotune_side(model_path: str, task: str, out: Path) -> tuple[dict[str, Any], list, list[list[float]], Any]:
+def zotune_side(
+    model_path: str, task: str, out: Path, limit: int | None = None
+) -> tuple[dict[str, Any], list, list[list[float]], Any]:
     """``zotune eval`` (the CLI) on the test split, with the per-candidate scores it computed on the way."""
     import importlib
 
@@ -83,7 +85,8 @@ def zotune_side(model_path: str, task: str, out: Path) -> tuple[dict[str, Any], 
     result_file = out / f"zotune-{task}-{Path(model_path).name}.json"
     zev.score_candidates = recording  # the CLI's own scoring, recorded: no second pass
     try:
-        rc = cli(["eval", model_path, "--task", task, "--split", "test", "--out", str(result_file)])
+        argv = ["eval", model_path, "--task", task, "--split", "test", "--out", str(result_file)]
+        rc = cli(argv + (["--limit", str(limit)] if limit else []))
     finally:
         zev.score_candidates = score
     if rc != 0:
@@ -110,15 +113,15 @@ def lmeval_side(model_path: str, name: str, folder: Path) -> tuple[float, dict[i
     return acc, lls, lm_eval.__version__
 
 
-def compare(model_path: str, label: str, out: Path) -> list[dict[str, Any]]:
+def compare(model_path: str, label: str, out: Path, tasks=TASKS, limit: int | None = None) -> list[dict[str, Any]]:
     rows = []
-    for task in TASKS:
+    for task in tasks:
         done = out / f"row-{Path(model_path).name}-{task}.json"  # a rerun skips the pairs already compared
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
         t0 = time.perf_counter()
-        result, examples, scores, tok = zotune_side(model_path, task, out)
+        result, examples, scores, tok = zotune_side(model_path, task, out, limit)
         name = export_task(task, examples, out)
         acc, lls, version = lmeval_side(model_path, name, out)
         n_tokens = [[len(tok(c, add_special_tokens=False)["input_ids"]) for c in ex.candidates] for ex in examples]
@@ -126,6 +129,14 @@ def compare(model_path: str, label: str, out: Path) -> list[dict[str, Any]]:
             abs(s * n - lls[i][j])
             for i, (row, counts) in enumerate(zip(scores, n_tokens, strict=True))
             for j, (s, n) in enumerate(zip(row, counts, strict=True))
+        ]
+        # lm-eval moves a prompt's trailing whitespace into every continuation (RTE's prompt ends in "\n"), so its
+        # log-likelihoods then include log p("\n" | prompt), the same for each candidate of an example: compare the
+        # margins between candidates, which decide the prediction, as well as the raw values
+        margins = [
+            abs((lls[i][j] - lls[i][0]) - (row[j] * counts[j] - row[0] * counts[0]))
+            for i, (row, counts) in enumerate(zip(scores, n_tokens, strict=True))
+            for j in range(1, len(row))
         ]
         picks = [max(range(len(r)), key=r.__getitem__) for r in scores]
         lm_picks = [max(range(len(lls[i])), key=lls[i].__getitem__) for i in range(len(examples))]
@@ -142,12 +153,19 @@ def compare(model_path: str, label: str, out: Path) -> list[dict[str, Any]]:
                 "candidate_tokens": sorted({n for c in n_tokens for n in c}),
                 "max_abs_loglik_diff": max(diffs),
                 "mean_abs_loglik_diff": sum(diffs) / len(diffs),
+                "max_abs_margin_diff": max(margins),
+                "context_ends_in_whitespace": any(ex.prompt != ex.prompt.rstrip() for ex in examples),
+                "zotune_scores": scores,
+                "lm_eval_logliks": [lls[i] for i in range(len(examples))],
                 "lm_eval_version": version,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
         done.write_text(json.dumps(rows[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        print(
+            json.dumps({k: v for k, v in rows[-1].items() if k not in ("zotune_scores", "lm_eval_logliks")}),
+            flush=True,
+        )
     return rows
 
 
@@ -156,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for check.json")
     p.add_argument("--work", type=Path, required=True, help="folder for the task files, the run and the results")
     p.add_argument("--steps", type=int, default=5, help="MeZO steps of the fine-tuned export")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--limit", type=int, default=None, help="the first N test examples only (default: all)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -178,15 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     if not (tuned / "config.json").exists():
         replay = [sys.executable, "-m", "zotune.cli", "replay", str(run), "--out", str(tuned), "--overwrite"]
         subprocess.run(replay, check=True)
-    rows = compare(base, "smollm2-135m (zero-shot)", a.work)
-    rows += compare(str(tuned), f"smollm2-135m + MeZO {a.steps} steps (zotune replay export)", a.work)
+    rows = compare(base, "smollm2-135m (zero-shot)", a.work, a.tasks, a.limit)
+    tuned_label = f"smollm2-135m + MeZO {a.steps} steps (zotune replay export)"
+    rows += compare(str(tuned), tuned_label, a.work, a.tasks, a.limit)
     summary = {
         "command": " ".join(["python", "benchmarks/lmeval_check.py", *(argv or sys.argv[1:])]),
-        "rows": rows,
+        "rows": [{k: v for k, v in r.items() if k not in ("zotune_scores", "lm_eval_logliks")} for r in rows],
         "all_same_accuracy": all(r["same_accuracy"] for r in rows),
         "max_abs_loglik_diff": max(r["max_abs_loglik_diff"] for r in rows),
+        "max_abs_margin_diff": max(
+            (r["max_abs_margin_diff"] for r in rows if "max_abs_margin_diff" in r), default=None
+        ),
     }
     (a.out / "check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    per_candidate = [{k: r.get(k) for k in ("model", "task", "zotune_scores", "lm_eval_logliks")} for r in rows]
+    (a.out / "per-candidate.json").write_text(json.dumps(per_candidate) + "\n")  # zotune: mean per token
     print(f"same accuracy in {sum(r['same_accuracy'] for r in rows)} of {len(rows)} (model, task) pairs; "
           f"max |log-likelihood difference| {summary['max_abs_loglik_diff']:.2e}")  # fmt: skip
     return 0 if summary["all_same_accuracy"] else 1
