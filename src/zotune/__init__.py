@@ -8,6 +8,7 @@ Example:
     True
 """
 
+from . import _quiet
 from .core import ParamSpace, UpdateLog, ZOOptimizer, replay
 from .methods import LOZO, LOZOM, LOZOConfig, LOZOMConfig, MeZO, MeZOConfig, MeZOSVRG, MeZOSVRGConfig
 from .methods.zobench import (
@@ -22,6 +23,8 @@ from .methods.zobench import (
     ZOSGDSign,
     ZOSignConfig,
 )
+
+_quiet.install()  # one known-harmless bitsandbytes log line (see zotune._quiet)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -234,28 +234,72 @@ def _run_config(run: Path) -> Any:
     return run_config_from_dict(tree)
 
 
-def _load_run_base(run: Path) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head)."""
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").exists() and (path / "metrics.jsonl").exists()
+
+
+def run_task_spec(run: Path, cfg: Any) -> str:
+    """The task a run trained on, usable from any directory: its copy ``RUN/task.yaml`` when it has one, else its
+    config's ``data.task`` (a registered name, or a task file found as stored: absolute, or from here)."""
+    from .tasks.provenance import TASK_COPY, is_task_file
+
+    copy = run / TASK_COPY
+    if copy.is_file():
+        return str(copy)
+    spec = cfg.data.task
+    if not is_task_file(spec) or Path(spec).is_file():
+        return spec
+    raise ValueError(
+        f"{run}: its task file {spec} is not found from {Path.cwd()} (the run was started in another directory and "
+        "keeps no copy of its task): pass --task PATH"
+    )
+
+
+def _load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head).
+
+    ``task`` (default: the run's own, :func:`run_task_spec`, whose changed data files only warn here) gives a
+    classification head its number of labels; a causal LM does not need it, so a missing task file only warns."""
     from .train.data import resolve_task
     from .train.setup import load_model
 
-    cfg = _run_config(run)
-    task = resolve_task(cfg.data.task)
-    model, tok, _ = load_model(cfg, cfg.seed, len(task.verbalizer) if task.verbalizer else None, run=run)
+    cfg = cfg or _run_config(run)
+    if task is None:
+        try:
+            task = resolve_task(run_task_spec(run, cfg), on_change="warn")
+        except (ValueError, FileNotFoundError) as err:
+            if cfg.model.kind == "seq-cls":  # its head's size comes from the task's labels
+                raise
+            print(f"zotune: warning: {err}; the model does not need it", file=sys.stderr)
+    labels = len(task.verbalizer) if task is not None and task.verbalizer else None
+    model, tok, _ = load_model(cfg, cfg.seed, labels, run=run)
     return model, tok, cfg
 
 
-def load_for_eval(target: str, *, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, run config or None)`` for a run directory (its best weights) or any model."""
+def run_weights(run: Path, which: str = "best") -> Path:
+    """The checkpoint folder of a run to evaluate: ``best`` (the best-on-dev weights so far, kept at every dev
+    evaluation, so a stopped or killed run has them) or ``last`` (its newest complete checkpoint)."""
+    from .train import checkpoint as ckpt
+
+    if which not in ("best", "last"):
+        raise ValueError(f"--weights must be best or last, got {which!r}")
+    found = ckpt.latest_checkpoint(run, "best" if which == "best" else "checkpoints")
+    if found is None:
+        where = "best weights (RUN/best/)" if which == "best" else "complete checkpoint (RUN/checkpoints/)"
+        raise ValueError(f"{run}: the run has no {where} yet")
+    return found
+
+
+def load_for_eval(
+    target: str, *, dtype: str = "float32", device: str = "auto", weights: str = "best", task: Any = None
+) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, run config or None)`` for a run directory (its ``weights``: best or last) or any model."""
     from .train import checkpoint as ckpt
 
     path = Path(target)
-    if (path / "config.yaml").exists() and (path / "metrics.jsonl").exists():
-        model, tok, cfg = _load_run_base(path)
-        best = ckpt.latest_checkpoint(path, "best")
-        if best is None:
-            raise ValueError(f"{path}: the run has no best weights yet (RUN/best)")
-        ckpt.load_trainable(model, best / "trainable.safetensors")
+    if _is_run(path):
+        model, tok, cfg = _load_run_base(path, task)
+        ckpt.load_trainable(model, run_weights(path, weights) / "trainable.safetensors")
         return model, tok, cfg
     from .models import load
 
@@ -301,7 +345,21 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
-    p.epilog = "Any data.* key of zotune train also works (--data.protocol kshot --data.k 16 --data.n_test 500)."
+    p.add_argument(
+        "--weights",
+        default="best",
+        choices=["best", "last"],
+        help="a run's best-on-dev weights so far, or its newest checkpoint (a stopped run has both)",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="evaluate a run's task even if its data files changed since the run (digests differ)",
+    )
+    p.epilog = (
+        "Any data.* key of zotune train also works (--data.protocol kshot --data.k 16 --data.n_test 500). A run is "
+        "evaluated on its own copy of its task (RUN/task.yaml), from any directory; --task picks another."
+    )
     a, rest = p.parse_known_args(argv)
     if a.limit is not None and a.limit < 1 or a.icl < 0 or a.batch_size < 1:
         p.error("--limit and --batch-size must be >= 1, --icl >= 0")
@@ -313,13 +371,20 @@ def cmd_eval(argv: list[str]) -> int:
     from .train.config import DataConfig, run_config_from_dict
     from .train.data import build_splits, resolve_task
 
-    model, tok, cfg = load_for_eval(a.target, dtype=a.dtype, device=a.device)
+    on_change = "warn" if a.allow_data_change else "error"
+    override = a.task or data_keys.pop("task", None)
+    run_cfg, spec = None, override
+    if _is_run(Path(a.target)):
+        run_cfg = _run_config(Path(a.target))
+        spec = override or run_task_spec(Path(a.target), run_cfg)  # the run's copy of its task, digests checked
+    task = resolve_task(spec, on_change=on_change) if spec else None
+    model, tok, cfg = load_for_eval(a.target, dtype=a.dtype, device=a.device, weights=a.weights, task=task)
     data = cfg.data if cfg is not None else DataConfig()
-    overrides = {"task": a.task, "data_dir": a.data_dir, "seed": a.data_seed}
+    overrides = {"task": spec, "data_dir": a.data_dir, "seed": a.data_seed}
     tree = {**data.__dict__, **{k: yaml.safe_load(v) for k, v in data_keys.items()}}
     tree |= {k: v for k, v in overrides.items() if v is not None}
     data = run_config_from_dict({"data": tree}).data  # typed and checked as zotune train checks it
-    task = resolve_task(data.task)
+    task = task or resolve_task(data.task)
     splits = build_splits(data, task)
     examples = splits[a.split][: a.limit] if a.limit else splits[a.split]
     res = evaluate(
@@ -337,8 +402,14 @@ def cmd_eval(argv: list[str]) -> int:
     res = {"target": a.target, "task": task.name, "split": a.split, "protocol": splits.protocol, **res}
     res["calibrated"] = a.calibrated
     res["setting"] = f"ICL k={a.icl}" if a.icl else ("zero-shot calibrated" if a.calibrated else "zero-shot")
+    if cfg is not None:
+        res["weights"] = str(run_weights(Path(a.target), a.weights))
     metric = "f1" if "f1" in res else "accuracy"
-    print(f"[zotune] {task.name} {a.split} {metric}: {res[metric]:.4f} (n={res['n']}, truncated {res['n_truncated']})")
+    extra = f", loss {res['loss']:.4f}, perplexity {res['perplexity']:.3f}" if "loss" in res else ""
+    print(
+        f"[zotune] {task.name} {a.split} {metric}: {res[metric]:.4f}{extra} "
+        f"(n={res['n']}, truncated {res['n_truncated']})"
+    )
     if a.out:
         from .train.checkpoint import atomic_write_text
 

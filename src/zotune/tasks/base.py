@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["classification", "multiple_choice", "generation"]
+Kind = Literal["classification", "multiple_choice", "generation", "chat"]
 Split = Literal["train", "dev", "test"]
 
 
@@ -32,8 +32,12 @@ class Example:
         label: index of the gold candidate in ``candidates``; None for generation or unlabeled data.
         answers: gold answers of a generation task (SQuAD-style: any of them counts); None otherwise.
         kind: how it is scored: argmax over candidates (classification: a fixed verbalizer; multiple_choice:
-            per-example candidates, and LM loss on the gold answer when trained) or generation (greedy decoding).
+            per-example candidates, and LM loss on the gold answer when trained), generation (greedy decoding), or
+            chat (``messages`` formatted with the tokenizer's chat template; loss on the assistant turns, greedy
+            generation of the last one).
         meta: the raw fields and provenance (file, line) for error messages and reports.
+        messages: a chat example's conversation, ``({"role": ..., "content": ...}, ...)``, ending with an assistant
+            turn (whose content is also ``answers[0]``); None for other kinds.
     """
 
     prompt: str
@@ -42,6 +46,7 @@ class Example:
     answers: list[str] | None = None
     kind: Kind = "classification"
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: tuple[dict[str, str], ...] | None = None
 
     @property
     def gold(self) -> str | None:
@@ -65,7 +70,8 @@ class Task:
     Attributes:
         name: registry name (``"sst2"``, ``"rte"``, ...).
         kind: see :class:`Example`.
-        metric: ``"accuracy"`` or ``"f1"`` (generation: SQuAD-normalized token F1; EM is also reported).
+        metric: ``"accuracy"`` or ``"f1"`` (generation and chat: SQuAD-normalized token F1 of greedy answers; EM,
+            and for chat the held-out loss and perplexity, are also reported).
         to_example: row (a dict of raw fields, with ``meta`` provenance) -> Example; raises ValueError naming the
             file, line and field on a bad row.
         verbalizer: label words of a classification task, in label order (None for other kinds).

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Example, Kind, Task
+from .chat import check_messages
 from .local import DataNotFoundError
 from .readers import raw_fields, where
 
@@ -49,9 +50,12 @@ _COLUMNS = {
     "prompt": "prompt",
     "completion": "completion",
     "candidates": "candidates",
+    "messages": "messages",
+    "system": "system",
 }
 _KEYS = {"name", "kind", "metric", "files", "path", "format", "columns", "template", "verbalizer", "base_dir"}
-_KEYS |= {"description", "train_as_classification"}
+_KEYS |= {"description", "train_as_classification", "system", "digests", "source"}
+_KINDS = ("classification", "multiple_choice", "generation", "chat")
 
 
 def _template_fields(template: str) -> list[str]:
@@ -87,21 +91,28 @@ def _get(row: dict[str, Any], column: str, role: str) -> Any:
 def _infer_kind(cfg: dict[str, Any], cols: dict[str, str]) -> Kind:
     if cfg.get("kind"):
         kind = cfg["kind"]
-        if kind not in ("classification", "multiple_choice", "generation"):
-            raise ValueError(f"task config: kind must be classification, multiple_choice or generation, got {kind!r}")
+        if kind not in _KINDS:
+            raise ValueError(f"task config: kind must be one of {', '.join(_KINDS)}, got {kind!r}")
         return kind
     if "verbalizer" in cfg:
         return "classification"
     if "candidates" in cfg.get("columns", {}):
         return "multiple_choice"
+    if "messages" in cfg.get("columns", {}):
+        return "chat"
     return "generation"
 
 
-def task_from_config(cfg: dict[str, Any]) -> Task:
+def task_from_config(cfg: dict[str, Any], *, on_change: str = "error") -> Task:
     """A :class:`Task` over the user's files described by ``cfg`` (see the module docstring).
+
+    ``cfg["digests"]`` (split -> ``"sha256:..."``, written into a run's copy of its task file) is checked against
+    the files: ``on_change`` says what a difference does (``"error"``, ``"warn"``, ``"ignore"``; see
+    :func:`zotune.tasks.provenance.check_digests`). ``cfg["source"]`` (where a copy came from) is informational.
 
     Raises:
         DataNotFoundError: a configured file is missing.
+        DataChangedError: a file's digest differs from ``cfg["digests"]`` (with ``on_change="error"``).
         ValueError: a bad config (unknown key, no files, no verbalizer for classification, bad template).
     """
     unknown = set(cfg) - _KEYS
@@ -127,6 +138,10 @@ def task_from_config(cfg: dict[str, Any]) -> Task:
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"task config {name!r}: format must be 'csv' or 'jsonl', got {fmt!r}")
         local[split] = (str(path.resolve()), fmt)
+    if cfg.get("digests"):
+        from .provenance import check_digests
+
+        check_digests({split: p for split, (p, _) in local.items()}, dict(cfg["digests"]), on_change)
 
     if kind == "classification":
         verbalizer = cfg.get("verbalizer")
@@ -212,6 +227,9 @@ def task_from_config(cfg: dict[str, Any]) -> Task:
             description=cfg.get("description", f"user task {name!r} (multiple choice)"),
         )
 
+    if kind == "chat":
+        return _chat_task(cfg, name, cols, local)
+
     template = cfg.get("template")
     names = _template_fields(template) if template else []
 
@@ -229,6 +247,73 @@ def task_from_config(cfg: dict[str, Any]) -> Task:
         local=local,
         train_as_classification=False,
         description=cfg.get("description", f"user task {name!r} (generation)"),
+    )
+
+
+def _chat_task(cfg: dict[str, Any], name: str, cols: dict[str, str], local: dict[str, tuple[str, str]]) -> Task:
+    """A chat task: rows of ``messages``, or of a prompt (``prompt`` column or ``template``) and a ``completion``."""
+    template = cfg.get("template")
+    names = _template_fields(template) if template else []
+    system = cfg.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"task config {name!r}: 'system' must be a string (the system prompt of every row)")
+
+    def messages_of(row: dict[str, Any]) -> tuple[dict[str, str], ...]:
+        if cols["messages"] in row and row[cols["messages"]] is not None:
+            raw = row[cols["messages"]]
+            if isinstance(raw, str):  # a CSV cell holds the list as JSON
+                try:
+                    raw = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{where(row)}: column {cols['messages']!r} is not a JSON list of messages ({err.msg})"
+                    ) from None
+            messages = list(raw) if isinstance(raw, list) else raw
+        elif template or cols["prompt"] in row:
+            prompt = _render(template, row, names) if template else row[cols["prompt"]]
+            if cols["completion"] not in row or row[cols["completion"]] is None:
+                have = ", ".join(sorted(raw_fields(row))) or "none"
+                raise ValueError(
+                    f"{where(row)}: a chat row with a prompt needs a {cols['completion']!r} column: the assistant's "
+                    f"answer (columns: {have})"
+                )
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row[cols["completion"]]}]
+            row_system = row.get(cols["system"])
+            if row_system is not None:
+                messages.insert(0, {"role": "system", "content": row_system})
+        else:
+            have = ", ".join(sorted(raw_fields(row))) or "none"
+            raise ValueError(
+                f"{where(row)}: a chat row needs a {cols['messages']!r} list of {{role, content}} messages, or "
+                f"{cols['prompt']!r} and {cols['completion']!r} (columns: {have})"
+            )
+        if (
+            system is not None
+            and isinstance(messages, list)
+            and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
+        ):
+            messages = [{"role": "system", "content": system}, *messages]
+        return check_messages(messages, where(row))
+
+    def to_example(row: dict[str, Any]) -> Example:
+        messages = messages_of(row)
+        users = [m["content"] for m in messages[:-1] if m["role"] != "assistant"]
+        return Example(
+            prompt=users[-1] if users else "",
+            answers=[messages[-1]["content"]],
+            kind="chat",
+            meta=_meta(row),
+            messages=messages,
+        )
+
+    return Task(
+        name=name,
+        kind="chat",
+        metric=cfg.get("metric", "f1"),
+        to_example=to_example,
+        local=local,
+        train_as_classification=False,
+        description=cfg.get("description", f"user task {name!r} (chat)"),
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import Example
+from .chat import chat_prompt, evaluate_chat
 from .icl import build_icl_prompt, sample_demos
 from .scoring import (
     _batches,
@@ -37,7 +38,7 @@ from .scoring import (
 
 __all__ = ["accuracy_objective", "bench_scoring", "evaluate", "f1_objective"]
 
-_KINDS = ("classification", "multiple_choice", "generation", "head")
+_KINDS = ("classification", "multiple_choice", "generation", "chat", "head")
 
 
 def _is_seq_cls(model: Any) -> bool:
@@ -89,9 +90,11 @@ def evaluate(
         max_length: the longest sequence (default: the model's maximum positions).
 
     Returns:
-        ``{"kind", "n", "accuracy"}`` (or ``"f1"`` and ``"em"`` for generation), plus ``"n_truncated"`` (examples
-        whose prompt was cut), ``"k"``, ``"n_demos_kept"`` (mean over examples) and ``"n_demos_kept_min"``,
-        ``"seconds"``. Runs in eval mode under ``torch.no_grad`` and restores the model's training mode.
+        ``{"kind", "n", "accuracy"}`` (or ``"f1"`` and ``"em"`` for generation; for chat ``"loss"``,
+        ``"perplexity"``, ``"n_tokens"``, ``"f1"`` and ``"em"``: :func:`~zotune.tasks.chat.evaluate_chat`), plus
+        ``"n_truncated"`` (examples whose prompt was cut), ``"k"``, ``"n_demos_kept"`` (mean over examples) and
+        ``"n_demos_kept_min"``, ``"seconds"``. Runs in eval mode under ``torch.no_grad`` and restores the model's
+        training mode.
     """
     kind = kind or _infer_kind(model, examples)
     if kind not in _KINDS:
@@ -106,6 +109,8 @@ def evaluate(
         with torch.no_grad():
             prompts = None
             if k > 0:
+                if kind == "chat":
+                    raise ValueError("in-context demonstrations are not supported for chat examples")
                 if kind == "head":
                     raise ValueError("in-context demonstrations need a causal LM, not a classification head")
                 if not demos:
@@ -123,6 +128,16 @@ def evaluate(
                     model, tokenizer, examples, batch_size=batch_size, max_length=limit, stats=stats
                 )
                 result["accuracy"] = _accuracy(logits, examples)
+            elif kind == "chat":
+                result |= evaluate_chat(
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=batch_size,
+                    max_length=limit,
+                    max_new_tokens=max_new_tokens,
+                    stats=stats,
+                )
             elif kind == "generation":
                 preds = generate_answers(
                     model,
@@ -176,6 +191,9 @@ def f1_objective(model: Any, tokenizer: Any, examples: Sequence[Example], **kwar
 
     ``kwargs`` go to :func:`~zotune.tasks.scoring.generate_answers` (``max_new_tokens``, ``batch_size``, ...).
     """
+    if examples and all(ex.kind == "chat" for ex in examples):  # the last assistant turn, from the chat template
+        prompts = [chat_prompt(tokenizer, ex.messages) for ex in examples]
+        kwargs = {"prompts": prompts, "stop": None, "add_specials": False} | kwargs
     preds = generate_answers(model, tokenizer, examples, **kwargs)
     golds = [ex.answers or ([ex.gold] if ex.gold else []) for ex in examples]
     f1 = sum(f1_score(p, g) for p, g in zip(preds, golds, strict=True)) / max(len(examples), 1)

@@ -108,8 +108,14 @@ def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 @dataclass
 class _Pair:
     ids: list[int]  # context ids followed by the candidate's ids
-    n_cand: int  # number of candidate tokens (at the end of ids)
+    n_cand: int  # number of candidate tokens (at the end of ids, unless ``positions`` says where)
     truncated: bool
+    positions: list[int] | None = None  # indices in ids of the scored tokens (ascending, >= 1); None: the last n_cand
+
+    def scored(self) -> list[int]:
+        """Indices in ``ids`` of the tokens whose log-probability is scored."""
+        n = len(self.ids)
+        return list(range(n - self.n_cand, n)) if self.positions is None else list(self.positions)
 
 
 def _build_pairs(
@@ -222,13 +228,12 @@ def _rows(pairs: Sequence[_Pair]) -> tuple[list[list[int]], list[tuple[int, list
     seqs: list[list[int]] = []
     where = []
     for pair in pairs:
-        seq = pair.ids[:-1] if pair.n_cand == 1 else pair.ids
+        seq = pair.ids[:-1] if pair.n_cand == 1 and pair.positions is None else pair.ids
         key = tuple(seq)
         if key not in index:
             index[key] = len(seqs)
             seqs.append(list(seq))
-        n = len(pair.ids)
-        where.append((index[key], list(range(n - pair.n_cand - 1, n - 1))))
+        where.append((index[key], [t - 1 for t in pair.scored()]))  # the logit at t - 1 predicts token t
     return seqs, where
 
 
@@ -287,7 +292,7 @@ def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int
             # counted from the end: the logits end with the row's last position whether they are all kept, only the
             # last ones (logits_to_keep), or start with a prompt-tuned model's virtual tokens
             g_pos += [starts[j] + t - width for t in positions]
-            tgts += pairs[i].ids[len(pairs[i].ids) - pairs[i].n_cand :]
+            tgts += [pairs[i].ids[t] for t in pairs[i].scored()]
             owner += [k] * len(positions)
         out.append(
             _Batch(
@@ -610,11 +615,13 @@ def generate_answers(
     max_length: int | None = None,
     prompts: Sequence[str] | None = None,
     stats: dict[str, Any] | None = None,
+    add_specials: bool = True,
 ) -> list[str]:
     """Greedy answers, batched with left padding: at most ``max_new_tokens`` tokens, cut at ``stop`` and EOS.
 
     Each answer is the decoded new text up to (not including) the first ``stop``, with surrounding whitespace
     stripped. Prompts longer than ``max_length - max_new_tokens`` are cut from the left and counted in ``stats``.
+    ``add_specials=False`` puts no leading special tokens before the prompts (chat-template text carries its own).
     """
     from transformers import GenerationConfig
 
@@ -625,7 +632,7 @@ def generate_answers(
     budget = None if limit is None else limit - max_new_tokens
     if budget is not None and budget < 1:
         raise ValueError(f"max_length={limit} leaves no room for a prompt with max_new_tokens={max_new_tokens}")
-    specials = _leading_specials(tokenizer)
+    specials = _leading_specials(tokenizer) if add_specials else []
     seqs, n_truncated = [], 0
     for ids in _encode(tokenizer, texts):
         if budget is not None and len(specials) + len(ids) > budget:

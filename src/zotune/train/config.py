@@ -144,13 +144,15 @@ class DataConfig:
         task: a registered task (sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop, sst5, trec,
             ...) or the path of a YAML/JSON file describing a task of your own (see zotune.tasks.custom).
         data_dir: folder of local data files (default: $ZOTUNE_DATA, ../shared/data or ./data; else the hub).
-        protocol: mezo (n_train/n_dev drawn from train, n_test from validation), kshot (LM-BFF: k per class), or
-            files (the task's own train, dev and test splits as they are: your own files).
+        protocol: auto (files for a task file that names its own dev or test file, else mezo), mezo (n_train/n_dev
+            drawn from train, n_test from validation), kshot (LM-BFF: k per class), or files (the task's own train,
+            dev and test splits as they are: your own files).
         k: examples per class for the kshot protocol.
         seed: data seed: which examples are drawn, and the order batches are taken in.
         n_train: training examples (mezo protocol).
         n_dev: dev examples (mezo protocol; null: 500, or 100 for CB and COPA).
-        n_test: test examples (at most).
+        n_test: test examples at most (null: 1000 for mezo and kshot, every row of the test file for files); a
+            larger test split is cut to n_test by a seed-0 draw, and the run says so.
         max_length: longest sequence in tokens (null: the model's maximum positions); longer prompts are cut from
             the left, keeping the answer, and counted.
         objective: what the training loss is: auto (classification tasks: cross-entropy over the candidates;
@@ -160,22 +162,23 @@ class DataConfig:
 
     task: str = "sst2"
     data_dir: str | None = None
-    protocol: str = "mezo"
+    protocol: str = "auto"
     k: int = 16
     seed: int = 0
     n_train: int = 1000
     n_dev: int | None = None
-    n_test: int = 1000
+    n_test: int | None = None
     max_length: int | None = None
     objective: str = "auto"
 
     def __post_init__(self) -> None:
-        check_choice("data.protocol", self.protocol, ("mezo", "kshot", "files"))
+        check_choice("data.protocol", self.protocol, ("auto", "mezo", "kshot", "files"))
         check_choice("data.objective", self.objective, ("auto", "classification", "lm", "accuracy", "f1"))
-        for name in ("k", "n_train", "n_test"):
+        for name in ("k", "n_train"):
             check_positive(f"data.{name}", getattr(self, name))
-        if self.n_dev is not None:
-            check_positive("data.n_dev", self.n_dev)
+        for name in ("n_dev", "n_test"):
+            if getattr(self, name) is not None:
+                check_positive(f"data.{name}", getattr(self, name))
         if self.max_length is not None:
             check_positive("data.max_length", self.max_length)
         check_non_negative("data.seed", self.seed)

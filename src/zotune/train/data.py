@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,56 +38,73 @@ from ..tasks import (
     mezo_splits,
     task_from_config,
 )
+from ..tasks.chat import chat_lm_loss, chat_token_count, require_chat_template
+from ..tasks.provenance import is_task_file, read_task_file
 from .config import ConfigError, DataConfig
 
-__all__ = ["BatchOrder", "build_splits", "make_objective", "resolve_task"]
+__all__ = ["BatchOrder", "build_splits", "make_objective", "resolve_protocol", "resolve_task"]
+
+logger = logging.getLogger(__name__)
 
 
-def resolve_task(spec: str) -> Task:
-    """A registered task name, or the path of a YAML/JSON file that describes a user task."""
-    path = Path(spec)
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+def resolve_task(spec: str, *, on_change: str = "error") -> Task:
+    """A registered task name, or the path of a YAML/JSON file that describes a user task.
+
+    Relative data paths in a task file are relative to the task file's folder (or to its ``base_dir``, itself
+    relative to the file). A run's copy of its task file (``RUN/task.yaml``) carries the digests of its data files:
+    ``on_change`` says what a changed file does (``error``, ``warn``, ``ignore``).
+    """
+    if is_task_file(spec):
+        path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"data.task: task file {path} does not exist")
-        data = path.read_bytes()
+            raise ConfigError(f"data.task: task file {path} does not exist (looked from {Path.cwd()})")
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = data[: err.start].count(b"\n") + 1
-            raise ConfigError(f"data.task: {path}:{line}: not UTF-8 text: save the task file as UTF-8") from None
-        if path.suffix.lower() == ".json":
-            import json
-
-            try:
-                tree = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"data.task: {path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        else:
-            import yaml
-
-            try:
-                tree = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                mark = getattr(err, "problem_mark", None)
-                at = f":{mark.line + 1}" if mark is not None else ""
-                what = " ".join(str(getattr(err, "problem", None) or err).split())
-                raise ConfigError(f"data.task: {path}{at}: not valid YAML ({what})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"data.task: {path} must hold a mapping (name, files, template, verbalizer, ...)")
-        tree.setdefault("base_dir", str(path.parent))
-        tree.setdefault("name", path.stem)
-        return task_from_config(tree)
+            tree = read_task_file(path)
+        except ValueError as err:
+            raise ConfigError(f"data.task: {err}") from None
+        return task_from_config(tree, on_change=on_change)
     return get_task(spec)
+
+
+def _is_user_task(task: Task) -> bool:
+    """A task read from a task file: all its files are absolute paths (built-in tasks name data-folder paths)."""
+    return bool(task.local) and all(Path(p).is_absolute() for p, _ in task.local.values())
+
+
+def resolve_protocol(cfg: DataConfig, task: Task) -> tuple[str, str]:
+    """The concrete protocol for ``cfg.protocol`` and a note saying why (empty when the user chose it).
+
+    ``auto``: ``files`` for a task file that names its own dev (or validation) and test (or validation) files, so
+    a user's splits are used as given; else ``mezo``.
+    """
+    if cfg.protocol != "auto":
+        return cfg.protocol, ""
+    own = set(task.local) if _is_user_task(task) else set()
+    has_dev = bool(own & {"dev", "validation"})
+    has_test = "test" in own or {"dev", "validation"} <= own  # validation is the test split when dev exists
+    if has_dev and has_test:
+        return "files", f"data.protocol=auto: {task.name} names its own {', '.join(sorted(own))} files, used as given"
+    if _is_user_task(task):
+        return "mezo", (
+            f"data.protocol=auto: {task.name} names no separate dev and test files ({', '.join(sorted(own))}), so "
+            "dev is drawn from train (mezo protocol); give files: {train: ..., dev: ..., test: ...} to use your own"
+        )
+    return "mezo", ""
 
 
 def build_splits(cfg: DataConfig, task: Task) -> Splits:
     """Train/dev/test examples by the configured protocol (see :mod:`zotune.tasks.sampling`).
 
     ``files`` takes the task's own splits as they are (your train/dev/test files): train = train, dev = dev (else
-    validation), test = test (else validation), the test capped at ``n_test`` by the same seed-0 draw as the
-    other protocols.
+    validation), test = test (else validation), every row, unless ``n_test`` is set (then a seed-0 draw of
+    ``n_test`` test rows, said in a warning and in ``protocol``). ``auto`` (the default) is ``files`` for a task file
+    that names its own dev and test files, else ``mezo`` (see :func:`resolve_protocol`). Whenever rows of a user's
+    file are left out (mezo drawing from train, a capped test file), a warning says so.
     """
-    if cfg.protocol == "files":
+    protocol, note = resolve_protocol(cfg, task)
+    if note:
+        logger.info("%s", note)
+    if protocol == "files":
         have = local_splits(task, cfg.data_dir) or ["train", "validation", "test"]
         dev_name = next((s for s in ("dev", "validation") if s in have), None)
         test_name = next((s for s in ("test", "validation") if s in have and s != dev_name), None)
@@ -98,16 +116,30 @@ def build_splits(cfg: DataConfig, task: Task) -> Splits:
         train = load_split(task, "train", data_dir=cfg.data_dir)
         dev = load_split(task, dev_name, data_dir=cfg.data_dir)
         test = load_split(task, test_name, data_dir=cfg.data_dir)
-        if len(test) > cfg.n_test:
+        n_rows, test_note = len(test), f"test {len(test)} = all of {test_name}"
+        if cfg.n_test is not None and len(test) > cfg.n_test:
             picked = sorted(random.Random(0).sample(range(len(test)), cfg.n_test))
             test = [test[i] for i in picked]
-        protocol = f"files: train {len(train)} = {task.name} train, dev {len(dev)} = {dev_name}, test {len(test)}"
-        return Splits({"train": train, "dev": dev, "test": test}, protocol + f" from {test_name}")
-    if cfg.protocol == "kshot":
-        return kshot_splits(task, k=cfg.k, seed=cfg.seed, data_dir=cfg.data_dir, n_test=cfg.n_test)
-    return mezo_splits(
-        task, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=cfg.n_test, data_dir=cfg.data_dir
-    )
+            test_note = f"test {cfg.n_test} drawn (seed 0) from {test_name} ({n_rows} rows; data.n_test={cfg.n_test})"
+            logger.warning("%s: %s; unset data.n_test to use every row", task.name, test_note)
+        text = f"files: train {len(train)} = all of train, dev {len(dev)} = all of {dev_name}, {test_note}"
+        return Splits({"train": train, "dev": dev, "test": test}, text)
+    n_test = 1000 if cfg.n_test is None else cfg.n_test
+    if protocol == "kshot":
+        splits = kshot_splits(task, k=cfg.k, seed=cfg.seed, data_dir=cfg.data_dir, n_test=n_test)
+    else:
+        if _is_user_task(task) and "dev" in task.local:
+            logger.warning(
+                "data.protocol=mezo: %s's dev file is not used (dev is drawn from train); use data.protocol files "
+                "to use your own dev file",
+                task.name,
+            )
+        splits = mezo_splits(
+            task, seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev, n_test=n_test, data_dir=cfg.data_dir
+        )
+    if _is_user_task(task):  # rows of the user's own files left out: say so
+        logger.warning("%s: %s", task.name, splits.protocol)
+    return splits
 
 
 def objective_name(cfg: DataConfig, task: Task, model_kind: str) -> str:
@@ -116,6 +148,15 @@ def objective_name(cfg: DataConfig, task: Task, model_kind: str) -> str:
         if cfg.objective not in ("auto", "classification"):
             raise ConfigError(f"data.objective={cfg.objective!r}: a seq-cls model trains its head (auto)")
         return "head"
+    if task.kind == "chat":  # the LM loss on the assistant turns (auto, lm), or the F1 of greedy answers (f1)
+        if cfg.objective in ("auto", "lm"):
+            return "chat"
+        if cfg.objective == "f1":
+            return "f1"
+        raise ConfigError(
+            f"data.objective={cfg.objective}: {task.name} is a chat task (use auto or lm: the loss on the assistant "
+            "turns, or f1)"
+        )
     if cfg.objective != "auto":
         if cfg.objective == "classification" and task.kind != "classification":
             raise ConfigError(f"data.objective=classification needs a classification task, {task.name} is {task.kind}")
@@ -134,6 +175,9 @@ def make_objective(
 ) -> Callable[[Sequence[Example]], Tensor]:
     """``loss(examples)`` for the objective ``name`` (see :func:`objective_name`); lower is better."""
     kw: dict[str, Any] = {"max_length": max_length, "batch_size": batch_size}
+    if name == "chat":
+        require_chat_template(tokenizer)  # before any step runs
+        return lambda exs: chat_lm_loss(model, tokenizer, exs, **kw)
     if name == "classification":
         return lambda exs: classification_loss(model, tokenizer, exs, **kw)
     if name == "lm":
@@ -150,6 +194,8 @@ def make_objective(
 def loss_weight(name: str, tokenizer: Any, max_length: int | None) -> Callable[[Sequence[Example]], int]:
     """``weight(examples)``: the items the objective ``name``'s loss is a mean over (rows; gold tokens for ``lm``),
     so that shards of a batch combine into the batch's loss (:func:`zotune.dist.sharded`)."""
+    if name == "chat":
+        return lambda exs: chat_token_count(tokenizer, exs, max_length)
     if name != "lm":
         return len
     from ..tasks.scoring import gold_token_count
