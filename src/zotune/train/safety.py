@@ -189,6 +189,7 @@ RUN_ENTRIES = frozenset(
         "model",
         "tb",
         "mask.safetensors",
+        "adapters.safetensors",  # meta-training
     }
 )
 
