@@ -190,7 +190,7 @@ def uninterrupted(workdir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_at_a_step_boundary_and_the_resume_is_bit_identical(workdir, uninterrupted, tmp_path, sig):
     out = tmp_path / "run"
     tree = config(workdir, out, train={"steps": 30, "checkpoint_every": 100, "eval_every": 0})
@@ -259,7 +259,7 @@ def test_a_resumed_or_extended_run_keeps_one_test_record(workdir, tmp_path):
 # ------------------------------------------------------------------------------------------------- permissions
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
 def test_an_export_honours_the_umask(workdir, tmp_path, umask):
     out = tmp_path / "run"
     old = os.umask(umask)

@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -355,7 +356,9 @@ class Interrupted(KeyboardInterrupt):
 class StopOnSignal:
     """While active, SIGINT and SIGTERM only *ask* the run to stop: :attr:`received` is set (the signal's name), and
     the loop checks it at each step boundary, saves a checkpoint and ends cleanly (the CLI prints the resume
-    command). A second SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait for the step.
+    command). A second SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait for the step;
+    one within ``repeat_s`` of the first is taken for the same Ctrl-C (torchrun forwards the terminal's SIGINT to
+    its workers, which already got it from the terminal).
 
     Under torchrun, when one rank dies torchrun sends SIGTERM to the others: with this handler they go on to their
     next collective, find the lost rank, and end with exit code 4 and the "lost contact" message instead of dying
@@ -374,15 +377,17 @@ class StopOnSignal:
         'SIGTERM'
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
-        self.signals = tuple(signals)
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), repeat_s: float = 1.0) -> None:
+        self.signals, self.repeat_s = tuple(signals), repeat_s
         self.received: str | None = None
+        self._at = 0.0  # when the first signal came (time.monotonic)
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received is None:
+            self.received, self._at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._at > self.repeat_s:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
