@@ -18,7 +18,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .train.safety import Interrupted
 
 # --------------------------------------------------------------------------------------------------------------------
 # train
@@ -167,6 +170,7 @@ def cmd_train(argv: list[str]) -> int:
 
     from . import dist as zd
     from .train import TrainingStopped, train
+    from .train.safety import Interrupted
 
     logging.basicConfig(level=logging.INFO, format="[zotune] %(message)s")
     cfg = parse_train_args(argv)
@@ -181,13 +185,39 @@ def cmd_train(argv: list[str]) -> int:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(4)  # the process group is broken: skip its teardown, which can abort the process under gloo
+    except Interrupted as err:
+        return interrupted(err, "train", argv)
     if main:
         _print_results(results)
     return 0
 
 
+def interrupted(err: Interrupted, command: str, argv: list[str]) -> int:
+    """SIGINT/SIGTERM ended ``zotune COMMAND``: say where it stopped and how to continue; the exit code 128 + signal.
+
+    At a step boundary (a checkpoint of that step saved): ``stopped at step N; resume with: <command>`` (rank 0);
+    outside the steps: ``interrupted by SIGNAL``. Under torchrun the process group's teardown is skipped (the signal
+    may come from torchrun after another rank died)."""
+    from .train.safety import resume_command
+
+    if err.step is None:
+        print(f"\nzotune {command}: {err}", file=sys.stderr)
+    elif os.environ.get("RANK", "0") == "0":
+        again = resume_command(["zotune", command, *argv], err.run)
+        how = " (under torchrun, as before)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(
+            f"zotune {command}: {err.signal}: stopped at step {err.step}; resume with: {again}{how}", file=sys.stderr
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(err.exit_code)
+    return err.exit_code
+
+
 def cmd_meta_train(argv: list[str]) -> int:
     from .train.meta import MetaConfig, meta_train
+    from .train.safety import Interrupted
 
     if any(a in ("-h", "--help") for a in argv):
         train_parser(MetaConfig, "zotune meta-train").print_help()
@@ -195,7 +225,10 @@ def cmd_meta_train(argv: list[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="[zotune] %(message)s")
-    results = meta_train(parse_train_args(argv, MetaConfig, "zotune meta-train"))
+    try:
+        results = meta_train(parse_train_args(argv, MetaConfig, "zotune meta-train"))
+    except Interrupted as err:
+        return interrupted(err, "meta-train", argv)
     for phase in ("before", "after"):
         for task, r in results[phase].items():
             print(f"{phase:6} meta-training: {task} {r['metric']} zero-shot {r['zero_shot']:.4f}, "

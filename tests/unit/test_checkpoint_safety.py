@@ -252,6 +252,24 @@ def test_a_damaged_only_checkpoint_offers_replay_and_eval_refuses_damaged_best_w
     assert len(err) == 1 and "trainable.safetensors: its content does not match the checksum" in err[0]
 
 
+def test_a_checkpoint_with_damaged_weights_still_gives_the_log_that_rebuilds_them(zo_run, tmp_path, capsys):
+    """The offer made for a damaged only checkpoint holds: replay reads (and verifies) the state files, not the
+    weights, and rebuilds the weights the checkpoint held; a damaged state file is named instead."""
+    run = copy_run(zo_run, tmp_path)
+    newest = ckpt.latest_checkpoint(run)
+    final = {n: t.clone() for n, t in load_file(str(newest / "trainable.safetensors")).items()}  # not a view
+    zero_bytes(newest / "trainable.safetensors")
+    (run / "updates.jsonl").unlink()  # replay has only the checkpoint's copy of the log
+    assert cli(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 0
+    assert "replaying the copy in" in capsys.readouterr().err
+    rebuilt = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "replayed").named_parameters())
+    assert all(torch.equal(rebuilt[n], t) for n, t in final.items())
+    zero_bytes(newest / "blobs.json", 8)
+    assert cli(["replay", str(run), "--out", str(tmp_path / "again")]) == 2
+    err = errors(capsys.readouterr().err)
+    assert len(err) == 1 and "blobs.json: its content does not match the checksum" in err[0]
+
+
 def test_truncated_and_missing_files_are_named_in_one_line(zo_run, tmp_path, capsys):
     run = copy_run(zo_run, tmp_path)
     best = ckpt.latest_checkpoint(run, "best")

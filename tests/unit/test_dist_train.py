@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,6 +220,50 @@ def test_a_dead_rank_stops_the_other_and_the_run_resumes_on_one_process(workdir,
     assert [r.seeds for r in log.records] == [r.seeds for r in straight.records]
     flat = [[x for r in lg.records for x in r.losses] for lg in (log, straight)]
     assert flat[0] == pytest.approx(flat[1], rel=1e-4)
+
+
+def wait_for_steps(procs: list[subprocess.Popen], run: Path, n: int) -> None:
+    metrics, end = run / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < end and all(p.poll() is None for p in procs):
+        if metrics.exists() and len(records(run, "train")) >= n:
+            return
+        time.sleep(0.02)
+
+
+def test_torchruns_sigterm_after_a_rank_died_ends_the_survivor_with_exit_4(workdir, tmp_path):
+    """When a rank dies, torchrun sends SIGTERM to the others (within about a second). The survivor does not die on
+    the signal: it goes on to its next collective, finds the lost rank, and ends with the documented exit code 4
+    and resume hint. Here the signal comes at once, before the survivor can have noticed the loss by itself."""
+    run = tmp_path / "run"
+    slow = ["--train.eval_every", "0", "--train.checkpoint_every", "5", "--mezo.lr", "1e-3"]
+    procs = launch(args(workdir, run, *slow, steps=400), timeout_s=20.0)
+    wait_for_steps(procs, run, 8)
+    procs[1].kill()
+    procs[0].send_signal(signal.SIGTERM)
+    (code0, text0), _ = finish(procs, deadline_s=60.0)
+    assert len(records(run, "train")) < 400, "the run finished before the kill"
+    assert code0 == 4, text0[-3000:]
+    assert "lost contact with the other ranks" in text0 and "--resume true" in text0, text0[-3000:]
+    assert "Traceback" not in text0, text0[-3000:]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(workdir, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0 saves that step's checkpoint and prints
+    the resume command; the run then resumes (here on one process) to its end with every step logged once."""
+    run = tmp_path / "run"
+    slow = ["--train.eval_every", "0", "--train.checkpoint_every", "100", "--mezo.lr", "1e-3"]
+    procs = launch(args(workdir, run, *slow, steps=60))
+    wait_for_steps(procs, run, 4)
+    procs[1].send_signal(signal.SIGTERM)
+    (code0, text0), (code1, text1) = finish(procs, deadline_s=60.0)
+    step = len(records(run, "train"))
+    assert 4 <= step < 60, "the signal did not land mid-run"
+    assert (code0, code1) == (143, 143), (text0[-2000:], text1[-2000:])
+    assert f"zotune train: SIGTERM: stopped at step {step}; resume with: zotune train " in text0, text0[-3000:]
+    assert "(under torchrun, as before)" in text0 and "stopped at step" not in text1
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step-{step:06d}"]
+    res = run_one(workdir, run, *slow, "--resume", "true", steps=60)
+    assert res["steps"] == 60 and [r["step"] for r in records(run, "train")] == list(range(1, 61))
 
 
 def test_distributed_config_errors(workdir, tmp_path):

@@ -94,3 +94,34 @@ def test_bad_meta_configs_are_refused_before_anything_is_written(workdir, tasks,
         tree = meta_tree(workdir, tasks, run)
         run_config_from_dict(tree | {"zofo": {"inner_steps": 0}}, MetaConfig)
     assert not run.exists()
+
+
+def test_the_meta_run_folder_is_as_safe_as_a_training_run(workdir, tasks, tmp_path, monkeypatch):
+    """A default folder name made safe (a model folder with a space), a resumed finished run with one set of final
+    records, an overwrite whose start fails keeps the old run, and a folder that is not a run is refused."""
+    (tmp_path / "tiny model").symlink_to(workdir / "model")
+    monkeypatch.chdir(tmp_path)
+    tree = meta_tree(workdir, tasks, None, steps=2) | {"out": None}
+    tree["model"] = {**tree["model"], "name": str(tmp_path / "tiny model")}
+    results = meta_train(run_config_from_dict(tree, MetaConfig))
+    run = tmp_path / "runs" / "tiny-model-meta-zofo-s0"
+    assert results["run"] == "runs/tiny-model-meta-zofo-s0" and (run / "results.json").exists()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-model-meta-zofo-s0"]
+    meta_train(run_config_from_dict(tree | {"out": str(run), "resume": True}, MetaConfig))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines if r["kind"] == "eval"] == ["before", "after"]  # one held-out task
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2]
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    typo = tree | {
+        "out": str(run),
+        "overwrite": True,
+        "model": {**tree["model"], "name": str(tmp_path / "tiny modle")},
+    }
+    with pytest.raises(ValueError, match="tiny modle"):
+        meta_train(run_config_from_dict(typo, MetaConfig))
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-model-meta-zofo-s0"]
+    (run / "thesis.txt").write_text("four years")
+    with pytest.raises(ConfigError, match=r"holds thesis\.txt, which a zotune run does not write"):
+        meta_train(run_config_from_dict(tree | {"out": str(run), "overwrite": True}, MetaConfig))
+    assert (run / "thesis.txt").read_text() == "four years" and (run / "results.json").exists()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -196,15 +197,20 @@ def test_a_signal_only_asks_the_run_to_stop(sig):
         assert stop.received is None
         os.kill(os.getpid(), sig)
         assert stop.received == signal.Signals(sig).name
-        assert not stop_everywhere(False) and stop_everywhere(True)  # one process: its own answer
+        assert stop_everywhere(None) is None and stop_everywhere(stop.received) == stop.received  # its own answer
     assert signal.getsignal(sig) is before
 
 
-def test_a_second_ctrl_c_stops_at_once():
-    with StopOnSignal() as stop, pytest.raises(KeyboardInterrupt):
+def test_a_second_ctrl_c_stops_at_once_and_a_forwarded_copy_does_not():
+    with StopOnSignal(repeat_s=0.2) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.received == "SIGINT"
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same Ctrl-C, forwarded by torchrun
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM too
+        assert stop.received == "SIGINT"
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # later: the user presses Ctrl-C again
 
 
 def test_a_process_stops_cleanly_at_a_step_boundary_on_sigterm(tmp_path):

@@ -140,8 +140,13 @@ def test_existing_run_directory_is_never_overwritten(workdir, tmp_path):
     with pytest.raises(ConfigError, match="already exists: pass --overwrite true"):
         train(run_config_from_dict(config(workdir, run)))
     assert (run / "precious.txt").read_text() == "keep me"
-    train(run_config_from_dict(config(workdir, run, train={"steps": 1, "test": False}, overwrite=True)))
-    assert not (run / "precious.txt").exists()
+    # --overwrite replaces only a zotune run folder: a folder of the user's own files is refused, untouched
+    with pytest.raises(
+        ConfigError, match=r"not a zotune run folder \(no config\.yaml\): --overwrite only replaces runs"
+    ):
+        train(run_config_from_dict(config(workdir, run, train={"steps": 1, "test": False}, overwrite=True)))
+    assert [p.name for p in run.iterdir()] == ["precious.txt"] and (run / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 # small but non-trivial settings of the other methods: V refreshed and SVRG's anchor taken inside 8 steps

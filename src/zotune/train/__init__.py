@@ -19,11 +19,13 @@ from .config import (
     run_config_from_dict,
 )
 from .loop import TrainingStopped, train
+from .safety import Interrupted
 
 __all__ = [
     "AdamWConfig",
     "ConfigError",
     "DataConfig",
+    "Interrupted",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",

@@ -123,7 +123,7 @@ def share(folder: str | os.PathLike) -> None:
     """Give ``folder`` and everything in it the permissions plain ``mkdir`` / ``open`` give under the umask (writers
     such as safetensors and ``mkdtemp`` make 0o600 files and 0o700 folders that the rest of a group cannot read).
 
-    Wiring: :func:`zotune.train.loop.export_model` calls it on its temporary folder before the rename."""
+    Wiring: :func:`zotune.train.rundir.export_model` calls it on its temporary folder before the rename."""
     mode = new_file_mode()
     os.chmod(folder, mode | ((mode & 0o444) >> 2))  # rw-r--r-- -> rwxr-xr-x: a folder needs x where it has r
     for path in Path(folder).rglob("*"):
@@ -435,9 +435,17 @@ def _zo_state(optimizer: Any) -> dict[str, Any] | None:
 
 
 def checkpoint_update_log(path: str | os.PathLike) -> UpdateLog | None:
-    """The update log a ZO checkpoint holds (verified), or None for a first-order run's checkpoint."""
+    """The update log a ZO checkpoint holds, or None for a first-order run's checkpoint.
+
+    The state files it is read from are verified against ``SHA256SUMS``; the weights are not read, so a checkpoint
+    whose ``trainable.safetensors`` is damaged still gives the log that rebuilds them (``zotune replay``), and
+    re-deriving ``RUN/updates.jsonl`` after each save does not hash the weights a second time."""
     path = Path(path)
-    verify_checkpoint(path)
+    sums = _sums(path)
+    if sums is not None:
+        for name in (BLOBS_JSON, BLOBS_TENSORS):
+            if name == BLOBS_JSON or (path / name).exists() or name in sums:
+                _verify_file(path, name, sums)
     blobs = _load_blobs(path)
     zo = _zo_state(blobs.get("optimizer") if isinstance(blobs, dict) else None)
     if zo is None:

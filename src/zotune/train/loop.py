@@ -30,9 +30,10 @@ from ..core import NonFiniteLossError
 from ..methods.steppers import StepResult
 from . import checkpoint as ckpt
 from .rundir import export_model, write_json
+from .safety import Interrupted, StopOnSignal, sigterm_interrupts, stop_everywhere
 from .setup import LoopState, Session, start
 
-__all__ = ["TrainingStopped", "steps", "train"]
+__all__ = ["Interrupted", "TrainingStopped", "steps", "train"]
 
 logger = logging.getLogger("zotune.train")
 
@@ -50,16 +51,23 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Raises :class:`TrainingStopped` when the watchdog stops the run (after writing the results of the best
     weights so far), :class:`~zotune.train.config.ConfigError` on a bad config or run directory,
-    :class:`~zotune.dist.RankLost` when another rank died or stalled past ``train.dist_timeout``.
+    :class:`~zotune.dist.RankLost` when another rank died or stalled past ``train.dist_timeout``, and
+    :class:`~zotune.train.safety.Interrupted` on SIGINT (Ctrl-C) or SIGTERM: during the training steps at the next
+    step boundary, after a checkpoint of that step (its ``step`` and ``run`` say where; ``--resume true``
+    continues), elsewhere at once (``step`` None).
     """
     owned = not zd.is_initialized() and zd.init(timeout_s=cfg.train.dist_timeout)
     try:
-        began = time.perf_counter()
-        run = start(cfg, argv)  # checks, run directory, model, stepper, resume
-        if run.fresh:
-            zero_shot(run)
-        stopped = steps(run)
-        return finish(run, stopped, began)
+        with sigterm_interrupts():  # SIGTERM outside the steps interrupts as Ctrl-C does (and undoes a start)
+            began = time.perf_counter()
+            run = start(cfg, argv)  # checks, run directory, model, stepper, resume
+            if run.fresh:
+                zero_shot(run)
+            stopped = steps(run)
+            return finish(run, stopped, began)
+    except Interrupted:
+        owned = owned and zd.world() == 1  # torchrun's SIGTERM may mean a rank died: leave the group alone
+        raise
     except RuntimeError as err:
         if isinstance(err, TrainingStopped | NonFiniteLossError) or not zd.is_comm_failure(err):
             raise
@@ -87,16 +95,15 @@ def zero_shot(run: Session) -> None:
 
 
 def steps(run: Session) -> str | None:
-    """Train until ``train.steps``; returns why the run stopped early (budget, early stopping, watchdog) or None."""
+    """Train until ``train.steps``; returns why the run stopped early (budget, early stopping, watchdog) or None.
+
+    SIGINT/SIGTERM end the loop at a step boundary on every rank: the step's checkpoint is saved, then
+    :class:`~zotune.train.safety.Interrupted` is raised (a second Ctrl-C stops at once)."""
     tc, state, stepper = run.train_cfg, run.state, run.stepper
     n_ranks, device = zd.world(), next(iter(run.trained.values())).device
-    stopped, saved = None, state.step
-    if tc.progress and run.main:
-        from tqdm.auto import tqdm
-
-        run.bar = tqdm(total=tc.steps, initial=state.step, desc=run.label, unit="step", leave=False)
+    stopped, saved, received = None, state.step, None
     began = time.perf_counter()
-    try:
+    with StopOnSignal() as stop, run.progress():
         while state.step < tc.steps:
             if tc.max_forwards is not None and state.forwards + stepper.cost() > tc.max_forwards:
                 stopped = f"forward-pass budget reached ({state.forwards} of {tc.max_forwards})"
@@ -144,13 +151,14 @@ def steps(run: Session) -> str | None:
                 saved = state.step
             if stopped:
                 break
-    finally:
-        if run.bar is not None:
-            run.bar.close()
-            run.bar = None
-    state.seconds += time.perf_counter() - began
-    if stopped and not stopped.startswith("watchdog") and saved != state.step:
-        run.save_checkpoint()  # a budget stop keeps its work; a watchdog stop keeps only what was saved before
+            if received := stop_everywhere(stop.received):  # a signal on any rank: every rank stops here
+                stopped = f"{received}: stopped at step {state.step}"
+                break
+        state.seconds += time.perf_counter() - began
+        if stopped and not stopped.startswith("watchdog") and saved != state.step:
+            run.save_checkpoint()  # a budget or signal stop keeps its work; a watchdog stop keeps only what was saved
+    if received:
+        raise Interrupted(received, state.step, run.dir)
     return stopped
 
 

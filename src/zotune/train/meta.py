@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from .config import (
 from .data import build_splits, make_objective, objective_name, resolve_task
 from .loop import steps
 from .rundir import Metrics, prepare_run_dir
+from .safety import check_writable, default_run_dir, sigterm_interrupts, truncate_metrics
 from .setup import LoopState, Session, build_scheduler, load_model, restore
 
 __all__ = ["MetaConfig", "meta_train"]
@@ -138,8 +138,16 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
 
     The meta-training steps run through the same loop as ``zotune train`` (:func:`zotune.train.loop.steps`): metrics
     per step, checkpoints every ``checkpoint_every`` steps, and ``resume: true`` continues a stopped run (the "before"
-    adaptation is kept in the checkpoint, not redone).
+    adaptation is kept in the checkpoint, not redone). The run folder is handled as ``zotune train`` does: a default
+    name made safe, ``--out`` checked before the model loads, ``overwrite`` replacing only a zotune run and only once
+    the new one has started, nothing left by a failed start, and SIGINT/SIGTERM ending at a step boundary
+    (:class:`~zotune.train.safety.Interrupted`).
     """
+    with sigterm_interrupts():  # SIGTERM outside the steps interrupts as Ctrl-C does (and undoes a start)
+        return _meta_train(cfg)
+
+
+def _meta_train(cfg: MetaConfig) -> dict[str, Any]:
     began = time.perf_counter()
     tasks = {}
     for name in [*cfg.train_tasks, *cfg.test_tasks]:  # every task resolved before anything is written
@@ -150,51 +158,23 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
     splits = {n: build_splits(_data(cfg, n, cfg.n_train), tasks[n]) for n in cfg.train_tasks}
     held = {n: build_splits(_data(cfg, n, cfg.adapt_examples), tasks[n]) for n in cfg.test_tasks}
     if cfg.out is None:
-        cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-meta-zofo-s{cfg.seed}")
+        cfg = replace(cfg, out=str(default_run_dir(cfg.model.name, "meta", "zofo", cfg.seed)))
     tree = asdict(cfg)
-    out, resume_from = prepare_run_dir(cfg, tree)
+    check_writable(cfg.out)
     import yaml
 
-    ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
-    model, tok, kind = load_model(_LoadCfg(cfg.model), cfg.seed, None)
-    max_length = cfg.max_length or model_max_length(model, tok)
-    loss = {n: make_objective(objective_name(DataConfig(), tasks[n], kind), model, tok, max_length=max_length)
-            for n in tasks}  # fmt: skip
-
-    def adapt_and_eval(phase: str) -> dict[str, Any]:
-        """Zero-shot, then a fresh LoRA adapter trained by Adam on each held-out task, evaluated on its test."""
-        res = {}
-        lora = next(iter(model.peft_config.values()))
-        active = model.active_adapter
-        for i, name in enumerate(cfg.test_tasks):
-            with torch.random.fork_rng(devices=[]):  # the same fresh adapter before and after meta-training
-                torch.manual_seed(derive_seed(cfg.seed, i, 0xADA7))
-                model.add_adapter("adapt", copy.deepcopy(lora))
-            model.set_adapter("adapt")
-            params = [p for n, p in model.named_parameters() if ".adapt." in n]
-            for p in params:
-                p.requires_grad_(True)
-            ex = held[name]
-            kw = {"batch_size": cfg.eval_batch_size, "max_length": max_length}
-            zero = evaluate(model, tok, ex["test"], **kw)
-            adam = torch.optim.Adam(params, lr=cfg.adapt_lr)
-            order = BatchOrder(ex["train"], cfg.batch_size, cfg.data_seed)
-            for t in range(cfg.adapt_steps):
-                adam.zero_grad(set_to_none=True)
-                loss[name](order.batch(t)).backward()
-                adam.step()
-            adapted = evaluate(model, tok, ex["test"], **kw)
-            model.set_adapter(active)
-            model.delete_adapter("adapt")
-            metric = "f1" if tasks[name].metric == "f1" else "accuracy"
-            res[name] = {"zero_shot": zero[metric], "adapted": adapted[metric], "n": adapted["n"], "metric": metric}
-            logger.info("%s: %s %s zero-shot %.4f, adapted %.4f", phase, name, metric, zero[metric], adapted[metric])
-        return res
-
-    before = adapt_and_eval("before") if resume_from is None else None
-    opt = BilevelZOFO(model, replace(cfg.zofo, seed=cfg.seed), tasks=cfg.train_tasks)
-    data = {n: (loss[n], splits[n]["train"]) for n in cfg.train_tasks}
-    stepper = BilevelStepper.for_tasks(opt, data, cfg.batch_size, cfg.data_seed)
+    with prepare_run_dir(cfg, tree) as opened:  # a failed start leaves no folder behind
+        out, resume_from = opened.dir, opened.resume_from
+        model, tok, kind = load_model(_LoadCfg(cfg.model), cfg.seed, None)
+        max_length = cfg.max_length or model_max_length(model, tok)
+        loss = {n: make_objective(objective_name(DataConfig(), tasks[n], kind), model, tok, max_length=max_length)
+                for n in tasks}  # fmt: skip
+        held_out = _HeldOut(cfg, model, tok, held, loss, tasks, max_length)
+        before = held_out.adapt_and_eval("before") if resume_from is None else None
+        opt = BilevelZOFO(model, replace(cfg.zofo, seed=cfg.seed), tasks=cfg.train_tasks)
+        data = {n: (loss[n], splits[n]["train"]) for n in cfg.train_tasks}
+        stepper = BilevelStepper.for_tasks(opt, data, cfg.batch_size, cfg.data_seed)
+        ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
     train_cfg = TrainConfig(
         steps=cfg.steps,
         batch_size=cfg.batch_size,
@@ -210,12 +190,12 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
     if resume_from is not None:
         state = restore(out, resume_from, cfg, tree, model, stepper, schedulers, trained)
     elif cfg.resume:
-        Metrics.truncate(out, -1)
+        truncate_metrics(out, -1)
     metrics = Metrics(out, tensorboard=False)
     if before is not None:
         state.history["before"] = before
-        for name, rec in before.items():
-            metrics.write({"kind": "eval", "phase": "before", "task": name, **rec})
+        for name, rec in before.items():  # test records before training: kept when a resume cuts the metrics
+            metrics.write({"kind": "eval", "split": "test", "step": 0, "phase": "before", "task": name, **rec})
     session = Session(
         dir=out,
         train_cfg=train_cfg,
@@ -234,14 +214,13 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
     )
     try:
         stopped = steps(session)
-        opt.update_log.save(out / "updates.jsonl")
         adapters = {n: p for pairs in opt.adapters.values() for n, p in pairs}
         tmp = out / ".adapters.tmp"
         ckpt.save_tensors(tmp, adapters)
         tmp.replace(out / "adapters.safetensors")
-        after = adapt_and_eval("after")
-        for name, rec in after.items():
-            metrics.write({"kind": "eval", "phase": "after", "task": name, **rec})
+        after = held_out.adapt_and_eval("after")
+        for name, rec in after.items():  # the final test records: a resume drops them before writing new ones
+            metrics.write({"kind": "eval", "split": "test", "step": state.step, "phase": "after", "task": name, **rec})
     finally:
         metrics.close()
     results = {
@@ -260,6 +239,50 @@ def meta_train(cfg: MetaConfig) -> dict[str, Any]:
     }
     ckpt.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     return results
+
+
+@dataclass
+class _HeldOut:
+    """The held-out evaluation: zero-shot, then a fresh LoRA adapter trained by Adam on each held-out task, evaluated
+    on its test split (the same adapter initialisation, data and steps before and after meta-training)."""
+
+    cfg: MetaConfig
+    model: Any
+    tok: Any
+    held: dict[str, Any]
+    loss: dict[str, Any]
+    tasks: dict[str, Any]
+    max_length: int
+
+    def adapt_and_eval(self, phase: str) -> dict[str, Any]:
+        cfg, model, tok = self.cfg, self.model, self.tok
+        res = {}
+        lora = next(iter(model.peft_config.values()))
+        active = model.active_adapter
+        for i, name in enumerate(cfg.test_tasks):
+            with torch.random.fork_rng(devices=[]):  # the same fresh adapter before and after meta-training
+                torch.manual_seed(derive_seed(cfg.seed, i, 0xADA7))
+                model.add_adapter("adapt", copy.deepcopy(lora))
+            model.set_adapter("adapt")
+            params = [p for n, p in model.named_parameters() if ".adapt." in n]
+            for p in params:
+                p.requires_grad_(True)
+            ex = self.held[name]
+            kw = {"batch_size": cfg.eval_batch_size, "max_length": self.max_length}
+            zero = evaluate(model, tok, ex["test"], **kw)
+            adam = torch.optim.Adam(params, lr=cfg.adapt_lr)
+            order = BatchOrder(ex["train"], cfg.batch_size, cfg.data_seed)
+            for t in range(cfg.adapt_steps):
+                adam.zero_grad(set_to_none=True)
+                self.loss[name](order.batch(t)).backward()
+                adam.step()
+            adapted = evaluate(model, tok, ex["test"], **kw)
+            model.set_adapter(active)
+            model.delete_adapter("adapt")
+            metric = "f1" if self.tasks[name].metric == "f1" else "accuracy"
+            res[name] = {"zero_shot": zero[metric], "adapted": adapted[metric], "n": adapted["n"], "metric": metric}
+            logger.info("%s: %s %s zero-shot %.4f, adapted %.4f", phase, name, metric, zero[metric], adapted[metric])
+        return res
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The run directory: creating (or reopening) it, the metrics log, the environment record and the export.
 
 Only rank 0 writes here. Files are written atomically (a temporary file, fsynced, renamed into place), except
-``metrics.jsonl``, which is appended one flushed line at a time and cut back to the last checkpoint on resume::
+``metrics.jsonl``, which is appended one flushed line at a time and cut back to the last checkpoint on resume
+(:func:`zotune.train.safety.truncate_metrics`)::
 
     RUN/config.yaml      the resolved config          RUN/metrics.jsonl   one line per step / evaluation
     RUN/env.json         versions, seeds, command     RUN/updates.jsonl   ZO update log (seeds + scalars)
@@ -11,10 +12,12 @@ Only rank 0 writes here. Files are written atomically (a temporary file, fsynced
 
 Example:
     >>> import tempfile
+    >>> from zotune.train.safety import truncate_metrics
     >>> run = Path(tempfile.mkdtemp())
     >>> m = Metrics(run, tensorboard=False)
     >>> m.write({"kind": "train", "step": 1, "loss": 0.5}); m.write({"kind": "train", "step": 2, "loss": 0.4})
-    >>> m.close(); Metrics.truncate(run, 1)
+    >>> m.close(); truncate_metrics(run, 1)
+    1
     >>> (run / "metrics.jsonl").read_text()
     '{"kind": "train", "step": 1, "loss": 0.5}\\n'
 """
@@ -25,14 +28,26 @@ import json
 import os
 import platform
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
 from .config import ConfigError, config_diff
+from .safety import ReplacedRun, fresh_run_dir
 
-__all__ = ["Metrics", "export_model", "prepare_run_dir", "versions", "write_json"]
+__all__ = [
+    "Metrics",
+    "OpenedRun",
+    "export_model",
+    "export_size",
+    "prepare_run_dir",
+    "tensor_bytes",
+    "versions",
+    "write_json",
+]
 
 
 def versions() -> dict[str, str]:
@@ -86,27 +101,34 @@ class Metrics:
         if self.tb is not None:
             self.tb.close()
 
-    @staticmethod
-    def truncate(run: Path, step: int) -> None:
-        """Drop the lines written after checkpoint ``step`` (and a torn last line) before a resumed run appends."""
-        path = run / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= step:
-                kept.append(line)
-        ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+@dataclass
+class OpenedRun:
+    """The run directory a start opened: the folder, the checkpoint to resume from (None: a fresh run), and the bytes
+    an overwritten run frees once the new one has started (for the disk-space check)."""
+
+    dir: Path
+    resume_from: Path | None = None
+    freed: int = 0
 
 
-def prepare_run_dir(cfg: Any, tree: dict[str, Any]) -> tuple[Path, Path | None]:
-    """Create (or, with ``resume``, reopen) the run directory; return it and the checkpoint to resume from."""
+@contextmanager
+def prepare_run_dir(cfg: Any, tree: dict[str, Any]) -> Iterator[OpenedRun]:
+    """Create (or, with ``resume``, reopen) the run directory for the start that runs inside the ``with`` block.
+
+    A fresh run's folder is removed again when the block fails (a bad model name, a bad device), so a failed start
+    leaves nothing behind (:class:`~zotune.train.safety.fresh_run_dir`). ``--overwrite true`` replaces only a zotune
+    run folder, and the old run is deleted only when the block has succeeded; until then it waits aside and a
+    failure puts it back (:class:`~zotune.train.safety.ReplacedRun`). The refusals are ConfigErrors raised on entry,
+    before anything is touched.
+
+    Example::
+
+        with prepare_run_dir(cfg, tree) as opened:
+            ...  # load the model, build the optimizer, write config.yaml and env.json
+    """
     out = Path(cfg.out)
-    exists = out.exists() and any(out.iterdir())
+    exists = out.is_dir() and any(out.iterdir())
     if cfg.resume:
         if not exists:
             raise ConfigError(f"resume: run directory {out} does not exist or is empty")
@@ -121,16 +143,22 @@ def prepare_run_dir(cfg: Any, tree: dict[str, Any]) -> tuple[Path, Path | None]:
                 f"resume: the config differs from the one {out} was started with ({'; '.join(diff[:5])}); "
                 "pass --allow_config_change true to continue anyway"
             )
-        return out, ckpt.latest_checkpoint(out)
-    if exists:
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"run directory {out} already exists: pass --overwrite true to replace it, or --resume true to "
-                "continue it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out, None
+        yield OpenedRun(out, ckpt.latest_checkpoint(out))
+        return
+    if exists and not cfg.overwrite:
+        raise ConfigError(
+            f"run directory {out} already exists: pass --overwrite true to replace it, or --resume true to continue it"
+        )
+    replaced = ReplacedRun(out) if exists else None  # refuses a folder that is not a zotune run
+    try:
+        with fresh_run_dir(out):
+            yield OpenedRun(out, None, replaced.size if replaced else 0)
+    except BaseException:
+        if replaced is not None:
+            replaced.rollback()
+        raise
+    if replaced is not None:
+        replaced.commit()
 
 
 def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
@@ -141,7 +169,7 @@ def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
     from ..models.peft import peft_mode, save_head
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = ckpt.make_temp_dir(out.parent, f".tmp-{out.name}-")
     try:
         mode = peft_mode(model)
         if mode == "head":
@@ -155,6 +183,7 @@ def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        ckpt.share(tmp)  # the umask's permissions (safetensors writes 0o600 files)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -162,3 +191,19 @@ def export_model(model: Any, tokenizer: Any, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_size(model: Any, trained: dict[str, Any]) -> int:
+    """Bytes :func:`export_model` will write (tokenizer files aside): the whole model for full fine-tuning, else
+    about the trained tensors (adapters, a head; a sparse model's values with their indices)."""
+    from ..models.peft import peft_mode
+
+    mode = peft_mode(model)
+    if mode == "none":
+        return tensor_bytes(dict(model.named_parameters()))
+    return tensor_bytes(trained) * (3 if mode == "sparse" else 1)  # sparse: fp32 values + int32/int64 indices
+
+
+def tensor_bytes(tensors: dict[str, Any]) -> int:
+    """Bytes of ``tensors`` as a checkpoint stores them."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -24,7 +25,8 @@ import shlex
 import shutil
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,6 +35,7 @@ from .config import ConfigError
 
 __all__ = [
     "RUN_ENTRIES",
+    "Interrupted",
     "ReplacedRun",
     "StopOnSignal",
     "check_disk",
@@ -44,6 +47,7 @@ __all__ = [
     "is_run_dir",
     "resume_command",
     "safe_name",
+    "sigterm_interrupts",
     "stop_everywhere",
     "truncate_metrics",
 ]
@@ -81,7 +85,8 @@ def default_run_dir(model: str, task: str, method: str, seed: int, root: str | o
     """``runs/{model}-{task}-{method}-s{seed}``, each part made safe (the model by the last part of its path or hub
     id): the folder is always one level under ``root``, whatever the task's ``name`` says.
 
-    Wiring: :func:`zotune.train.loop._train` builds the default ``cfg.out`` with this.
+    Wiring: :func:`zotune.train.setup.start` and :func:`zotune.train.meta.meta_train` build the default ``out``
+    with this.
     """
     parts = [safe_name(Path(str(model)).name, fallback="model"), safe_name(task, fallback="task")]
     parts.append(safe_name(method, fallback="method"))
@@ -105,8 +110,8 @@ def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
     Tried for real (a probe file is made and removed in ``out``, or in its first existing parent), so read-only file
     systems and permissions are caught as the run would meet them, and nothing is left behind.
 
-    Wiring: before the model loads, in :func:`zotune.train.loop._train` (rank 0) and in ``zotune replay`` / ``eval
-    --out``.
+    Wiring: before the model loads, in :func:`zotune.train.setup.start` (rank 0), :func:`zotune.train.meta.meta_train`
+    and ``zotune replay --out``.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -156,7 +161,8 @@ def disk_need(
 def check_disk(out: str | os.PathLike, need: int, *, flag: str = "--out") -> None:
     """ConfigError when the file system of ``out`` has less than ``need`` bytes free (see :func:`disk_need`).
 
-    Wiring: after the model is built (its sizes are known) and before the first evaluation, on rank 0."""
+    Wiring: :func:`zotune.train.setup.check_space`, after the model and the optimizer are built (their sizes are
+    known) and before the zero-shot evaluation, on rank 0 of a fresh run."""
     base = _first_existing(Path(out))
     free = shutil.disk_usage(base).free
     if free < need:
@@ -184,6 +190,7 @@ RUN_ENTRIES = frozenset(
         "model",
         "tb",
         "mask.safetensors",
+        "adapters.safetensors",  # meta-training
     }
 )
 
@@ -224,9 +231,11 @@ def check_overwritable(path: str | os.PathLike) -> None:
 class ReplacedRun:
     """``--overwrite``: the old run is renamed aside (``.RUN.replaced-*`` beside it, same file system, one rename), and
     deleted only by :meth:`commit`, once the new run has started for real; :meth:`rollback` puts it back and removes
-    whatever the failed start wrote. So a typo in the new config never costs the old run.
+    whatever the failed start wrote. So a typo in the new config never costs the old run. (A process killed with
+    SIGKILL during the start leaves the old run in that hidden folder, intact.)
 
-    Wiring (:func:`zotune.train.loop.prepare_run_dir` and ``_train``)::
+    Wiring: :func:`zotune.train.rundir.prepare_run_dir`, a context manager around everything from the folder's
+    creation to ``config.yaml`` and ``env.json``::
 
         replaced = ReplacedRun(out) if overwrite and exists else None   # refuses a folder that is not a run
         try:
@@ -239,8 +248,8 @@ class ReplacedRun:
     Example:
         >>> import tempfile
         >>> run = Path(tempfile.mkdtemp()) / "r"; run.mkdir(); _ = (run / "config.yaml").write_text("{}")
-        >>> old = ReplacedRun(run); run.exists()
-        False
+        >>> old = ReplacedRun(run); run.exists(), old.size
+        (False, 2)
         >>> old.rollback(); (run / "config.yaml").exists()
         True
     """
@@ -252,6 +261,8 @@ class ReplacedRun:
         if self.aside.exists():
             shutil.rmtree(self.aside)
         os.replace(self.path, self.aside)
+        #: bytes the old run frees once deleted (a disk-space check of the new run may count on them)
+        self.size = sum(f.stat().st_size for f in self.aside.rglob("*") if f.is_file() and not f.is_symlink())
 
     def commit(self) -> None:
         """The new run has started: delete the old one."""
@@ -267,10 +278,11 @@ class ReplacedRun:
 
 class fresh_run_dir:  # noqa: N801 (used as a context manager, like open)
     """Create ``out`` for a new run and remove it again if the start fails (a bad model name, a bad device), so a
-    failed start leaves no empty run folder behind. ``out`` must not exist or be empty.
+    failed start leaves no empty run folder behind. ``out`` must not exist or be empty; an empty folder that was
+    already there is kept (emptied again), as are parents that were.
 
-    Wiring: ``_train`` wraps everything from the folder's creation to the first checkpoint in it (with
-    :class:`ReplacedRun` for ``--overwrite``).
+    Wiring: :func:`zotune.train.rundir.prepare_run_dir` wraps everything from the folder's creation to
+    ``config.yaml`` and ``env.json`` in it (inside :class:`ReplacedRun` for ``--overwrite``).
 
     Example:
         >>> import tempfile
@@ -295,11 +307,15 @@ class fresh_run_dir:  # noqa: N801 (used as a context manager, like open)
             missing.append(p)
             p = p.parent
         self.out.mkdir(parents=True, exist_ok=True)
-        self.made = missing  # the folders this call created, deepest first
+        self.made = missing  # the folders this call created, deepest first (empty: out was there already)
         return self.out
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
         if kind is None:
+            return
+        if not self.made:  # an empty folder the user made: keep it, remove what the start wrote
+            for p in self.out.iterdir() if self.out.is_dir() else ():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             return
         if self.out.exists():
             shutil.rmtree(self.out, ignore_errors=True)
@@ -314,10 +330,35 @@ class fresh_run_dir:  # noqa: N801 (used as a context manager, like open)
 # SIGINT / SIGTERM: stop at a step boundary
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the run. ``step`` and ``run`` are set when the training loop stopped at a step boundary
+    and saved a checkpoint there (``zotune train`` prints ``stopped at step N; resume with: ...``); they are None
+    when the signal came outside the training steps (set-up, an evaluation, the export), where it interrupts at
+    once, as Ctrl-C does. A KeyboardInterrupt, so code that lets Ctrl-C through lets this through too.
+
+    Example:
+        >>> err = Interrupted("SIGTERM", step=120, run=Path("runs/a"))
+        >>> err.exit_code, str(err)
+        (143, 'stopped at step 120 by SIGTERM')
+    """
+
+    def __init__(self, signal_name: str, step: int | None = None, run: Path | None = None) -> None:
+        self.signal, self.step, self.run = signal_name, step, run
+        where = f"stopped at step {step}" if step is not None else "interrupted"
+        super().__init__(f"{where} by {signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by it (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(signal.Signals[self.signal])
+
+
 class StopOnSignal:
     """While active, SIGINT and SIGTERM only *ask* the run to stop: :attr:`received` is set (the signal's name), and
     the loop checks it at each step boundary, saves a checkpoint and ends cleanly (the CLI prints the resume
-    command). A second SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait for the step.
+    command). A second SIGINT stops at once (KeyboardInterrupt), for a user who does not want to wait for the step;
+    one within ``repeat_s`` of the first is taken for the same Ctrl-C (torchrun forwards the terminal's SIGINT to
+    its workers, which already got it from the terminal).
 
     Under torchrun, when one rank dies torchrun sends SIGTERM to the others: with this handler they go on to their
     next collective, find the lost rank, and end with exit code 4 and the "lost contact" message instead of dying
@@ -325,9 +366,9 @@ class StopOnSignal:
 
     Only the main thread can install handlers; elsewhere this is a no-op (``received`` stays None).
 
-    Wiring: ``with StopOnSignal() as stop:`` around the step loop; at the end of each step,
-    ``if stop_everywhere(stop.received is not None): stopped = f"{stop.received}: ..."; break`` (then the budget-stop
-    path saves the checkpoint).
+    Wiring: :func:`zotune.train.loop.steps`: ``with StopOnSignal() as stop:`` around the step loop; at the end of
+    each step ``stop_everywhere(stop.received)`` (every rank answers the same), then the budget-stop path saves the
+    checkpoint and :class:`Interrupted` is raised.
 
     Example:
         >>> with StopOnSignal() as stop:
@@ -336,15 +377,17 @@ class StopOnSignal:
         'SIGTERM'
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
-        self.signals = tuple(signals)
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), repeat_s: float = 1.0) -> None:
+        self.signals, self.repeat_s = tuple(signals), repeat_s
         self.received: str | None = None
+        self._at = 0.0  # when the first signal came (time.monotonic)
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received is None:
+            self.received, self._at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._at > self.repeat_s:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signal.Signals(signum).name
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -358,14 +401,47 @@ class StopOnSignal:
         self._old.clear()
 
 
-def stop_everywhere(local: bool) -> bool:
-    """Whether any rank was asked to stop (every rank gets the same answer, so they stop at the same step; one
-    16-byte all-gather per call under torchrun, nothing on one process)."""
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Interrupted` where the program is, as Ctrl-C raises KeyboardInterrupt
+    (Python's default for SIGTERM is to die on the spot): a start that is interrupted removes the folder it made and
+    puts an overwritten run back, and the CLI ends with one line and exit code 143. The step loop's
+    :class:`StopOnSignal` takes over inside. A no-op outside the main thread.
+
+    Wiring: :func:`zotune.train.loop.train` and :func:`zotune.train.meta.meta_train`, around the whole run.
+
+    Example:
+        >>> try:
+        ...     with sigterm_interrupts():
+        ...         os.kill(os.getpid(), signal.SIGTERM)
+        ... except Interrupted as err:
+        ...     err.exit_code
+        143
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def stop_everywhere(received: str | None) -> str | None:
+    """The signal that asked a rank to stop (this rank's own, else the first rank's that got one), or None: every
+    rank gets an answer at the same step, so they stop together (one 16-byte all-gather per call under torchrun,
+    nothing on one process). A rank that is gone makes the all-gather fail: the caller's lost-rank path."""
     from .. import dist as zd
 
     if zd.world() == 1:
-        return local
-    return any(row[0] for row in zd.all_gather_values([float(local)]))
+        return received
+    rows = zd.all_gather_values([float(signal.Signals[received]) if received else 0.0])
+    return received or next((signal.Signals(int(row[0])).name for row in rows if row[0]), None)
 
 
 def resume_command(argv: Sequence[str], out: str | os.PathLike | None = None) -> str:
@@ -399,7 +475,8 @@ def truncate_metrics(run: str | os.PathLike, step: int) -> int:
     whatever step its best weights came from: a resumed finished run or a longer ``train.steps`` would otherwise
     leave two). Lines torn by a kill are dropped. The zero-shot test record (before any training) is kept.
 
-    Wiring: ``Metrics.truncate(run, state.step)`` on resume is this function.
+    Wiring: on resume (:func:`zotune.train.setup.restore`, meta-training too), and with ``-1`` when a resumed run
+    has no checkpoint yet.
 
     Example:
         >>> import json, tempfile

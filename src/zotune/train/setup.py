@@ -20,7 +20,8 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,21 @@ from . import checkpoint as ckpt
 from .config import ConfigError, config_diff, config_digest, config_to_dict
 from .data import build_splits, loss_weight, make_objective, objective_name, resolve_task
 from .evaluation import Evaluator
-from .rundir import Metrics, prepare_run_dir, versions, write_json
+from .rundir import Metrics, OpenedRun, export_size, prepare_run_dir, tensor_bytes, versions, write_json
+from .safety import check_disk, check_writable, default_run_dir, disk_need, truncate_metrics
 
-__all__ = ["LoopState", "Session", "build_scheduler", "check_config", "load_model", "restore", "start"]
+__all__ = [
+    "LoopState",
+    "Session",
+    "build_scheduler",
+    "check_config",
+    "check_space",
+    "load_model",
+    "on_main",
+    "restore",
+    "start",
+    "state_size",
+]
 
 logger = logging.getLogger("zotune.train")
 
@@ -83,6 +96,21 @@ class Session:
     fresh: bool = True  # a new run, not a resumed one
     bar: Any = None  # the progress bar, while one is shown
 
+    @contextmanager
+    def progress(self) -> Iterator[None]:
+        """A progress bar over the steps while the block runs (rank 0, with ``train.progress``)."""
+        if self.train_cfg.progress and self.main:
+            from tqdm.auto import tqdm
+
+            tc = self.train_cfg
+            self.bar = tqdm(total=tc.steps, initial=self.state.step, desc=self.label, unit="step", leave=False)
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
     def say(self, text: str) -> None:
         """A progress line for the user, printed above the progress bar when one is shown."""
         if self.bar is not None:
@@ -91,7 +119,10 @@ class Session:
             logger.info(text)
 
     def save_checkpoint(self) -> None:
-        """A resumable checkpoint of the current step (rank 0), and the update log beside it."""
+        """A resumable checkpoint of the current step (rank 0), then ``RUN/updates.jsonl`` re-derived from the
+        checkpoint's own copy of the log (:func:`~zotune.train.checkpoint.sync_update_log`): the checkpoint is the
+        unit published atomically, and a resume re-derives the file again, so a kill between the two writes cannot
+        leave the log short of the weights for good."""
         if not self.main:
             return
         blobs = {
@@ -103,8 +134,7 @@ class Session:
         keep = self.train_cfg.keep_checkpoints
         ckpt.save_checkpoint(self.dir, self.state.step, tensors=self.trained, blobs=blobs, meta=meta, keep=keep)
         ckpt.prune_checkpoints(self.dir, 1, "best")  # older best weights are no longer needed by any checkpoint
-        if self.stepper.update_log is not None:
-            self.stepper.update_log.save(self.dir / "updates.jsonl")
+        ckpt.sync_update_log(self.dir)
 
     def save_best(self, step: int, metric: str) -> None:
         """The trained tensors as the best-on-dev weights of ``step`` (rank 0)."""
@@ -285,33 +315,67 @@ def build_scheduler(train_cfg: Any, opt: torch.optim.Optimizer) -> torch.optim.l
 # the session
 
 
-def _open_run_dir(cfg: Any, tree: dict[str, Any]) -> tuple[Path, Path | None]:
-    """Rank 0 creates or reopens the run directory; its refusal stops every rank. Returns (run, checkpoint)."""
-    run, resume_from, error = Path(cfg.out), None, None
+def on_main(check: Callable[[], Any]) -> Any:
+    """``check()`` on rank 0 only, its result broadcast; a ConfigError it raises is raised on every rank (one voice,
+    and every rank stops)."""
+    result, error = None, None
     if zd.is_main():
         try:
-            run, resume_from = prepare_run_dir(cfg, tree)
+            result = check()
         except ConfigError as err:
             error = str(err)
     error = zd.broadcast_object(error)
     if error is not None:
         raise ConfigError(error)
-    return run, zd.broadcast_object(resume_from)
+    return zd.broadcast_object(result)
 
 
-def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
-    """Set up (or reopen) the run that ``cfg`` describes, up to its first step; see the module docstring."""
-    tc, main = cfg.train, zd.is_main()
-    if not main:  # one voice per run: the other ranks only warn
-        logging.getLogger("zotune").setLevel(logging.WARNING)
-    task = resolve_task(cfg.data.task)
-    splits = build_splits(cfg.data, task)
-    check_config(cfg, zd.world(), len(splits["train"]))
-    if cfg.out is None:
-        cfg = replace(cfg, out=f"runs/{Path(cfg.model.name).name}-{task.name}-{cfg.method}-s{cfg.seed}")
-    tree = config_to_dict(cfg)
-    run, resume_from = _open_run_dir(cfg, tree)
+@contextmanager
+def _run_dir(cfg: Any, tree: dict[str, Any]) -> Iterator[OpenedRun]:
+    """Rank 0 checks that ``--out`` can be written (before the model loads) and creates or reopens the run directory;
+    a start that fails inside the block leaves no folder and an overwritten run intact (:func:`prepare_run_dir`)."""
+    with ExitStack() as stack:
 
+        def open_it() -> OpenedRun:
+            check_writable(cfg.out)
+            return stack.enter_context(prepare_run_dir(cfg, tree))
+
+        yield on_main(open_it)
+
+
+def check_space(cfg: Any, model: Any, stepper: Stepper, trained: dict[str, torch.Tensor], freed: int) -> None:
+    """Refuse a fresh run whose file system cannot hold its peak (checkpoints, best weights, export: see
+    :func:`~zotune.train.safety.disk_need`), before the zero-shot evaluation; ``freed``: what an overwritten run
+    gives back."""
+    tc = cfg.train
+    need = disk_need(
+        tensor_bytes(trained),
+        state_bytes=state_size(stepper),
+        keep_checkpoints=tc.keep_checkpoints,
+        checkpoint_every=tc.checkpoint_every,
+        eval_every=tc.eval_every,
+        steps=tc.steps,
+        export_bytes=export_size(model, trained) if tc.export else 0,
+    )
+    check_disk(cfg.out, need - freed)
+
+
+def state_size(stepper: Stepper) -> int:
+    """Bytes of the tensors in the stepper's checkpointed state. A torch optimizer allocates its state at its first
+    step: one whose state is still empty counts as two copies of its parameters (Adam's moments, the most a
+    first-order baseline keeps)."""
+    _, tensors = ckpt.encode_blobs(stepper.state_dict())
+    size = tensor_bytes(tensors)
+    for opt in stepper.optimizers():
+        if not opt.state and type(opt).__module__.startswith("torch.optim"):
+            size += 2 * sum(p.numel() * p.element_size() for group in opt.param_groups for p in group["params"])
+    return size
+
+
+def _build(cfg: Any, task: Any, splits: Any, run: Path) -> tuple[Any, Any, str, str, int, Stepper]:
+    """The run's model (every rank), its objective and the method's stepper; the trained tensors checked resident.
+    Returns (model, tokenizer, kind, objective, max_length, stepper)."""
+    tc = cfg.train
     model, tokenizer, kind = _load_run_model(cfg, task, splits["train"], run)
     objective = objective_name(cfg.data, task, kind)
     max_length = cfg.data.max_length or model_max_length(model, tokenizer)
@@ -329,39 +393,52 @@ def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
         anchor_size=getattr(cfg.method_config(), "anchor_size", None),
     )
     try:
-        try:
-            stepper = method.stepper(method, replace_seed(cfg), ctx)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        trained = stepper.trained_tensors()
-        check_resident(trained, cfg)
-    except ConfigError:
-        if main and resume_from is None and not cfg.resume:
-            shutil.rmtree(run, ignore_errors=True)  # a fresh run directory this call made: leave nothing behind
-        raise
-    schedulers = [build_scheduler(tc, opt) for opt in stepper.optimizers()]
-    n_trainable = sum(p.numel() for p in trained.values())
+        stepper = method.stepper(method, replace_seed(cfg), ctx)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_resident(stepper.trained_tensors(), cfg)
+    return model, tokenizer, kind, objective, max_length, stepper
 
+
+def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
+    """Set up (or reopen) the run that ``cfg`` describes, up to its first step; see the module docstring."""
+    tc, main = cfg.train, zd.is_main()
+    if not main:  # one voice per run: the other ranks only warn
+        logging.getLogger("zotune").setLevel(logging.WARNING)
+    task = resolve_task(cfg.data.task)
+    splits = build_splits(cfg.data, task)
+    check_config(cfg, zd.world(), len(splits["train"]))
     import yaml
 
-    env = {
-        "versions": versions(),
-        "environment": environment.describe(),  # every installed package; the lock and any difference from it
-        "command": list(argv) if argv is not None else sys.argv,
-        "seed": cfg.seed,
-        "data_seed": cfg.data.seed,
-        "protocol": splits.protocol,
-        "objective": objective,
-        "model_kind": kind,
-        "device": str(next(model.parameters()).device),
-        "world_size": zd.world(),
-        "trainable_parameters": n_trainable,
-        "sizes": {k: len(v) for k, v in splits.items()} | stepper.data_sizes(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if main:
-        ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
-        write_json(run / "env.json", env)
+    if cfg.out is None:
+        cfg = replace(cfg, out=str(default_run_dir(cfg.model.name, task.name, cfg.method, cfg.seed)))
+    tree = config_to_dict(cfg)
+    with _run_dir(cfg, tree) as opened:  # a failed start leaves no folder, and an overwritten run intact
+        run, resume_from = opened.dir, opened.resume_from
+        model, tokenizer, kind, objective, max_length, stepper = _build(cfg, task, splits, run)
+        trained = stepper.trained_tensors()
+        if resume_from is None:
+            on_main(lambda: check_space(cfg, model, stepper, trained, opened.freed))
+        schedulers = [build_scheduler(tc, opt) for opt in stepper.optimizers()]
+        n_trainable = sum(p.numel() for p in trained.values())
+        env = {
+            "versions": versions(),
+            "environment": environment.describe(),  # every installed package; the lock and any difference from it
+            "command": list(argv) if argv is not None else sys.argv,
+            "seed": cfg.seed,
+            "data_seed": cfg.data.seed,
+            "protocol": splits.protocol,
+            "objective": objective,
+            "model_kind": kind,
+            "device": str(next(model.parameters()).device),
+            "world_size": zd.world(),
+            "trainable_parameters": n_trainable,
+            "sizes": {k: len(v) for k, v in splits.items()} | stepper.data_sizes(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if main:
+            ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
+            write_json(run / "env.json", env)
 
     state = LoopState()
     if resume_from is not None:
@@ -369,7 +446,7 @@ def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
     elif cfg.resume:
         logger.warning("resume: %s has no complete checkpoint yet; starting from step 0", run)
         if main:
-            Metrics.truncate(run, -1)
+            truncate_metrics(run, -1)
     metrics = Metrics(run, tc.tensorboard, enabled=main)
     metric = "f1" if task.metric == "f1" else "accuracy"
     session = Session(
@@ -457,7 +534,8 @@ def restore(
     torch.set_rng_state(blobs["rng"])
     state = LoopState(**meta["loop"])
     if main:
-        Metrics.truncate(run, state.step)
+        truncate_metrics(run, state.step)  # the lines after the checkpoint, a finished run's test record too
+        ckpt.sync_update_log(run)  # the log as of the checkpoint (a kill may have left it a step short)
         for stale in ckpt.list_checkpoints(run, "best"):  # best weights saved after this checkpoint: redone
             if int(stale.name.split("-")[1]) > state.step:
                 shutil.rmtree(stale)
