@@ -10,6 +10,7 @@ Example (see :func:`zotune.tasks.evaluate` for what is measured)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +31,18 @@ def evaluate_sharded(model: Any, tokenizer: Any, examples: Sequence[Example], **
     keys = ("accuracy", "f1", "em")
     row = [res.get(k, 0.0) * res["n"] for k in keys] + [float(k in res) for k in keys]
     row += [res["n"], res.get("n_truncated", 0), res.get("seconds", 0.0)]
+    row += [res.get("loss", 0.0) * res.get("n_tokens", 0), res.get("n_tokens", 0)]  # a token-mean loss (chat)
     table = zd.all_gather_values(row)
     n = sum(r[6] for r in table)
     out = {"n": int(n), "n_truncated": int(sum(r[7] for r in table)), "seconds": max(r[8] for r in table)}
     for i, k in enumerate(keys):
         if any(r[3 + i] for r in table):
             out[k] = sum(r[i] for r in table) / max(n, 1)
+    tokens = sum(r[10] for r in table)
+    if tokens:
+        out["loss"] = sum(r[9] for r in table) / tokens
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        out["n_tokens"] = int(tokens)
     return out
 
 
@@ -66,7 +73,8 @@ class Evaluator:
             self.model, self.tokenizer, examples, batch_size=self.batch_size, max_length=self.max_length
         )
         rec = {"kind": "eval", "step": step, "split": split, "forwards": forwards}
-        rec |= {k: res[k] for k in ("accuracy", "f1", "em", "n", "n_truncated", "seconds") if k in res}
+        keys = ("accuracy", "f1", "em", "loss", "perplexity", "n_tokens", "n", "n_truncated", "seconds")
+        rec |= {k: res[k] for k in keys if k in res}
         self.write(rec)
         what = label or ("zero-shot" if step == 0 else f"step {step}")
         self.say(f"{what}: {split} {self.metric} {rec[self.metric]:.4f} (n={rec['n']}, {rec['seconds']:.0f} s)")

@@ -33,9 +33,11 @@ from .. import environment
 from ..core.rng import derive_seed
 from ..methods.steppers import StepContext, Stepper
 from ..tasks import model_max_length
+from ..tasks.provenance import TASK_COPY, absolute_task_spec, data_digests, snapshot_task
 from . import checkpoint as ckpt
+from . import schedule
 from .config import ConfigError, config_diff, config_digest, config_to_dict
-from .data import build_splits, loss_weight, make_objective, objective_name, resolve_task
+from .data import build_splits, loss_weight, make_objective, objective_name, resolve_protocol, resolve_task
 from .evaluation import Evaluator
 from .rundir import Metrics, OpenedRun, export_size, prepare_run_dir, tensor_bytes, versions, write_json
 from .safety import check_disk, check_writable, default_run_dir, disk_need, truncate_metrics
@@ -305,10 +307,19 @@ def _load_run_model(cfg: Any, task: Any, train: Sequence[Any], run: Path) -> tup
 
 def build_scheduler(train_cfg: Any, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule of ``train.schedule`` (with ``train.warmup_steps``) on one optimizer."""
-    from transformers import get_scheduler
+    return schedule.build_scheduler(
+        train_cfg.schedule, opt, warmup_steps=train_cfg.warmup_steps, steps=train_cfg.steps
+    )
 
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[train_cfg.schedule]
-    return get_scheduler(name, opt, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=train_cfg.steps)
+
+def _anchored(cfg: Any) -> Any:
+    """``cfg`` with ``data.task`` (a task file) and ``model.name`` (an existing local folder or file) absolute."""
+    model = cfg.model.name
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return replace(
+        cfg, data=replace(cfg.data, task=absolute_task_spec(cfg.data.task)), model=replace(cfg.model, name=model)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -405,7 +416,11 @@ def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
     tc, main = cfg.train, zd.is_main()
     if not main:  # one voice per run: the other ranks only warn
         logging.getLogger("zotune").setLevel(logging.WARNING)
+    cfg = _anchored(cfg)  # a task file and a local model as absolute paths: the run works from anywhere
     task = resolve_task(cfg.data.task)
+    if cfg.resume and (Path(cfg.out or "") / TASK_COPY).is_file():  # the task as the run was started with
+        task = resolve_task(str(Path(cfg.out) / TASK_COPY), on_change="warn" if cfg.allow_config_change else "error")
+    cfg = replace(cfg, data=replace(cfg.data, protocol=resolve_protocol(cfg.data, task)[0]))
     splits = build_splits(cfg.data, task)
     check_config(cfg, zd.world(), len(splits["train"]))
     import yaml
@@ -434,11 +449,14 @@ def start(cfg: Any, argv: Sequence[str] | None = None) -> Session:
             "world_size": zd.world(),
             "trainable_parameters": n_trainable,
             "sizes": {k: len(v) for k, v in splits.items()} | stepper.data_sizes(),
+            "data": data_digests(task, cfg.data.data_dir),  # the data files read, with their SHA-256
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if main:
             ckpt.atomic_write_text(run / "config.yaml", yaml.safe_dump(tree, sort_keys=False))
             write_json(run / "env.json", env)
+            if resume_from is None:
+                snapshot_task(cfg.data.task, run)  # RUN/task.yaml: eval and replay use it, and see a changed file
 
     state = LoopState()
     if resume_from is not None:
