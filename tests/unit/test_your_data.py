@@ -150,18 +150,17 @@ def test_eval_and_replay_a_run_from_another_directory(trained, tmp_path, monkeyp
     root, results = trained
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
+    spec = root / "data" / "reviews.yaml"
+    # the loop recorded the task file by its absolute path, copied it into the run with its data digests, and put
+    # the digests of the data files it read in env.json
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["task"] == str(spec)
+    copy = yaml.safe_load((run / "task.yaml").read_text())
+    assert copy["source"] == str(spec) and set(copy["digests"]) == {"train", "dev", "test"}
+    env = json.loads((run / "env.json").read_text())
+    assert {d["sha256"] for d in env["data"].values()} >= {copy["digests"]["test"]}
     monkeypatch.chdir(tmp_path)
-    # no copy of the task in the run (config.yaml says reviews.yaml): a clear error, and --task helps
-    (run / "task.yaml").unlink(missing_ok=True)
-    assert cli(["eval", str(run), "--split", "test"]) == 2
-    assert "pass --task PATH" in capsys.readouterr().err
-    spec = str(root / "data" / "reviews.yaml")
-    assert cli(["eval", str(run), "--task", spec, "--split", "test", "--out", "e.json"]) == 0
+    assert cli(["eval", str(run), "--split", "test", "--out", "e.json"]) == 0  # from anywhere, no flag
     assert json.loads(Path("e.json").read_text())["accuracy"] == results["test"]
-    # with the run's copy (what the loop writes at the start of a run) no flag is needed, from anywhere
-    snapshot_task(spec, run)
-    assert cli(["eval", str(run), "--split", "test", "--out", "e2.json"]) == 0
-    assert json.loads(Path("e2.json").read_text())["accuracy"] == results["test"]
     assert cli(["replay", str(run), "--out", "replayed"]) == 0
     # the data changed since: eval refuses unless told, replay (which needs no data) warns
     test_csv = root / "data" / "test.csv"
@@ -175,6 +174,16 @@ def test_eval_and_replay_a_run_from_another_directory(trained, tmp_path, monkeyp
         assert cli(["replay", str(run), "--out", "replayed2"]) == 0
     finally:
         test_csv.write_text(saved)
+    # a run folder from before runs kept their task (a relative path, no copy): a clear error, and --task helps
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["task"] = "reviews.yaml"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "task.yaml").unlink()
+    capsys.readouterr()
+    assert cli(["eval", str(run), "--split", "test"]) == 2
+    assert "pass --task PATH" in capsys.readouterr().err
+    assert cli(["eval", str(run), "--task", str(spec), "--split", "test", "--out", "e3.json"]) == 0
+    assert json.loads(Path("e3.json").read_text())["accuracy"] == results["test"]
 
 
 def test_a_killed_run_is_evaluated_on_its_best_and_last_weights(workdir, tmp_path):
