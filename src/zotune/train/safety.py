@@ -191,6 +191,7 @@ RUN_ENTRIES = frozenset(
         "tb",
         "mask.safetensors",
         "adapters.safetensors",  # meta-training
+        "task.yaml",  # the run's copy of its task definition
     }
 )
 
