@@ -12,7 +12,7 @@ from tiny import tiny_batch, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import zotune
-from zotune.core import LowRank, LowRankMomentum, ParamSpace, Z, ZOOptimizer, replay
+from zotune.core import LowRank, LowRankMomentum, ParamSpace, Z, replay
 from zotune.core.packed import PackedBatch, PackedEngine, ProbeTable
 from zotune.core.packed_estimators import (
     FZOO,
@@ -125,6 +125,22 @@ def test_packed_rows_compute_the_in_place_perturbed_losses(arch, layout):
     plain = rows(list(range(B)), 1)[0].detach()
     moved = (packed - plain).abs()[table.sign != 0]
     assert moved.min() > 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_norm_gains_with_an_exact_zero_take_the_recomputed_path(arch):
+    model = model_for(arch)
+    norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+    with torch.no_grad():
+        norms[0].weight[3] = 0.0  # x̂ = (y − b)/g is undefined there: x̂ is recomputed from the norm's input
+    space, sampler = bind(model)
+    rows = lm_rows(model)
+    table = ProbeTable.per_example(B)
+    seeds = list(range(20, 20 + B))
+    engine = PackedEngine(model, space, sampler)
+    packed = engine.evaluate(PackedBatch(rows, list(range(B))), table, seeds, [1e-2])
+    ref = in_place_losses(model, space, sampler, rows, table, seeds, [1e-2])
+    torch.testing.assert_close(packed, ref, rtol=0, atol=2e-5)
 
 
 def test_tied_embedding_and_head_see_one_z():
@@ -386,15 +402,26 @@ def test_packed_training_lowers_the_loss():
 
 
 # ------------------------------------------------------------------------------------------------ precision
-def test_bf16_base_stays_close_to_fp32_and_keeps_the_side_branch_in_fp32():
+@pytest.mark.parametrize("outputs", ["float32", "base"])
+def test_bf16_base_stays_close_to_fp32(outputs):
     model = tiny_model("llama")
     space, sampler = bind(model)
     rows = lm_rows(model)
     table = ProbeTable.pairs(2, B)
     fp32 = PackedEngine(model, space, sampler).evaluate(PackedBatch(rows, list(range(B))), table, [1, 2], [1e-2])
-    bf16 = PackedEngine(model, space, sampler, base_dtype="bfloat16").evaluate(
-        PackedBatch(rows, list(range(B))), table, [1, 2], [1e-2]
+    seen = []
+
+    def watched(idx, copies):  # a hook registered after the engine's sees the output the next layer gets
+        h = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+        try:
+            return rows(idx, copies)
+        finally:
+            h.remove()
+
+    bf16 = PackedEngine(model, space, sampler, base_dtype="bfloat16", outputs=outputs).evaluate(
+        PackedBatch(watched, list(range(B))), table, [1, 2], [1e-2]
     )
+    assert seen == [torch.float32 if outputs == "float32" else torch.bfloat16]
     assert bf16.dtype == torch.float32
     assert not torch.equal(bf16, fp32)  # the base ran in bf16
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=3e-2)

@@ -46,9 +46,14 @@ In-place methods keep ``opt.step(closure)``; packed ones take ``opt.step(PackedB
 evaluated in chunks of at most ``max_rows`` rows (whole copies when a copy fits, else slices of the examples of one
 copy) with the same losses. One example needing more rows than ``max_rows`` is an error.
 
-**Precision.** ``base_dtype="bfloat16"`` runs the forward under ``torch.autocast`` (the base matmuls in bf16) while
-the side branch is computed in fp32 and returned in fp32 (a bf16 layer output becomes fp32 where a perturbation is
-added, so ε·(xV)Uᵀ is not rounded to the output's bf16 resolution), and the loss and update stay fp32.
+**Precision.** ``base_dtype="bfloat16"`` runs the forward under ``torch.autocast`` (the base matmuls in bf16); the
+side branch (x V, the U_p factors, the coefficients) is computed in fp32, and the loss and the update stay fp32.
+With ``outputs="float32"`` (default) a perturbed layer's bf16 output is returned as an fp32 copy holding the exact
+perturbation (the next matmul casts its input to bf16 again); ``outputs="base"`` adds the side branch into the bf16
+output in place (no copies: faster and lighter, the perturbed output rounded to bf16 as the base's is).
+
+**Norm gains** are perturbed in one pass over the norm's output: g ⊙ x̂ = y (− b), so (g + c z) ⊙ x̂ = y ⊙ (1 + c z/g)
+(− c z ⊙ b/g); a gain holding an exact zero falls back to recomputing x̂ from the norm's input.
 
 References:
     Sarkar et al., "Evolution Strategies at the Hyperscale" (EGGROLL), arXiv:2511.16652: low-rank perturbations
@@ -299,6 +304,9 @@ class PackedEngine:
         sampler: the bound :class:`LowRank` sampler the directions come from (with ``side_branch=False``).
         max_rows: the most rows one forward may hold (None: no cap); activation memory is linear in it.
         base_dtype: ``"float32"`` or ``"bfloat16"`` (the base matmuls under ``torch.autocast``).
+        outputs: with a bf16 base, ``"float32"`` (default): a perturbed layer's output is returned in fp32 with the
+            perturbation added exactly; ``"base"``: the fp32 side branch is added into the bf16 output in place
+            (no fp32 copy of the outputs: faster, less memory, the perturbation rounded to the output's bf16).
     """
 
     def __init__(
@@ -309,7 +317,10 @@ class PackedEngine:
         *,
         max_rows: int | None = None,
         base_dtype: str = "float32",
+        outputs: str = "float32",
     ):
+        if outputs not in ("float32", "base"):
+            raise ValueError(f"outputs={outputs!r}; choose 'float32' or 'base'")
         if not isinstance(sampler, LowRank):
             raise ValueError(f"packed evaluation needs the LowRank sampler, got {type(sampler).__name__}")
         if sampler.side:
@@ -342,12 +353,14 @@ class PackedEngine:
         self.max_rows = max_rows
         self.device = device
         self.base_dtype = "bfloat16" if self.autocast is not None else "float32"
+        self.outputs = outputs
         self._plan: _Plan | None = None
         self._eps: dict[str, float] = {}
         self._ut: dict[str, Tensor] = {}  # low-rank: (P, r, m) U_pᵀ stacked, fp32
         self._u: dict[str, Tensor] = {}  # low-rank: (P, m, r) U_p stacked, fp32
         self._vt: dict[str, Tensor] = {}  # low-rank: (r, n) Vᵀ, fp32
         self._z: dict[str, Tensor] = {}  # dense: (P, d) z_p stacked, fp32
+        self._inv_gain: dict[str, Tensor | None] = {}  # norms: 1/g (None when g has a zero)
         self._forwards = 0
 
     # ------------------------------------------------------------------------------------------------ public
@@ -369,7 +382,7 @@ class PackedEngine:
                     out[c0:c1, lo:hi] = self._run(batch, examples[lo:hi], c1 - c0)
         finally:
             self._plan = None
-            self._u, self._ut, self._vt, self._z = {}, {}, {}, {}
+            self._u, self._ut, self._vt, self._z, self._inv_gain = {}, {}, {}, {}, {}
         return out
 
     # ------------------------------------------------------------------------------------------------ pieces
@@ -389,6 +402,9 @@ class PackedEngine:
                     self._vt[e.name] = s._v(e).float().T.contiguous()
                 else:
                     self._z[e.name] = torch.stack([s.dense.draw(e, seed).float().reshape(-1) for seed in seeds])
+            if layer.kind in ("layernorm", "rmsnorm") and layer.weight is not None:
+                g = layer.weight.param.detach().float()
+                self._inv_gain[layer.weight.name] = 1.0 / g if bool((g != 0).all()) else None
 
     def _chunks(
         self, batch: PackedBatch, examples: list[Any], copies: int
@@ -495,11 +511,12 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         # ids shared by every row (GPT-2's position ids, shape (1, T)): give each row its own copy to perturb
         x = x.expand(n, *x.shape[1:])
         res = out.expand(n, *out.shape[1:]).float().contiguous()
-    elif out.dtype != torch.float32:
+    elif out.dtype != torch.float32 and not (engine.autocast is not None and engine.outputs == "base"):
         res = out.float()  # carry the perturbation in fp32 (autocast's bf16 output, or a low-precision model)
     elif not out.is_contiguous():
         res = out.contiguous()
     y = _rows_view(res, n, what)  # (n, T, m), a view of res
+    dt = y.dtype  # float32, or bf16 with outputs="base": the fp32 side-branch factors are rounded to it here
     sign = plan.sign.to(res.device)
     w, b = layer.weight, layer.bias
     if layer.kind in ("linear", "conv1d") and w is not None:
@@ -510,13 +527,13 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         r = vt.shape[0]
         if layer.kind == "linear":  # y += c (x V) U_pᵀ: x V for every row at once, then U_pᵀ per group
             xv = torch.mm(vt, xr.reshape(-1, xr.shape[-1]).T)  # (r, n·T): Vᵀ xᵀ is far faster than x V here
-            xv = (xv.view(r, n, t) * coef[None, :, None]).permute(1, 2, 0)  # (n, T, r)
+            xv = (xv.view(r, n, t) * coef[None, :, None]).permute(1, 2, 0).to(dt)  # (n, T, r)
             if plan.single is not None:
-                y.view(-1, y.shape[-1]).addmm_(xv.reshape(-1, r), engine._ut[w.name][plan.single])
+                y.view(-1, y.shape[-1]).addmm_(xv.reshape(-1, r), engine._ut[w.name][plan.single].to(dt))
             else:
                 g = plan.groups
                 ut = engine._ut[w.name][plan.group_probe.to(res.device)]  # (g, r, m)
-                y.view(g, -1, y.shape[-1]).baddbmm_(xv.reshape(g, -1, r), ut)
+                y.view(g, -1, y.shape[-1]).baddbmm_(xv.reshape(g, -1, r), ut.to(dt))
         else:  # Conv1D, W (in, out): y += c (x U_p) Vᵀ
             if plan.single is not None:
                 xu = torch.mm(engine._ut[w.name][plan.single], xr.reshape(-1, xr.shape[-1]).T).view(r, n, t)
@@ -526,8 +543,8 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
                 ut = engine._ut[w.name][plan.group_probe.to(res.device)]  # (g, r, in)
                 xu = torch.bmm(ut, xr.view(g, -1, xr.shape[-1]).transpose(1, 2))  # (g, r, L·T)
                 xu = xu.transpose(1, 2).reshape(n, t, r)
-            xu = xu * coef[:, None, None]
-            y.view(-1, y.shape[-1]).addmm_(xu.reshape(-1, r), vt)
+            xu = (xu * coef[:, None, None]).to(dt)
+            y.view(-1, y.shape[-1]).addmm_(xu.reshape(-1, r), vt.to(dt))
     elif layer.kind == "embedding" and w is not None:  # y += c U_p[ids] Vᵀ
         if x.numel() % n:
             raise ValueError(f"an embedding of the packed forward saw {x.numel()} ids, not a multiple of its {n} rows")
@@ -535,20 +552,27 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         coef = sign * engine._eps[w.name]
         u = engine._u[w.name]  # (P, vocab, r)
         ur = u[plan.single][ids] if plan.single is not None else u[plan.probe.to(ids.device)[:, None], ids]
-        ur = ur * coef[:, None, None]
-        y.view(-1, y.shape[-1]).addmm_(ur.reshape(-1, ur.shape[-1]), engine._vt[w.name])
-    elif layer.kind in ("layernorm", "rmsnorm"):  # y += c (z_p ⊙ x̂ [+ z_p^b])
-        xr = _rows_view(x, n, what)
-        if layer.kind == "layernorm":
-            xhat = F.layer_norm(xr.float(), (xr.shape[-1],), eps=layer.norm_eps)
-        else:
-            xhat = _rms_hat(xr, layer.norm_eps).float()
-        if w is not None:
-            zw = engine._z[w.name][plan.probe.to(res.device)] * (sign * engine._eps[w.name])[:, None]  # (n, d)
-            y.addcmul_(xhat, zw[:, None, :])
+        ur = (ur * coef[:, None, None]).to(dt)
+        y.view(-1, y.shape[-1]).addmm_(ur.reshape(-1, ur.shape[-1]), engine._vt[w.name].to(dt))
+    elif layer.kind in ("layernorm", "rmsnorm") and w is not None:  # y += c z_p ⊙ x̂  (g ⊙ x̂ = y [− b])
+        zw = engine._z[w.name][plan.probe.to(res.device)] * (sign * engine._eps[w.name])[:, None]  # (n, d)
+        inv = engine._inv_gain.get(w.name)
+        if inv is not None:  # x̂ = (y − b)/g: one pass, y ← y ⊙ (1 + c z/g) − c z b/g
+            zg = zw * inv
+            y.mul_((zg + 1).to(dt)[:, None, :])
+            bias = getattr(layer.module, "bias", None)
+            if bias is not None:
+                y.sub_((zg * bias.detach().float()).to(dt)[:, None, :])
+        else:  # a gain with zeros: recompute x̂ from the input
+            xr = _rows_view(x, n, what)
+            if layer.kind == "layernorm":
+                xhat = F.layer_norm(xr.float(), (xr.shape[-1],), eps=layer.norm_eps)
+            else:
+                xhat = _rms_hat(xr, layer.norm_eps).float()
+            y.addcmul_(xhat.to(dt), zw.to(dt)[:, None, :])
     if b is not None:  # biases (Linear, Conv1D, LayerNorm): y += c z_p
         zb = engine._z[b.name][plan.probe.to(res.device)] * (sign * engine._eps[b.name])[:, None]  # (n, m)
-        y.add_(zb[:, None, :])
+        y.add_(zb.to(dt)[:, None, :])
     if res is out:
         return None
     if engine.autocast is None and res.dtype != out.dtype:  # a bf16/fp16 model: its layers expect their dtype

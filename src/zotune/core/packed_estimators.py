@@ -290,6 +290,7 @@ class PackedZO(ZOOptimizer):
         max_rows: the most rows one forward may hold (the memory cap; None: no cap).
         base_dtype: ``"float32"``, or ``"bfloat16"`` for the base matmuls under autocast (side branch, loss and
             update in fp32).
+        outputs: with a bf16 base, where the perturbation is added (see :class:`~zotune.core.packed.PackedEngine`).
     """
 
     def __init__(
@@ -308,6 +309,7 @@ class PackedZO(ZOOptimizer):
         decay: DecayMask = None,
         max_rows: int | None = None,
         base_dtype: str = "float32",
+        outputs: str = "float32",
         method: str = "packed",
     ):
         if not isinstance(model, torch.nn.Module):
@@ -330,9 +332,15 @@ class PackedZO(ZOOptimizer):
             method=method,
         )
         # validates every trained tensor and the precision before any step (ValueError, nothing modified)
-        estimator.engine = PackedEngine(model, self.space, sampler, max_rows=max_rows, base_dtype=base_dtype)
+        estimator.engine = PackedEngine(
+            model, self.space, sampler, max_rows=max_rows, base_dtype=base_dtype, outputs=outputs
+        )
         self.engine = estimator.engine
-        self.update_log.header["packed"] = {"base_dtype": self.engine.base_dtype, "max_rows": max_rows}
+        self.update_log.header["packed"] = {
+            "base_dtype": self.engine.base_dtype,
+            "outputs": outputs,
+            "max_rows": max_rows,
+        }
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor:  # type: ignore[override]

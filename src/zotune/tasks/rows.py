@@ -21,7 +21,8 @@ Example:
     >>> _ = torch.manual_seed(0)
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32,
     ...                                      num_hidden_layers=1, num_attention_heads=2)).eval()
-    >>> exs = [Example("the cat sat it was", [" bad", " good"], label=1), Example("it was", [" bad", " good"], label=0)]
+    >>> exs = [Example("the cat sat it was", [" bad", " good"], label=1),
+    ...        Example("it was", [" bad", " good"], label=0)]
     >>> rows = ClassificationRows(model, tok)
     >>> rows.owners(exs)  # one row per example: both candidates are one token
     [0, 1]
