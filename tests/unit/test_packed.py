@@ -158,8 +158,9 @@ def test_tied_embedding_and_head_see_one_z():
     )
 
 
+@pytest.mark.parametrize("layout", sorted(TABLES))
 @pytest.mark.parametrize("max_rows", [1, 3, 4, 8, 13])
-def test_chunks_under_a_row_cap_give_the_same_losses(max_rows):
+def test_chunks_under_a_row_cap_give_the_same_losses(max_rows, layout):
     model = tiny_model("llama")
     space, sampler = bind(model)
     rows = lm_rows(model)
@@ -169,10 +170,11 @@ def test_chunks_under_a_row_cap_give_the_same_losses(max_rows):
         calls.append(len(idx) * copies)
         return rows(idx, copies)
 
-    table = ProbeTable.pairs(3, B)
-    whole = PackedEngine(model, space, sampler).evaluate(PackedBatch(rows, list(range(B))), table, [1, 2, 3], [1e-2])
+    table = TABLES[layout]()
+    seeds = list(range(1, 1 + B))
+    whole = PackedEngine(model, space, sampler).evaluate(PackedBatch(rows, list(range(B))), table, seeds, [1e-2])
     chunked = PackedEngine(model, space, sampler, max_rows=max_rows).evaluate(
-        PackedBatch(counting, list(range(B))), table, [1, 2, 3], [1e-2]
+        PackedBatch(counting, list(range(B))), table, seeds, [1e-2]
     )
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     assert max(calls) <= max_rows and sum(calls) == table.copies * B
@@ -335,30 +337,65 @@ def test_the_update_is_one_write_along_the_measured_directions():
         torch.testing.assert_close(e.param.detach() - before[e.name], -1e-2 * ghat, rtol=1e-4, atol=1e-7)
 
 
-def test_per_example_estimate_is_unbiased_for_the_batch_gradient():
-    """E over directions of ĝ equals E[z zᵀ] ∇L_B: r·∇ on matrices (U Vᵀ with V redrawn each step), ∇ on vectors."""
-    torch.manual_seed(0)
+def test_per_example_probes_log_each_examples_pair_and_its_projected_gradient():
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    opt = PackedZO(model, lr=0.0, eps=1e-2, estimator=PerExample(B), rank=2, seed=4)
+    rows = lm_rows(model)
+    opt.step(PackedBatch(rows, list(range(B))))
+    est = opt.last_estimate
+    space, sampler = bind(ref_model, rank=2, refresh=50, seed=4)
+    ref_rows = lm_rows(ref_model)
+    for b, seed in enumerate(est.seeds):
+        pm = []
+        for s in (1.0, -1.0):
+            sampler.apply_(space, lambda e, s=s, seed=seed: [Z(seed, s * 1e-2, perturb=True)])
+            with torch.no_grad():
+                pm.append(float(ref_rows([b], 1)[0, 0]))
+            sampler.apply_(space, lambda e, s=s, seed=seed: [Z(seed, -s * 1e-2, perturb=True)])
+        assert est.losses[2 * b : 2 * b + 2] == pytest.approx(pm, abs=2e-5)
+        assert est.grads[b] == pytest.approx((pm[0] - pm[1]) / 2e-2, abs=2e-3)
+    assert [c for _, c in est.terms] == pytest.approx([g / B for g in est.grads])
+
+
+def _ghat_samples(estimator, x, y, n, seed=0):
+    """n packed steps at lr 0 on a linear least-squares model: the materialized ĝ of each, per tensor."""
     lin = torch.nn.Linear(3, 2)
-    x, y = torch.randn(B, 3), torch.randn(B, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(6.0).view(2, 3) / 10)
+        lin.bias.copy_(torch.tensor([0.3, -0.2]))
 
     def loss_rows(idx, copies):
         return (lin(x[idx].repeat(copies, 1)).view(copies, len(idx), 2) - y[idx]).pow(2).sum(-1)
 
-    grad = torch.autograd.grad(loss_rows(list(range(B)), 1).mean(), list(lin.parameters()))
-    opt = PackedZO(lin, lr=0.0, eps=1e-4, estimator=PerExample(B), rank=1, refresh_every=1, seed=0)
-    n = 3000
-    acc = [torch.zeros_like(p) for p in lin.parameters()]
-    sq = [torch.zeros_like(p) for p in lin.parameters()]
+    grad = torch.autograd.grad(loss_rows(list(range(len(x))), 1).mean(), list(lin.parameters()))
+    opt = PackedZO(lin, lr=0.0, eps=1e-4, estimator=estimator, rank=1, refresh_every=1, seed=seed)
+    samples = []
     for _ in range(n):
-        opt.step(PackedBatch(loss_rows, list(range(B))))
-        for k, e in enumerate(opt.space):
-            g = sum(c * opt.sampler.draw(e, s) for s, c in opt.last_estimate.terms)
-            acc[k] += g
-            sq[k] += g * g
-    for k, (g, scale) in enumerate(zip(grad, (1.0, 1.0), strict=True)):  # rank 1: E[zzᵀ] = r·I = I
-        mean = acc[k] / n
-        se = ((sq[k] / n - mean**2) / n).sqrt()
-        assert ((mean - scale * g).abs() <= 4 * se + 1e-3).all(), (mean, g, se)
+        opt.step(PackedBatch(loss_rows, list(range(len(x)))))
+        samples.append([sum(c * opt.sampler.draw(e, s) for s, c in opt.last_estimate.terms) for e in opt.space])
+    return grad, [torch.stack([s[k] for s in samples]) for k in range(len(grad))]
+
+
+def test_per_example_estimate_is_unbiased_for_the_batch_gradient():
+    """E over directions of ĝ equals E[z zᵀ] ∇L_B = ∇L_B (rank 1: U Vᵀ with V redrawn every step; dense on b)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(B, 3, generator=gen), torch.randn(B, 2, generator=gen)
+    grad, samples = _ghat_samples(PerExample(B), x, y, 3000)
+    for g, s in zip(grad, samples, strict=True):
+        mean, se = s.mean(0), s.std(0) / len(s) ** 0.5
+        assert se.max() < 0.1 * g.abs().max()  # the check below has teeth
+        assert ((mean - g).abs() <= 4 * se + 1e-4).all(), (mean, g, se)
+
+
+def test_per_example_probes_cut_the_variance_b_fold_when_the_examples_agree():
+    """Examples with one gradient: (1/B) Σ z_b z_bᵀ g has (d + 1)/B·‖g‖² of spread, one probe (d + 1)·‖g‖²."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(1, 3, generator=gen).expand(B, 3), torch.randn(1, 2, generator=gen).expand(B, 2)
+    _, per = _ghat_samples(PerExample(B), x, y, 1500, seed=1)
+    _, one = _ghat_samples(PackedTwoPoint(1), x, y, 1500, seed=2)
+    spread = [float(sum(s.var(0).sum() for s in samples)) for samples in (per, one)]
+    assert spread[0] < spread[1] / (B / 2)  # B = 4 times smaller in expectation; allow sampling noise
 
 
 def test_fzoo_normalizes_one_sided_differences_by_the_std_of_the_probe_losses():
