@@ -72,7 +72,7 @@ class LMRows:
 
 
 def build_workloads(
-    model: Any, tok: Any, names: Sequence[str], n_batches: int, device: torch.device
+    model: Any, tok: Any, names: Sequence[str], n_batches: int, device: torch.device, padding: str | None = None
 ) -> list[Workload]:
     from ..tasks import get_task
     from ..tasks.rows import ClassificationRows
@@ -97,7 +97,7 @@ def build_workloads(
             raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
         order = BatchOrder(train, 16, 0)
         batches = [order.batch(i) for i in range(n_batches)]
-        rows = ClassificationRows(model, tok)
+        rows = ClassificationRows(model, tok, padding_side=padding)
         ntok = [len(tok(ex.prompt)["input_ids"]) for b in batches for ex in b]
         out.append(
             Workload(
@@ -130,6 +130,7 @@ def _measure(
     rank: int,
     max_rows: int | None,
     sequential: bool,
+    outputs: str = "float32",
 ) -> dict[str, Any]:
     """One workload at one precision: warm-up, peaks (one phase per call), then interleaved timed rounds."""
     from ..methods import LOZO
@@ -145,6 +146,7 @@ def _measure(
             seed=0,
             max_rows=max_rows,
             base_dtype=precision,
+            outputs=outputs,
             method=k,
         )
         for k, make in estimators.items()
@@ -159,11 +161,14 @@ def _measure(
         }
     state = {"batch": wl.batches[0]}
 
-    def forward(c: int) -> Any:
+    per_copy = len(getattr(wl.loss_rows, "owners", lambda b: b)(state["batch"]))
+
+    def forward(c: int) -> Any:  # the same rows in the same forwards as the packed step's (under max_rows)
         with torch.no_grad(), _autocast(dev, precision):
             if c == 0:
                 return wl.loss(state["batch"])
-            return wl.loss_rows(state["batch"], c)
+            k = c if max_rows is None else max(1, max_rows // per_copy)
+            return [wl.loss_rows(state["batch"], min(k, c - i)) for i in range(0, c, k)]
 
     calls: dict[str, Callable[[], Any]] = {"forward_b": lambda: forward(0)}
     for c in sorted(set(copies.values())):
@@ -228,6 +233,8 @@ def run_bench(
     probes: int = 4,
     max_rows: int | None = None,
     sequential: bool = True,
+    padding: str | None = None,
+    outputs: str = "float32",
 ) -> dict[str, Any]:
     """Run the benchmark; returns raw times, peaks and per-round ratios per workload and precision."""
     from ..models import load
@@ -247,6 +254,8 @@ def run_bench(
         "rank": rank,
         "probes": probes,
         "max_rows": max_rows,
+        "padding": padding or "tokenizer",
+        "outputs": outputs,
         "results": {},
     }
     estimators: dict[str, Callable[[int], PackedEstimator]] = {
@@ -255,10 +264,19 @@ def run_bench(
         "packed_per_example": lambda b: PerExample(b),
         f"packed_fzoo{probes}": lambda b: FZOO(probes),
     }
-    for wl in build_workloads(model, tok, workloads, n_batches, dev):
+    for wl in build_workloads(model, tok, workloads, n_batches, dev, padding):
         for precision in precisions:
             res["results"][f"{wl.name}/{precision}"] = _measure(
-                model, wl, precision, estimators, dev, reps=reps, rank=rank, max_rows=max_rows, sequential=sequential
+                model,
+                wl,
+                precision,
+                estimators,
+                dev,
+                reps=reps,
+                rank=rank,
+                max_rows=max_rows,
+                sequential=sequential,
+                outputs=outputs,
             )
     # packed bf16 ÷ sequential fp32 Gaussian MeZO (interleaving differs: a ratio of medians)
     for wl_name in workloads:
@@ -273,7 +291,8 @@ def run_bench(
 def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"{res['model']} on {res['device']} ({res['device_name']}), {res['threads']} threads, torch {res['torch']}, "
-        f"rank {res['rank']}, {res['reps']} rounds"
+        f"rank {res['rank']}, {res['reps']} rounds, packed rows padded: {res['padding']}, bf16 outputs: "
+        f"{res['outputs']}"
     ]
     for key, out in res["results"].items():
         r, m = out["ratios"], out["median_s"]
@@ -310,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--probes", type=int, default=4, help="n of the n-SPSA and FZOO rows")
     p.add_argument("--max-rows", type=int, default=None, help="row cap of one packed forward (default: none)")
+    p.add_argument(
+        "--padding",
+        choices=["tokenizer", "left", "right"],
+        default="tokenizer",
+        help="padding of the packed classification rows (tokenizer: as the in-place classification_loss)",
+    )
+    p.add_argument("--outputs", choices=["float32", "base"], default="float32", help="bf16 base: perturbed outputs")
     p.add_argument("--no-sequential", action="store_true", help="skip today's sequential MeZO / LOZO steps")
     p.add_argument("--out", default=None, help="write the raw result as JSON here")
     a = p.parse_args(argv)
@@ -334,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         probes=a.probes,
         max_rows=a.max_rows,
         sequential=not a.no_sequential,
+        padding=None if a.padding == "tokenizer" else a.padding,
+        outputs=a.outputs,
     )
     res["command"] = "python -m zotune.bench.packed " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(res))
