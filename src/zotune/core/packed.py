@@ -284,7 +284,7 @@ class _Plan:
     single: int | None  # the one probe every row carries (None: several)
 
 
-def _plan(probe: Tensor, sign: Tensor) -> _Plan:
+def _plan(probe: Tensor, sign: Tensor, device: torch.device) -> _Plan:
     n = probe.numel()
     probe = torch.where(sign != 0, probe, torch.zeros_like(probe))  # unperturbed rows: any probe, coefficient 0
     change = (torch.nonzero(probe[1:] != probe[:-1]).flatten() + 1).tolist()
@@ -292,7 +292,8 @@ def _plan(probe: Tensor, sign: Tensor) -> _Plan:
     groups = n // run
     group_probe = probe.view(groups, -1)[:, 0].contiguous()
     single = int(probe[0]) if groups == 1 else None
-    return _Plan(n, sign.float(), probe, groups, group_probe, single)
+    # on the model's device once per forward: the hooks index with them (no host-device copy per layer)
+    return _Plan(n, sign.float().to(device), probe.to(device), groups, group_probe.to(device), single)
 
 
 class PackedEngine:
@@ -356,7 +357,6 @@ class PackedEngine:
         self.outputs = outputs
         self._plan: _Plan | None = None
         self._eps: dict[str, float] = {}
-        self._ut: dict[str, Tensor] = {}  # low-rank: (P, r, m) U_pᵀ stacked, fp32
         self._u: dict[str, Tensor] = {}  # low-rank: (P, m, r) U_p stacked, fp32
         self._vt: dict[str, Tensor] = {}  # low-rank: (r, n) Vᵀ, fp32
         self._z: dict[str, Tensor] = {}  # dense: (P, d) z_p stacked, fp32
@@ -378,11 +378,12 @@ class PackedEngine:
                 for copies, lo, hi, owners in self._chunks(batch, examples, table.copies):
                     c0, c1 = copies
                     own = torch.tensor(owners, dtype=torch.long) + lo
-                    self._plan = _plan(table.probe[c0:c1][:, own].reshape(-1), table.sign[c0:c1][:, own].reshape(-1))
+                    probe, sign = table.probe[c0:c1][:, own].reshape(-1), table.sign[c0:c1][:, own].reshape(-1)
+                    self._plan = _plan(probe, sign, self.device)
                     out[c0:c1, lo:hi] = self._run(batch, examples[lo:hi], c1 - c0)
         finally:
             self._plan = None
-            self._u, self._ut, self._vt, self._z, self._inv_gain = {}, {}, {}, {}, {}
+            self._u, self._vt, self._z, self._inv_gain = {}, {}, {}, {}
         return out
 
     # ------------------------------------------------------------------------------------------------ pieces
@@ -398,7 +399,8 @@ class PackedEngine:
                 if s.is_lowrank(e):
                     u = torch.stack([s.u(e, seed).float() for seed in seeds])  # (P, m, r)
                     self._u[e.name] = u
-                    self._ut[e.name] = u.transpose(1, 2).contiguous()
+                    if e.param.dtype == torch.float32:  # the sampler's cache (the update reuses it) shares the stack
+                        s._u.update({(e.name, seed): u[p] for p, seed in enumerate(seeds)})
                     self._vt[e.name] = s._v(e).float().T.contiguous()
                 else:
                     self._z[e.name] = torch.stack([s.dense.draw(e, seed).float().reshape(-1) for seed in seeds])
@@ -529,18 +531,18 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
             xv = torch.mm(vt, xr.reshape(-1, xr.shape[-1]).T)  # (r, n·T): Vᵀ xᵀ is far faster than x V here
             xv = (xv.view(r, n, t) * coef[None, :, None]).permute(1, 2, 0).to(dt)  # (n, T, r)
             if plan.single is not None:
-                y.view(-1, y.shape[-1]).addmm_(xv.reshape(-1, r), engine._ut[w.name][plan.single].to(dt))
+                y.view(-1, y.shape[-1]).addmm_(xv.reshape(-1, r), engine._u[w.name][plan.single].T.to(dt))
             else:
                 g = plan.groups
-                ut = engine._ut[w.name][plan.group_probe.to(res.device)]  # (g, r, m)
+                ut = engine._u[w.name][plan.group_probe.to(res.device)].transpose(1, 2)  # (g, r, m)
                 y.view(g, -1, y.shape[-1]).baddbmm_(xv.reshape(g, -1, r), ut.to(dt))
         else:  # Conv1D, W (in, out): y += c (x U_p) Vᵀ
             if plan.single is not None:
-                xu = torch.mm(engine._ut[w.name][plan.single], xr.reshape(-1, xr.shape[-1]).T).view(r, n, t)
+                xu = torch.mm(engine._u[w.name][plan.single].T, xr.reshape(-1, xr.shape[-1]).T).view(r, n, t)
                 xu = xu.permute(1, 2, 0)  # (n, T, r)
             else:
                 g = plan.groups
-                ut = engine._ut[w.name][plan.group_probe.to(res.device)]  # (g, r, in)
+                ut = engine._u[w.name][plan.group_probe.to(res.device)].transpose(1, 2)  # (g, r, in)
                 xu = torch.bmm(ut, xr.view(g, -1, xr.shape[-1]).transpose(1, 2))  # (g, r, L·T)
                 xu = xu.transpose(1, 2).reshape(n, t, r)
             xu = (xu * coef[:, None, None]).to(dt)
