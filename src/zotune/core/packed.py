@@ -303,7 +303,9 @@ class PackedEngine:
         model: the model the loss callables run (its forward hooks carry the perturbations).
         space: the trained tensors (every one must have a per-row form, else ValueError naming them).
         sampler: the bound :class:`LowRank` sampler the directions come from (with ``side_branch=False``).
-        max_rows: the most rows one forward may hold (None: no cap); activation memory is linear in it.
+        max_rows: the most rows one forward may hold (None: no cap); activation memory is linear in it. Beside
+            the activations, a step holds every probe's U factors, P·Σ m·r floats (1.6 MB per probe for
+            SmolLM2-135M at r = 2, shared with the sampler's cache that the update reuses).
         base_dtype: ``"float32"`` or ``"bfloat16"`` (the base matmuls under ``torch.autocast``).
         outputs: with a bf16 base, ``"float32"`` (default): a perturbed layer's output is returned in fp32 with the
             perturbation added exactly; ``"base"``: the fp32 side branch is added into the bf16 output in place
