@@ -10,6 +10,8 @@ from .estimators import ESTIMATORS, Estimate, Estimator, NonFiniteLossError, One
 from .log import UpdateLog, UpdateRecord
 from .lowrank import LowRank, LowRankMomentum
 from .optimizer import ZOOptimizer, replay
+from .packed import PackedBatch, PackedEngine, ProbeTable
+from .packed_estimators import FZOO, PackedTwoPoint, PackedZO, PerExample
 from .rng import BLOCK, derive_seed, tensor_seed
 from .rules import RULES, ZOSGD, Momentum, UpdateRule
 from .samplers import SAMPLERS, BlockSampler, DirectionSampler, Fn, Gaussian, Op, Rademacher, Scale, Z, make_sampler
@@ -19,6 +21,7 @@ from .svrg import SVRG, micro_batched
 __all__ = [
     "BLOCK",
     "ESTIMATORS",
+    "FZOO",
     "RULES",
     "SAMPLERS",
     "BlockSampler",
@@ -33,6 +36,12 @@ __all__ = [
     "LowRankMomentum",
     "Momentum",
     "OnePoint",
+    "PackedBatch",
+    "PackedEngine",
+    "PackedTwoPoint",
+    "PackedZO",
+    "PerExample",
+    "ProbeTable",
     "Op",
     "ParamSpace",
     "SVRG",

@@ -258,6 +258,7 @@ def _replay_closure(losses: list[float]):
         except StopIteration:
             raise ValueError("update log record has fewer losses than the estimator needs") from None
 
+    closure.replay = True  # type: ignore[attr-defined]  # packed estimators read logged values, run no forward
     return closure
 
 

@@ -1,0 +1,191 @@
+"""Per-example losses of packed forwards: the ``loss_rows`` form of the training objectives.
+
+A packed estimator (:mod:`zotune.core.packed`) evaluates ``copies`` perturbed copies of a batch in one forward and
+needs each example's loss in each copy. :class:`ClassificationRows` is that form of
+:func:`~zotune.tasks.scoring.classification_loss`: the same pairs, tokens, padding and length-normalized candidate
+scores, with the batch's rows tiled ``copies`` times (block-major) and the cross-entropy kept per example, so that
+``ClassificationRows(model, tok)(examples, 1).mean()`` is ``classification_loss(model, tok, examples)`` up to
+float rounding. Rows are de-duplicated only within an example (its one-token candidates share their context row),
+never across examples: with one probe per example, two examples' rows carry different perturbations.
+
+Example:
+    >>> import torch
+    >>> from tokenizers import Tokenizer, models, pre_tokenizers
+    >>> from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    >>> from zotune.tasks import Example
+    >>> from zotune.tasks.scoring import classification_loss
+    >>> words = "<pad> the cat sat it was good bad".split()
+    >>> tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    >>> tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    >>> tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>")
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32,
+    ...                                      num_hidden_layers=1, num_attention_heads=2)).eval()
+    >>> exs = [Example("the cat sat it was", [" bad", " good"], label=1),
+    ...        Example("it was", [" bad", " good"], label=0)]
+    >>> rows = ClassificationRows(model, tok)
+    >>> rows.owners(exs)  # one row per example: both candidates are one token
+    [0, 1]
+    >>> losses = rows(exs, copies=3)  # one forward of 3 × 2 rows
+    >>> tuple(losses.shape), torch.allclose(losses[0].mean(), classification_loss(model, tok, exs))
+    ((3, 2), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Example
+from .scoring import (
+    _build_pairs,
+    _device,
+    _flatten,
+    _forward_params,
+    _ignores_position_ids,
+    _pad,
+    _pad_id,
+    _record_truncation,
+    model_max_length,
+)
+
+__all__ = ["ClassificationRows"]
+
+
+@dataclass
+class _Prepared:
+    owners: list[int]  # example of each row of one block
+    ids: Tensor  # (R, W)
+    mask: Tensor  # (R, W)
+    position_ids: Tensor | None  # (R, W), left padding only
+    keep: int | None  # logits_to_keep
+    pos_row: Tensor  # (Q,) row of each scored position
+    pos_at: Tensor  # (Q,) that position, counted from the end of the logits (negative)
+    tok_pos: Tensor  # (K,) scored position of each candidate token
+    tok_target: Tensor  # (K,) its token id
+    tok_pair: Tensor  # (K,) its pair
+    pair_len: Tensor  # (pairs,) tokens of each candidate
+    pair_slot: Tensor  # (pairs,) flat index example·C + candidate in the (B, C) score table
+    width: int  # C, the most candidates of an example
+    labels: Tensor  # (B,)
+
+
+class ClassificationRows:
+    """``loss_rows(examples, copies)`` of MeZO's classification loss (see the module docstring).
+
+    Args:
+        model: a causal LM (or a PEFT wrapper of one).
+        tokenizer: its tokenizer (its ``padding_side`` is honoured, as in ``classification_loss``).
+        max_length: the longest prompt + candidate (default: the model's maximum positions).
+        padding_side: None (default: the tokenizer's, as ``classification_loss``) or ``"left"`` / ``"right"``.
+            Left padding (with explicit position ids: the same scores) ends every row at the last position, so
+            the forward keeps one logit per row for one-token candidates, where right padding keeps every position
+            from the shortest row's end (on SST-2 batches, ~20 positions of 49 k-vocabulary logits per row).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int | None = None, padding_side: str | None = None):
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}; choose None (the tokenizer's), 'left' or 'right'")
+        self.padding_side = padding_side
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length = max_length if max_length is not None else model_max_length(model, tokenizer)
+        self._cache: tuple[Any, _Prepared] | None = None
+
+    def owners(self, examples: Sequence[Example]) -> list[int]:
+        """The example of each row of one block."""
+        return list(self._prepare(examples).owners)
+
+    def __call__(self, examples: Sequence[Example], copies: int) -> Tensor:
+        """Per-example cross-entropy (copies, B) of one forward over ``copies`` blocks of the examples' rows."""
+        p = self._prepare(examples)
+        r = p.ids.shape[0]
+        kwargs: dict[str, Any] = {"input_ids": p.ids.repeat(copies, 1), "attention_mask": p.mask.repeat(copies, 1)}
+        if p.position_ids is not None:
+            kwargs["position_ids"] = p.position_ids.repeat(copies, 1)
+        params = _forward_params(self.model)
+        if p.keep is not None:
+            kwargs["logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"] = p.keep
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        logits = self.model(**kwargs).logits  # (copies·R, positions kept, vocab)
+        rows = p.pos_row[None, :] + r * torch.arange(copies, device=logits.device)[:, None]  # (copies, Q)
+        chosen = logits[rows, p.pos_at[None, :] + logits.shape[1]].float()  # (copies, Q, vocab) in fp32
+        lse = torch.logsumexp(chosen, dim=-1)  # (copies, Q)
+        tok_lp = chosen[:, p.tok_pos, p.tok_target] - lse[:, p.tok_pos]  # (copies, K)
+        pair_lp = torch.zeros(copies, p.pair_len.numel(), device=logits.device).index_add_(1, p.tok_pair, tok_lp)
+        scores = torch.full((copies, len(examples) * p.width), float("-inf"), device=logits.device)
+        scores[:, p.pair_slot] = pair_lp / p.pair_len
+        logp = F.log_softmax(scores.view(copies, len(examples), p.width), dim=-1)
+        return -logp.gather(-1, p.labels[None, :, None].expand(copies, -1, 1)).squeeze(-1)
+
+    def _prepare(self, examples: Sequence[Example]) -> _Prepared:
+        key = tuple((ex.prompt, tuple(ex.candidates or ()), ex.label) for ex in examples)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        if any(ex.label is None for ex in examples):
+            raise ValueError("ClassificationRows needs labelled examples (label is None)")
+        prompts, cands, sizes = _flatten(examples, None)
+        pairs = _build_pairs(self.tokenizer, prompts, cands, self.max_length)
+        _record_truncation(None, pairs, sizes, "ClassificationRows")
+        example_of = [b for b, n in enumerate(sizes) for _ in range(n)]
+        index: dict[tuple[int, tuple[int, ...]], int] = {}
+        seqs: list[list[int]] = []
+        owners: list[int] = []
+        where: list[tuple[int, list[int]]] = []  # per pair: its row, positions predicting its tokens
+        for b, pair in zip(example_of, pairs, strict=True):
+            seq = pair.ids[:-1] if pair.n_cand == 1 else pair.ids  # one-token candidates share the context row
+            k = (b, tuple(seq))
+            if k not in index:
+                index[k] = len(seqs)
+                seqs.append(list(seq))
+                owners.append(b)
+            n = len(pair.ids)
+            where.append((index[k], list(range(n - pair.n_cand - 1, n - 1))))
+        device = _device(self.model)
+        params = _forward_params(self.model)
+        side = self.padding_side or getattr(self.tokenizer, "padding_side", "right")
+        if _ignores_position_ids(self.model) or "position_ids" not in params:
+            side = "right"  # positions must come from the row's own tokens
+        ids, mask, position_ids, starts = _pad(seqs, _pad_id(self.tokenizer), side, device)
+        width = ids.shape[1]
+        first = min(starts[row] + pos[0] for row, pos in where)
+        keep = width - first if ("logits_to_keep" in params or "num_logits_to_keep" in params) else None
+        q_index: dict[tuple[int, int], int] = {}
+        tok_pos, tok_target, tok_pair = [], [], []
+        for i, ((row, positions), pair) in enumerate(zip(where, pairs, strict=True)):
+            targets = pair.ids[len(pair.ids) - pair.n_cand :]
+            for t, target in zip(positions, targets, strict=True):
+                at = (row, starts[row] + t - width)  # counted from the end of the logits
+                tok_pos.append(q_index.setdefault(at, len(q_index)))
+                tok_target.append(target)
+                tok_pair.append(i)
+        slots, c = [], max(sizes)
+        for b, n in enumerate(sizes):
+            slots += [b * c + j for j in range(n)]
+
+        def t(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        prepared = _Prepared(
+            owners=owners,
+            ids=ids,
+            mask=mask,
+            position_ids=position_ids,
+            keep=keep,
+            pos_row=t([row for row, _ in q_index]),
+            pos_at=t([at for _, at in q_index]),
+            tok_pos=t(tok_pos),
+            tok_target=t(tok_target),
+            tok_pair=t(tok_pair),
+            pair_len=torch.tensor([p.n_cand for p in pairs], dtype=torch.float32, device=device),
+            pair_slot=t(slots),
+            width=c,
+            labels=t([int(ex.label) for ex in examples]),  # type: ignore[arg-type]
+        )
+        self._cache = (key, prepared)
+        return prepared

@@ -1,0 +1,59 @@
+"""The packed benchmark's measurement on a tiny real model (timings are not asserted, only what is measured)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_batch, tiny_model
+
+from zotune.bench.packed import LMRows, Workload, _measure, main
+from zotune.core.packed_estimators import FZOO, PackedTwoPoint, PerExample
+
+
+def test_measure_times_every_step_against_the_forward_of_its_own_rows():
+    model = tiny_model("llama")
+    batch = tiny_batch(0, batch=4, seq=8)
+    rows = LMRows(model, batch)
+    wl = Workload("tiny", [list(range(4))], lambda idx: rows(idx, 1).mean(), rows, 8.0)
+    estimators = {
+        "packed_lozo": lambda b: PackedTwoPoint(1),
+        "packed_nspsa3": lambda b: PackedTwoPoint(3),
+        "packed_per_example": lambda b: PerExample(b),
+        "packed_fzoo3": lambda b: FZOO(3),
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = _measure(
+        model, wl, "float32", estimators, torch.device("cpu"), reps=2, rank=1, max_rows=None, sequential=True
+    )
+    assert out["copies"] == {"packed_lozo": 2, "packed_nspsa3": 6, "packed_per_example": 2, "packed_fzoo3": 4}
+    assert {"forward_b", "forward_x2", "forward_x4", "forward_x6", "mezo_gaussian", "mezo_rademacher", "lozo"} <= set(
+        out["median_s"]
+    )
+    assert all(len(v) == 2 for v in out["rounds_s"].values())
+    for key, value in out["ratios"].items():
+        assert math.isfinite(value) and value > 0, key
+    assert out["ratios"]["packed_per_example_ms_per_probe"] < out["ratios"]["packed_lozo_ms_per_probe"]  # 4 probes
+    # every step ran on the same model (tiny lr): it moved, and no hook was left on it
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    # a row cap: the reference forwards run in the same chunks as the steps
+    capped = _measure(
+        model, wl, "float32", estimators, torch.device("cpu"), reps=1, rank=1, max_rows=4, sequential=False
+    )
+    assert "mezo_gaussian" not in capped["median_s"] and capped["copies"]["packed_nspsa3"] == 6
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workloads", "sst3"], "--workloads: choose from"),
+        (["--precisions", "float16"], "--precisions: choose from"),
+        (["--probes", "1"], "--probes >= 2"),
+    ],
+)
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
