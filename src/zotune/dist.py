@@ -376,6 +376,29 @@ def all_gather_values(
     return _all_gather(values, dtype, group, None).tolist()
 
 
+def gather_columns(local: Tensor, n: int, group: Group = None) -> Tensor:
+    """The (rows, n) tensor whose columns :func:`shard` ``(n)`` gives to each rank, from this rank's (rows, part).
+
+    Packed estimators under shared directions: every rank evaluates the same probes on its shard of the batch's
+    examples, and each needs every example's losses. One all-gather (shards are padded to the largest one).
+
+    Example:
+        >>> gather_columns(torch.ones(2, 3), 3).shape  # one process: the tensor itself
+        torch.Size([2, 3])
+    """
+    parts = world(group)
+    if parts == 1:
+        return local
+    sizes = [shard(n, r, parts) for r in range(parts)]
+    width = max(s.stop - s.start for s in sizes)
+    rows = local.shape[0]
+    padded = torch.full((rows, width), math.nan, dtype=torch.float64)
+    padded[:, : local.shape[1]] = local.double().cpu()
+    table = _all_gather(padded.reshape(-1).tolist(), torch.float64, group, None).view(parts, rows, width)
+    out = torch.cat([table[r, :, : s.stop - s.start] for r, s in enumerate(sizes)], dim=1)
+    return out.to(local.dtype)
+
+
 def all_reduce_grads(params: Iterable[Tensor], group: Group = None, counter: CommCounter | None = None) -> None:
     """Sum ``.grad`` over ranks in place (first-order baselines only: the d × 4 bytes per step ZO never sends).
 

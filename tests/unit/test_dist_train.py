@@ -339,3 +339,19 @@ def test_nccl_ranks_on_two_gpus_match_one_process(workdir, tmp_path):
     run_one(workdir, tmp_path / "one", *gpu)
     assert_close(last_weights(tmp_path / "two"), last_weights(tmp_path / "one"), atol=1e-5)
     assert all(r["comm_bytes"] <= 96 for r in records(tmp_path / "two", "train"))
+
+
+def test_packed_per_example_probes_on_two_ranks_equal_one_process(workdir, tmp_path):
+    """Each rank evaluates every probe's rows for its shard of the examples (per-example probes: the shard's own)
+    and gathers the rest: the same losses, the same run as one process."""
+    extra = ["--method", "per_example", "--per_example.lr", "1e-2", "--per_example.eps", "1e-2"]
+    run_ranks(args(workdir, tmp_path / "two", *extra))
+    run_one(workdir, tmp_path / "one", *extra)
+    two, one = tmp_path / "two", tmp_path / "one"
+    assert_close(last_weights(two), last_weights(one), atol=1e-5)
+    log2, log1 = (UpdateLog.from_lines((r / "updates.jsonl").read_text().splitlines()) for r in (two, one))
+    assert len(log2) == len(log1) == 6
+    for a, b in zip(log2.records, log1.records, strict=True):
+        assert a.seeds == b.seeds and len(a.seeds) == 5  # one probe per example of the batch of 5
+        assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-6)
+    assert [r["forwards"] for r in records(two, "train")] == [2 * (i + 1) for i in range(6)]

@@ -102,10 +102,17 @@ BASE_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16"
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """The closure of a packed step: ``loss_rows`` (see the module docstring) and the examples of the batch."""
+    """The closure of a packed step: ``loss_rows`` (see the module docstring) and the examples of the batch.
+
+    Under data parallelism (shared directions) each process evaluates only ``examples[part]``, with those examples'
+    probes and signs, and ``gather`` turns its (copies, part) losses into the batch's (copies, B), the same on
+    every process (:func:`zotune.dist.gather_columns`).
+    """
 
     loss_rows: LossRows
     examples: Sequence[Any]
+    part: slice | None = None
+    gather: Callable[[Tensor], Tensor] | None = None
 
     def owners(self, examples: Sequence[Any]) -> list[int]:
         """Example index of each row of one block (default: one row per example, in order)."""

@@ -128,7 +128,19 @@ class PackedEstimator(Estimator):
             if self.engine is None:
                 raise ValueError(f"{type(self).__name__} is not bound to a model: build it through PackedZO")
             table = self.table(len(closure.examples))
-            losses = self.engine.evaluate(closure, table, seeds, eps)
+            if closure.part is None:
+                losses = self.engine.evaluate(closure, table, seeds, eps)
+            else:  # this process's examples, each with its probe and sign; then every example's losses
+                if closure.gather is None:
+                    raise ValueError("a PackedBatch with a part needs gather (the other parts' losses)")
+                mine = PackedBatch(closure.loss_rows, list(closure.examples)[closure.part])
+                part = ProbeTable(table.probe[:, closure.part], table.sign[:, closure.part])
+                local = (
+                    self.engine.evaluate(mine, part, seeds, eps)
+                    if mine.examples
+                    else torch.empty(table.copies, 0, dtype=torch.float32)
+                )
+                losses = closure.gather(local)
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).sum())
                 raise NonFiniteLossError(
@@ -174,6 +186,7 @@ class PackedTwoPoint(PackedEstimator):
     def combine(self, values, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0], losses=list(values))
         est.grads = [(values[2 * i] - values[2 * i + 1]) / (2 * eps[0]) for i in range(len(seeds))]
+        est.pairs = list(zip(values[0::2], values[1::2], strict=True))
         est.loss = sum(values) / len(values)
         return est
 
@@ -222,6 +235,7 @@ class PerExample(PackedEstimator):
     def combine(self, values, seeds, eps):
         est = Estimate(seeds=list(seeds), eps=eps[0], losses=list(values))
         est.grads = [(values[2 * b] - values[2 * b + 1]) / (2 * eps[0]) for b in range(len(seeds))]
+        est.pairs = list(zip(values[0::2], values[1::2], strict=True))
         est.loss = sum(values) / len(values)
         return est
 
@@ -271,6 +285,7 @@ class FZOO(PackedEstimator):
             msg = check_difference([v - base for v in probes], values, eps[0]) or "the probe losses are all equal"
             raise CollapsedDifferenceError(f"FZOO: σ of the probe losses is {sigma}: {msg}")
         est.grads = [(v - base) / sigma for v in probes]
+        est.pairs = [(v, base) for v in probes]
         est.loss = base
         return est
 
@@ -355,11 +370,15 @@ class PackedZO(ZOOptimizer):
                 "a packed optimizer steps on PackedBatch(loss_rows, examples), not a plain closure; "
                 "see zotune.core.packed for the loss_rows contract"
             )
-        self._validated = True  # nothing is perturbed in place: no unperturbed check forward is needed
+        self._validated = True  # see checks_closure
         loss = super().step(closure)
         if self.initial_loss is None:
             self.initial_loss = self.last_estimate.loss
         return loss
+
+    @property
+    def checks_closure(self) -> bool:
+        return False  # nothing is perturbed in place: no unperturbed check forward is needed
 
     def check_difference(self) -> str | None:
         """:func:`check_difference` on the last step (None: its loss differences carry signal)."""

@@ -1,6 +1,6 @@
 """Configured methods: a config dataclass + ``build()`` + a stepper + one registry line each (:mod:`.registry`)."""
 
-from . import adamw, hizoo, zofo
+from . import adamw, hizoo, packed, zofo
 from .lozo import LOZO, LOZOM, LOZOConfig, LOZOMConfig
 from .mezo import MeZO, MeZOConfig
 from .registry import METHODS, Capabilities, Method, build, get_method, register_method
@@ -34,6 +34,7 @@ __all__ = [
     "build",
     "get_method",
     "hizoo",
+    "packed",
     "register_method",
     "zofo",
     "NSPSA",

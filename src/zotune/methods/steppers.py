@@ -97,6 +97,8 @@ class StepContext:
         data_seed: the seed of the batch order.
         distributed: ``shared`` or ``independent`` (see ``train.distributed``); only read with several ranks.
         anchor_size: examples of the anchor set, for methods that declare one (None: the whole training set).
+        loss_rows: the loss's per-example form for packed forwards, ``loss_rows(examples, copies)`` → (copies, B)
+            (:mod:`zotune.core.packed`); None when the objective has none.
     """
 
     model: torch.nn.Module
@@ -108,6 +110,7 @@ class StepContext:
     data_seed: int = 0
     distributed: str = "shared"
     anchor_size: int | None = None
+    loss_rows: Callable[[Sequence[Any], int], Tensor] | None = None
 
     @property
     def n_ranks(self) -> int:

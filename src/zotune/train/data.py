@@ -191,6 +191,20 @@ def make_objective(
     raise ValueError(f"unknown objective {name!r}")
 
 
+def make_loss_rows(
+    name: str, model: Any, tokenizer: Any, *, max_length: int | None
+) -> Callable[[Sequence[Example], int], Tensor] | None:
+    """The objective ``name``'s per-example form for packed forwards (:mod:`zotune.core.packed`), or None.
+
+    Only the classification objective has one (:class:`~zotune.tasks.rows.ClassificationRows`); its rows are left
+    padded, so that a forward keeps one logit per row for one-token candidates (the same scores)."""
+    if name != "classification":
+        return None
+    from ..tasks.rows import ClassificationRows
+
+    return ClassificationRows(model, tokenizer, max_length=max_length, padding_side="left")
+
+
 def loss_weight(name: str, tokenizer: Any, max_length: int | None) -> Callable[[Sequence[Example]], int]:
     """``weight(examples)``: the items the objective ``name``'s loss is a mean over (rows; gold tokens for ``lm``),
     so that shards of a batch combine into the batch's loss (:func:`zotune.dist.sharded`)."""

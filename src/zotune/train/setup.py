@@ -37,7 +37,15 @@ from ..tasks.provenance import TASK_COPY, absolute_task_spec, data_digests, snap
 from . import checkpoint as ckpt
 from . import schedule
 from .config import ConfigError, config_diff, config_digest, config_to_dict
-from .data import build_splits, loss_weight, make_objective, objective_name, resolve_protocol, resolve_task
+from .data import (
+    build_splits,
+    loss_weight,
+    make_loss_rows,
+    make_objective,
+    objective_name,
+    resolve_protocol,
+    resolve_task,
+)
 from .evaluation import Evaluator
 from .rundir import Metrics, OpenedRun, export_size, prepare_run_dir, tensor_bytes, versions, write_json
 from .safety import check_disk, check_writable, default_run_dir, disk_need, truncate_metrics
@@ -402,6 +410,7 @@ def _build(cfg: Any, task: Any, splits: Any, run: Path) -> tuple[Any, Any, str, 
         data_seed=cfg.data.seed,
         distributed=tc.distributed,
         anchor_size=getattr(cfg.method_config(), "anchor_size", None),
+        loss_rows=make_loss_rows(objective, model, tokenizer, max_length=max_length),
     )
     try:
         stepper = method.stepper(method, replace_seed(cfg), ctx)
