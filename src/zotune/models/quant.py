@@ -108,10 +108,39 @@ class QuantError(ValueError):
 # bitsandbytes
 
 
+@contextlib.contextmanager
+def _eager_fallback_kernels() -> Iterator[None]:
+    """While bitsandbytes is first imported, ``torch.compile`` hands back the function it is given.
+
+    At import, bitsandbytes wraps its pure-PyTorch fallback kernels (and its Triton optimizers) in ``torch.compile``,
+    which imports torch's whole compiler stack (dynamo, inductor, sympy): 113 of the 121 MiB the import adds to the
+    resident set (torch 2.13 CPU, bitsandbytes 0.50), about a fifth of SensZOQ's peak on SmolLM2-135M. zotune's
+    NF4 path runs bitsandbytes' native kernels on CPU and CUDA (quantize, dequantize, the 4-bit matmul), never
+    those fallbacks; where one does run, it runs eagerly: the same arithmetic, as bitsandbytes itself does when
+    compiling fails. Nothing changes when bitsandbytes was imported before (by the caller, or by peft).
+    """
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    compile_ = torch.compile
+
+    def eager(model: Any = None, **_: Any) -> Any:  # @torch.compile and @torch.compile(...) alike
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = compile_
+
+
 @functools.cache
 def _bnb_on(device_type: str) -> Any:
     try:
-        with warnings.catch_warnings():  # its torch.compile'd kernels import torch internals that warn about torch.jit
+        with warnings.catch_warnings(), _eager_fallback_kernels():
+            # torch.jit warnings of the modules it imports (torch._dynamo when it compiles at import)
             warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
             import bitsandbytes as bnb
     except ImportError as err:
