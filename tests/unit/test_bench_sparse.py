@@ -17,7 +17,7 @@ def test_sparse_bench_writes_sane_json(workdir, tmp_path, capsys):
     assert sparse_main([*argv, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     table = capsys.readouterr().out
-    assert "sparse MeZO step (nf4)" in table and "target ≤ 0.45" in table
+    assert "sparse MeZO step, embedding bfloat16" in table and "target ≤ 0.45" in table
     ratios = res["ratios"]
     assert {"peak_sparse_zo_over_fp32_inference", "step_over_2fwd", "sparse_forward_over_base_forward"} <= set(ratios)
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())

@@ -127,6 +127,88 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _model_parts(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes the model holds, by kind: ``embedding`` (the input table and the output head's, once when tied),
+    ``nf4`` (packed 4-bit weights and their quantization state), ``sparse`` (the trained values and their indices)
+    and ``other`` (everything else: full-precision Linear weights, norms, biases, buffers)."""
+    from ..models.quant import sparse_layers
+
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    table_ids = {id(emb), id(getattr(head, "weight", None))}
+    sparse_ids = {id(t) for m in sparse_layers(model).values() for t in (m.values, m.indices, m._fold_index)}
+    seen: set[int] = set()
+    parts = dict.fromkeys(("embedding", "nf4", "sparse", "other"), 0)
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code] if qs.nested else [])
+    quant_ids = {id(t) for t in tensors[len([*model.parameters(), *model.buffers()]) :]}
+    quant_ids |= {id(p) for p in model.parameters() if hasattr(p, "quant_state")}
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        kind = (
+            "embedding" if id(t) in table_ids else "sparse" if id(t) in sparse_ids else "nf4" if id(t) in quant_ids
+            else "other"
+        )  # fmt: skip
+        parts[kind] += t.numel() * t.element_size()
+    return parts
+
+
+def _objective(model: torch.nn.Module, tok: Any, workload: str, batch: int, seq: int, seed: int, loss_kind: str,
+               dev: torch.device) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """``loss(use_cache=False)`` of one training batch, and what it is made of.
+
+    ``synthetic``: ``batch`` rows of ``seq`` tokens of SST-2 sentences, loss of the last position (``answer``: as
+    zotune's classification loss computes only the answer positions) or of every token (``lm``). ``sst2``: zotune's
+    training objective itself (:func:`zotune.tasks.classification_loss`, MeZO's protocol and template) on the first
+    batch of ``batch`` SST-2 training examples a seed-``seed`` run draws: both candidates of each, in one forward.
+    ``use_cache=True`` (synthetic only) lets the model keep its key/value cache as a bare ``model(...)`` call does.
+    """
+    if workload == "sst2":
+        from ..methods.steppers import BatchOrder
+        from ..tasks import classification_loss, get_task, mezo_splits
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            splits = mezo_splits(get_task("sst2"), seed=seed, n_train=500, n_dev=200, n_test=1)
+        examples = BatchOrder(splits["train"], batch_size=batch, seed=seed).batch(0)
+        stats: dict[str, Any] = {}
+        classification_loss(model, tok, examples, stats=stats)
+
+        def task_loss(use_cache: bool = False) -> torch.Tensor:
+            if use_cache:
+                raise ValueError("the sst2 objective never keeps a key/value cache")
+            return classification_loss(model, tok, examples)
+
+        shape = {"rows": stats["n_tokens"] // max(stats.get("n_forward", 1), 1), "tokens": stats["n_tokens"]}
+        return task_loss, shape | {"objective": "classification_loss (MeZO template, both candidates)"}
+    if workload != "synthetic":
+        raise ValueError(f"workload {workload!r}: use synthetic or sst2")
+    if loss_kind not in ("answer", "lm"):
+        raise ValueError(f"loss_kind={loss_kind!r} is not one of: answer, lm")
+    b = _batch(tok, batch, seq, dev)
+
+    def loss(use_cache: bool = False) -> torch.Tensor:
+        if loss_kind == "lm":
+            return model(**b, use_cache=use_cache).loss
+        logits = model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1, use_cache=use_cache
+        ).logits
+        return F.cross_entropy(logits[:, -1].float(), b["input_ids"][:, -1])
+
+    return loss, {"rows": batch, "tokens": batch * seq, "objective": f"{loss_kind} loss of the batch"}
+
+
+def _peak(dev: torch.device, fn: Callable[[], Any]) -> int:
+    with PeakMemory(dev) as mem:
+        fn()
+    return mem.peak
+
+
 def bench_sparse(
     model_name: str = "smollm2-135m",
     *,
@@ -138,45 +220,59 @@ def bench_sparse(
     reps: int = 5,
     seed: int = 0,
     loss_kind: str = "answer",
+    workload: str = "synthetic",
+    embedding_dtype: str = "bfloat16",
+    versus_full: bool = False,
 ) -> dict[str, Any]:
     """Measure (a), (b), (c) of the module docstring; returns raw numbers (bytes, seconds) and ratios.
 
-    ``loss_kind``: ``"answer"`` (default), the loss zotune trains classification tasks with: cross-entropy of the
-    last position's logits only (``logits_to_keep=1``, as :func:`zotune.tasks.scoring.classification_loss` computes
-    just the answer positions); ``"lm"``: the LM loss over every token (``model(**batch).loss``: holds the batch's
-    logits and their log-softmax, 2 × batch·seq·vocab fp32)."""
+    ``loss_kind`` (synthetic workload): ``"answer"`` (default), the loss zotune trains classification tasks with:
+    cross-entropy of the last position's logits only (``logits_to_keep=1``, as
+    :func:`zotune.tasks.scoring.classification_loss` computes just the answer positions); ``"lm"``: the LM loss
+    over every token (holds the batch's logits and their log-softmax, 2 × batch·seq·vocab fp32). ``workload="sst2"``:
+    zotune's classification objective on a real SST-2 batch. ``embedding_dtype``: the 16-bit dtype the tied
+    embedding / head is stored in for the last phase (``"float32"``: that phase is skipped). ``versus_full``: also
+    time a full-parameter MeZO step against sparse steps over an fp32 and the NF4 base (two more models loaded).
+    """
     from ..methods import MeZO
     from ..models import load
-    from ..models.quant import require_bitsandbytes, save_sparse, sparse_disabled, sparse_parameters, sparsify
+    from ..models.quant import (
+        cast_embeddings,
+        require_bitsandbytes,
+        save_sparse,
+        sparse_disabled,
+        sparse_parameters,
+        sparsify,
+    )
 
     dev = torch.device(device)
+    _trim()
+    rss_no_bnb = _rss()
     require_bitsandbytes(dev)  # imported (and its kernels loaded) before the baseline: in both phases alike
     _trim()
     rss_start = _rss()
     model, tok = load(model_name, dtype=torch.float32, device=device)
     model.eval()
-    b = _batch(tok, batch, seq, dev)
+    _trim()
+    rss_loaded = _rss()
+    loss, shape = _objective(model, tok, workload, batch, seq, seed, loss_kind, dev)
     indices = bench_mask(model, sparsity, mask, seed)
+    vocab, hidden = model.get_input_embeddings().weight.shape
 
-    if loss_kind not in ("answer", "lm"):
-        raise ValueError(f"loss_kind={loss_kind!r} is not one of: answer, lm")
-
-    def loss() -> torch.Tensor:
-        if loss_kind == "lm":
-            return model(**b).loss
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1).logits
-        return torch.nn.functional.cross_entropy(logits[:, -1].float(), b["input_ids"][:, -1])
-
-    def forward_pair() -> None:  # two back to back, as a ZO step runs them (see speed.py)
+    def forward_pair(use_cache: bool = False) -> None:  # two back to back, as a ZO step runs them (see speed.py)
         with torch.no_grad():
-            loss()
-            loss()
+            loss(use_cache=use_cache)
+            loss(use_cache=use_cache)
 
     res: dict[str, Any] = {
         "model": model_name,
         "params": sum(p.numel() for p in model.parameters()),
+        "workload": workload,
+        "objective": shape["objective"],
         "batch": batch,
-        "seq": seq,
+        "seq": seq if workload == "synthetic" else shape["tokens"] // max(shape["rows"], 1),
+        "rows": shape["rows"],
+        "tokens": shape["tokens"],
         "sparsity": sparsity,
         "mask": mask,
         "k": sum(len(i) for i in indices.values()),
@@ -186,20 +282,25 @@ def bench_sparse(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "reps": reps,
-        "loss": loss_kind,
+        "loss": loss_kind if workload == "synthetic" else "classification",
+        "embedding_dtype": embedding_dtype,
+        "vocab": vocab,
+        "rss_no_bnb_bytes": rss_no_bnb,
         "rss_start_bytes": rss_start,
+        "rss_loaded_bytes": rss_loaded,
         "fp32_model_bytes": _model_bytes(model),
-        # the training loss holds the logits and their log-softmax at once: 2 × batch·seq·vocab fp32
-        "logits_bytes": batch * seq * model.get_output_embeddings().weight.shape[0] * 4,
+        "fp32_parts_bytes": _model_parts(model),
+        # what a loss over every position would hold: the logits and their log-softmax, 2 × batch·seq·vocab fp32
+        "full_logits_bytes": shape["tokens"] * vocab * 4,
     }
 
-    # (a) fp32 inference
+    # (a) fp32 inference: the training closure (no key/value cache), and for comparison a bare call keeping it
     forward_pair()  # warm-up
     _trim()
     res["rss_fp32_bytes"] = _rss()  # resident between forwards: the process, the model, the batch
-    with PeakMemory(dev) as mem:
-        forward_pair()
-    res["peak_fp32_inference_bytes"] = mem.peak
+    res["peak_fp32_inference_bytes"] = _peak(dev, forward_pair)
+    if workload == "synthetic":
+        res["peak_fp32_inference_kv_cache_bytes"] = _peak(dev, lambda: forward_pair(use_cache=True))
     res["fp32_forward_s"] = statistics.median(t / 2 for t in _timed(forward_pair, dev, max(1, reps // 2)))
 
     # (b) convert in place, layer by layer; nothing else holds the fp32 weights (load() returned the only model)
@@ -209,7 +310,6 @@ def bench_sparse(
         sparsify(model, indices, quantize="nf4")
         res["convert_s"] = time.perf_counter() - t0
     res["peak_convert_bytes"] = mem.peak
-    del indices
     _trim()
     res["rss_after_convert_bytes"] = _rss()
     res["nf4_model_bytes"] = _model_bytes(model)
@@ -223,17 +323,28 @@ def bench_sparse(
     def step() -> None:
         opt.step(loss)
 
-    for warm_up in (forward_pair, base_pair, step):  # kernels, allocator, the optimizer's one-off closure check
-        warm_up()
-    _trim()
-    res["rss_nf4_bytes"] = _rss()
-    with PeakMemory(dev) as mem:
-        forward_pair()
-    res["peak_nf4_inference_bytes"] = mem.peak
-    with PeakMemory(dev) as mem:
-        step()
-        step()
-    res["peak_sparse_zo_bytes"] = mem.peak
+    def phase(tag: str) -> None:
+        """Resident set and peaks of the sparse model as it is now: its forward, the NF4 model's own forward (the
+        sparse part off) and two sparse MeZO steps."""
+        for warm_up in (forward_pair, base_pair, step):  # kernels, allocator, the optimizer's one-off closure check
+            warm_up()
+        _trim()
+        res[f"rss_{tag}_bytes"] = _rss()
+        res[f"{tag}_parts_bytes"] = _model_parts(model)
+        res[f"peak_{tag}_inference_bytes"] = _peak(dev, forward_pair)
+        res[f"peak_{tag}_base_inference_bytes"] = _peak(dev, base_pair)
+        res[f"peak_{tag}_sparse_zo_bytes"] = _peak(dev, lambda: (step(), step()))
+
+    phase("nf4")  # the embedding / head as loaded (fp32)
+    final = "nf4"
+    if embedding_dtype != "float32":
+        cast_embeddings(model, embedding_dtype)
+        _trim()
+        final = "nf4_emb16"
+        phase(final)
+        res["emb16_model_bytes"] = _model_bytes(model)
+    res["peak_nf4_inference_bytes"] = res[f"peak_{final}_inference_bytes"]
+    res["peak_sparse_zo_bytes"] = res[f"peak_{final}_sparse_zo_bytes"]
 
     # (c) interleaved rounds: drift of a shared machine hits all three alike; ratios per round, then the median
     times: dict[str, list[float]] = {"forward": [], "base_forward": [], "step": []}
@@ -250,22 +361,123 @@ def bench_sparse(
         path = save_sparse(model, Path(tmp) / "sparse.safetensors", {"model": model_name})
         res["artifact_bytes"] = path.stat().st_size
 
-    def per_round(num: str, den: str, k: float = 1.0) -> float:
-        return statistics.median(a / (k * d) for a, d in zip(times[num], times[den], strict=True))
+    def per_round(num: str, den: str, k: float = 1.0, rounds: dict[str, list[float]] = times) -> float:
+        return statistics.median(a / (k * d) for a, d in zip(rounds[num], rounds[den], strict=True))
+
+    if versus_full:
+        res["versus_full"] = _versus_full(model_name, device, indices, step, reps, seed, workload, batch, seq,
+                                          loss_kind)  # fmt: skip
+    del indices
 
     inf, base = res["peak_fp32_inference_bytes"], rss_start
-    res["ratios"] = {
+    ratios = {
         "peak_sparse_zo_over_fp32_inference": res["peak_sparse_zo_bytes"] / inf,
-        "peak_nf4_inference_over_fp32_inference": res["peak_nf4_inference_bytes"] / inf,
-        "peak_sparse_zo_over_nf4_inference": res["peak_sparse_zo_bytes"] / res["peak_nf4_inference_bytes"],
+        "peak_nf4_inference_over_fp32_inference": res[f"peak_{final}_base_inference_bytes"] / inf,
+        "peak_sparse_zo_over_nf4_inference": res["peak_sparse_zo_bytes"] / res[f"peak_{final}_base_inference_bytes"],
         "net_peak_sparse_zo_over_fp32_inference": (res["peak_sparse_zo_bytes"] - base) / max(inf - base, 1),
+        "peak_sparse_zo_fp32_embedding_over_fp32_inference": res["peak_nf4_sparse_zo_bytes"] / inf,
         "step_over_2fwd": per_round("step", "forward", 2),
         "sparse_forward_over_base_forward": per_round("forward", "base_forward"),
         "nf4_forward_over_fp32_forward": res["forward_s"] / res["fp32_forward_s"],
-        "nf4_model_bytes_over_fp32": res["nf4_model_bytes"] / res["fp32_model_bytes"],
+        "nf4_model_bytes_over_fp32": res.get("emb16_model_bytes", res["nf4_model_bytes"]) / res["fp32_model_bytes"],
     }
+    if workload == "synthetic":
+        ratios["peak_sparse_zo_fp32_embedding_over_fp32_inference_kv_cache"] = (
+            res["peak_nf4_sparse_zo_bytes"] / res["peak_fp32_inference_kv_cache_bytes"]
+        )
+    if versus_full:
+        ratios |= res["versus_full"].pop("ratios")
+    res["ratios"] = ratios
+    res["breakdown_mib"] = breakdown(res)
     res["targets"] = TARGETS
     return res
+
+
+def _versus_full(
+    model_name: str,
+    device: str,
+    indices: dict[str, torch.Tensor],
+    nf4_step: Callable[[], None],
+    reps: int,
+    seed: int,
+    workload: str,
+    batch: int,
+    seq: int,
+    loss_kind: str,
+) -> dict[str, Any]:
+    """SensZOQ's wall-clock claim on this device: interleaved rounds of a full-parameter MeZO step (fp32 model), a
+    sparse MeZO step over an fp32 base (same mask) and one over the NF4 base (``nf4_step``), on the same batch."""
+    from ..methods import MeZO
+    from ..models import load
+    from ..models.quant import sparse_parameters, sparsify
+
+    dev = torch.device(device)
+    full, tok = load(model_name, dtype=torch.float32, device=device)
+    sparse32, _ = load(model_name, dtype=torch.float32, device=device)
+    sparsify(sparse32, indices, quantize="none")
+    full_loss, _ = _objective(full, tok, workload, batch, seq, seed, loss_kind, dev)
+    sparse_loss, _ = _objective(sparse32, tok, workload, batch, seq, seed, loss_kind, dev)
+    full_opt = MeZO(list(full.named_parameters()), lr=1e-7, eps=1e-3, seed=seed)
+    sparse_opt = MeZO(list(sparse_parameters(sparse32).items()), lr=1e-7, eps=1e-3, seed=seed)
+    steps = {
+        "full_step": lambda: full_opt.step(full_loss),
+        "sparse_fp32_step": lambda: sparse_opt.step(sparse_loss),
+        "sparse_nf4_step": nf4_step,
+    }
+    for fn in steps.values():
+        fn()
+    rounds: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, fn in steps.items():
+            rounds[k] += _timed(fn, dev, 1)
+
+    def med(num: str) -> float:
+        return statistics.median(a / d for a, d in zip(rounds[num], rounds["full_step"], strict=True))
+
+    return {
+        "rounds": {k: [round(t, 4) for t in v] for k, v in rounds.items()},
+        "full_params": sum(p.numel() for p in full.parameters()),
+        "ratios": {
+            "sparse_fp32_step_over_full_step": med("sparse_fp32_step"),
+            "sparse_nf4_step_over_full_step": med("sparse_nf4_step"),
+        },
+    }
+
+
+def breakdown(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The peaks of fp32 inference and of the sparse step, in MiB, by what makes them up (from measured RSS and
+    counted tensor bytes): the process (Python, torch, transformers; bitsandbytes' import, which loads torch's
+    compiler stack), the runtime resident beside the weights (model code, tokenizer, data, allocator), the weights
+    by kind, and the transient of the forwards (activations, per-layer dequantized weights, logits)."""
+    mb = 2**20
+    proc = {"python+torch+transformers": res["rss_no_bnb_bytes"] / mb,
+            "bitsandbytes import": (res["rss_start_bytes"] - res["rss_no_bnb_bytes"]) / mb}  # fmt: skip
+    out = {}
+    fp32 = res["fp32_parts_bytes"]
+    weights = sum(fp32.values())
+    runtime = res["rss_fp32_bytes"] - res["rss_start_bytes"] - weights
+    out["fp32 inference"] = proc | {
+        "runtime (model code, tokenizer, data, allocator)": runtime / mb,
+        "embedding/head (fp32)": fp32["embedding"] / mb,
+        "Linear weights (fp32)": fp32["other"] / mb,  # norms included: 0.1 MiB on SmolLM2-135M
+        "forward transient": (res["peak_fp32_inference_bytes"] - res["rss_fp32_bytes"]) / mb,
+    }
+    for tag in ("nf4", "nf4_emb16"):
+        if f"{tag}_parts_bytes" not in res:
+            continue
+        parts = res[f"{tag}_parts_bytes"]
+        emb = {"bfloat16": "bf16", "float16": "fp16"}[res["embedding_dtype"]] if tag == "nf4_emb16" else "fp32"
+        runtime = res[f"rss_{tag}_bytes"] - res["rss_start_bytes"] - sum(parts.values())
+        out[f"sparse step, embedding {emb}"] = proc | {
+            "runtime (model code, tokenizer, data, allocator)": runtime / mb,
+            f"embedding/head ({emb})": parts["embedding"] / mb,
+            "Linear weights (NF4 + quantization state)": parts["nf4"] / mb,
+            "sparse values + indices": parts["sparse"] / mb,
+            "other full precision (norms)": parts["other"] / mb,
+            "step transient": (res[f"peak_{tag}_sparse_zo_bytes"] - res[f"rss_{tag}_bytes"]) / mb,
+        }
+    return {k: {n: round(v, 1) for n, v in d.items()} | {"total (peak)": round(sum(d.values()), 1)}
+            for k, d in out.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- layer kernels
@@ -347,38 +559,63 @@ def _kernel_row(
 def format_table(res: dict[str, Any]) -> str:
     mb = 1 / 2**20
     r = res["ratios"]
+    what = (
+        f"batch {res['batch']} x {res['seq']} tokens"
+        if res.get("workload", "synthetic") == "synthetic"
+        else f"SST-2 batch of {res['batch']} examples: {res['rows']} rows, {res['tokens']} tokens"
+    )
     lines = [
-        f"{res['model']} ({res['params'] / 1e6:.1f} M params), batch {res['batch']} x {res['seq']} tokens, "
+        f"{res['model']} ({res['params'] / 1e6:.1f} M params), {what}, {res['objective']}; "
         f"{res['device']} ({res['device_name']}), {res['threads']} threads, torch {res['torch']}",
         f"mask {res['mask']}: k = {res['k']:,} of {res['candidates']:,} Linear entries ({100 * res['sparsity']:g} % "
         f"per tensor); artifact {res['artifact_bytes'] / 1e3:,.0f} kB",
-        f"weights: fp32 {res['fp32_model_bytes'] * mb:.0f} MiB -> nf4 + sparse {res['nf4_model_bytes'] * mb:.0f} MiB; "
-        f"RSS {res['rss_before_convert_bytes'] * mb:.0f} -> {res['rss_after_convert_bytes'] * mb:.0f} MiB "
-        f"(process baseline {res['rss_start_bytes'] * mb:.0f} MiB), conversion {res['convert_s']:.1f} s",
-        f"resident between forwards: fp32 {res['rss_fp32_bytes'] * mb:.0f} MiB, "
-        f"nf4 {res['rss_nf4_bytes'] * mb:.0f} MiB; logits of the batch {res['logits_bytes'] * mb:.0f} MiB "
-        "(the loss holds them and their log-softmax)",
-        f"{'':34}{'time (s)':>10}{'peak (MiB)':>12}{'÷ fp32 inf.':>13}{'net':>8}",
+        f"weights: fp32 {res['fp32_model_bytes'] * mb:.0f} MiB -> nf4 + sparse {res['nf4_model_bytes'] * mb:.0f} MiB"
+        + (
+            f" -> embedding {res['embedding_dtype']} {res['emb16_model_bytes'] * mb:.0f} MiB"
+            if "emb16_model_bytes" in res
+            else ""
+        )
+        + f"; conversion {res['convert_s']:.1f} s",
+        f"{'':44}{'time (s)':>10}{'peak (MiB)':>12}{'÷ fp32 inf.':>13}{'net':>8}",
     ]
     base = res["rss_start_bytes"]
     inf = res["peak_fp32_inference_bytes"]
-    rows = [
-        ("fp32 forward (inference)", res["fp32_forward_s"], inf),
-        ("nf4 + sparse forward", res["forward_s"], res["peak_nf4_inference_bytes"]),
-        ("nf4 forward, sparse part off", res["base_forward_s"], None),
-        ("sparse MeZO step (nf4)", res["step_s"], res["peak_sparse_zo_bytes"]),
+    rows = [("fp32 forward (inference)", res["fp32_forward_s"], inf)]
+    if "peak_fp32_inference_kv_cache_bytes" in res:
+        rows.append(("  the same, keeping the key/value cache", None, res["peak_fp32_inference_kv_cache_bytes"]))
+    for tag, label in (("nf4", "embedding fp32"), ("nf4_emb16", f"embedding {res.get('embedding_dtype')}")):
+        if f"peak_{tag}_sparse_zo_bytes" not in res:
+            continue
+        rows += [
+            (f"nf4 + sparse forward, {label}", None, res[f"peak_{tag}_inference_bytes"]),
+            (f"nf4 forward (sparse part off), {label}", None, res[f"peak_{tag}_base_inference_bytes"]),
+            (f"sparse MeZO step, {label}", None, res[f"peak_{tag}_sparse_zo_bytes"]),
+        ]
+    rows += [
+        ("timed: nf4 + sparse forward", res["forward_s"], None),
+        ("timed: nf4 forward, sparse part off", res["base_forward_s"], None),
+        ("timed: sparse MeZO step", res["step_s"], None),
     ]
     for label, t, peak in rows:
+        tt = "" if t is None else f"{t:10.3f}"
         mem = "" if peak is None else f"{peak * mb:12.0f}{peak / inf:13.3f}{(peak - base) / max(inf - base, 1):8.3f}"
-        lines.append(f"{label:34}{t:10.3f}{mem}")
+        lines.append(f"{label:44}{tt:>10}{mem}")
     lines += [
         f"step ÷ (2 × sparse forward) = {r['step_over_2fwd']:.3f} (target ≤ {TARGETS['step_over_2fwd']}); "
         f"sparse forward ÷ nf4 forward = {r['sparse_forward_over_base_forward']:.3f}",
         f"peak(sparse ZO step) ÷ peak(fp32 inference) = {r['peak_sparse_zo_over_fp32_inference']:.3f} "
-        f"(target ≤ {TARGETS['peak_sparse_zo_over_fp32_inference']}); net of the process baseline "
+        f"(target ≤ {TARGETS['peak_sparse_zo_over_fp32_inference']}); ÷ peak(nf4 inference) = "
+        f"{r['peak_sparse_zo_over_nf4_inference']:.3f}; net of the process baseline "
         f"{r['net_peak_sparse_zo_over_fp32_inference']:.3f}",
-        "time ratios: median over interleaved rounds; net = (peak − baseline RSS) ÷ (fp32 peak − baseline RSS)",
     ]
+    if "sparse_nf4_step_over_full_step" in r:
+        lines.append(
+            f"wall clock ÷ full-parameter MeZO step (fp32): sparse step over an fp32 base "
+            f"{r['sparse_fp32_step_over_full_step']:.3f}, over the nf4 base {r['sparse_nf4_step_over_full_step']:.3f}"
+        )
+    lines.append("time ratios: median over interleaved rounds; net = (peak − baseline) ÷ (fp32 peak − baseline)")
+    for name, parts in res.get("breakdown_mib", {}).items():
+        lines.append(f"{name} (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     return "\n".join(lines)
 
 
@@ -410,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     answer = "answer: the last position's logits only, as zotune's classification loss; lm: every token's"
     p.add_argument("--loss", choices=("answer", "lm"), default="answer", help=answer)
+    work = "synthetic: batch x seq tokens of text; sst2: zotune's classification objective on a real SST-2 batch"
+    p.add_argument("--workload", choices=("synthetic", "sst2"), default="synthetic", help=work)
+    emb = "dtype the tied embedding/head is stored in for the last phase (float32: skip it)"
+    p.add_argument("--embedding-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help=emb)
+    full = "also time a full-parameter MeZO step against sparse steps over an fp32 and the nf4 base (loads 2 models)"
+    p.add_argument("--versus-full", action="store_true", help=full)
     p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds (medians reported)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--kernels", action="store_true", help="also time the candidate sparse forwards of one layer")
@@ -424,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = bench_sparse(a.model, batch=a.batch, seq=a.seq, sparsity=a.sparsity, mask=a.mask, device=a.device,
-                       reps=a.reps, loss_kind=a.loss)  # fmt: skip
+                       reps=a.reps, loss_kind=a.loss, workload=a.workload, embedding_dtype=a.embedding_dtype,
+                       versus_full=a.versus_full)  # fmt: skip
     res["mmap_threshold"] = a.mmap_threshold
     res["command"] = "python -m zotune.bench.sparse " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(res))

@@ -378,7 +378,13 @@ def _apply_sparse(model: Any, tokenizer: Any, cfg: Any, seed: int, mask: Any) ->
     else:
         mask.verify(model)
     model.zotune_mask = mask  # its meta (method, fingerprint) goes with the export
-    return sparsify(model, mask.indices, quantize=getattr(cfg, "quantize", "nf4"), compute_dtype=model.dtype)
+    return sparsify(
+        model,
+        mask.indices,
+        quantize=getattr(cfg, "quantize", "nf4"),
+        compute_dtype=model.dtype,
+        embedding_dtype=getattr(cfg, "embedding_dtype", None),
+    )
 
 
 def _prompt_config(model: Any) -> Any:

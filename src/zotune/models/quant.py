@@ -70,11 +70,15 @@ from torch import Tensor, nn
 from ..core.log import atomic_write_bytes
 
 __all__ = [
+    "EMBEDDING_DTYPES",
     "FORMAT",
+    "LowPrecisionEmbedding",
+    "LowPrecisionHead",
     "QUANTIZE_MODES",
     "QuantError",
     "SparseArtifact",
     "SparseLinear",
+    "cast_embeddings",
     "load_sparse",
     "read_sparse",
     "require_bitsandbytes",
@@ -104,10 +108,39 @@ class QuantError(ValueError):
 # bitsandbytes
 
 
+@contextlib.contextmanager
+def _eager_fallback_kernels() -> Iterator[None]:
+    """While bitsandbytes is first imported, ``torch.compile`` hands back the function it is given.
+
+    At import, bitsandbytes wraps its pure-PyTorch fallback kernels (and its Triton optimizers) in ``torch.compile``,
+    which imports torch's whole compiler stack (dynamo, inductor, sympy): 113 of the 121 MiB the import adds to the
+    resident set (torch 2.13 CPU, bitsandbytes 0.50), about a fifth of SensZOQ's peak on SmolLM2-135M. zotune's
+    NF4 path runs bitsandbytes' native kernels on CPU and CUDA (quantize, dequantize, the 4-bit matmul), never
+    those fallbacks; where one does run, it runs eagerly: the same arithmetic, as bitsandbytes itself does when
+    compiling fails. Nothing changes when bitsandbytes was imported before (by the caller, or by peft).
+    """
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    compile_ = torch.compile
+
+    def eager(model: Any = None, **_: Any) -> Any:  # @torch.compile and @torch.compile(...) alike
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = compile_
+
+
 @functools.cache
 def _bnb_on(device_type: str) -> Any:
     try:
-        with warnings.catch_warnings():  # its torch.compile'd kernels import torch internals that warn about torch.jit
+        with warnings.catch_warnings(), _eager_fallback_kernels():
+            # torch.jit warnings of the modules it imports (torch._dynamo when it compiles at import)
             warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
             import bitsandbytes as bnb
     except ImportError as err:
@@ -400,6 +433,223 @@ class _FoldedLinear(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the embedding table and output head stored in 16 bits
+
+EMBEDDING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The values of ``embedding_dtype`` (:func:`cast_embeddings`, ``sparsify``) by name."""
+
+_HEAD_BLOCK_BYTES = 8 * 2**20  # the output head is upcast this many bytes of rows at a time (8 MiB)
+
+
+class LowPrecisionEmbedding(nn.Module):
+    """An embedding table stored in a 16-bit dtype whose looked-up rows come out in ``compute_dtype``.
+
+    ``F.embedding`` reads only the rows of the batch's tokens, so nothing of the size of the table is ever upcast:
+    the output is exactly ``nn.Embedding`` with the table rounded to ``weight.dtype``.
+
+    Args:
+        weight: the table ``(num_embeddings, embedding_dim)``, frozen (shared with a tied :class:`LowPrecisionHead`).
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: as ``nn.Embedding``'s.
+        compute_dtype: the dtype of the rows returned (the model's).
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        compute_dtype: torch.dtype,
+        *,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+    ):
+        super().__init__()
+        self.weight = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.compute_dtype = compute_dtype
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
+        self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """``ids``: ``(...)`` token ids -> ``(..., embedding_dim)`` in ``compute_dtype``."""
+        rows = F.embedding(
+            ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+        return rows.to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, stored={str(self.weight.dtype).removeprefix('torch.')}, "
+            f"compute={str(self.compute_dtype).removeprefix('torch.')}"
+        )
+
+
+class LowPrecisionHead(nn.Module):
+    """``y = x · Wᵀ (+ b)`` with W stored in a 16-bit dtype and the product computed in ``x``'s dtype.
+
+    W is upcast a block of rows at a time (8 MiB of ``x``'s dtype), each block's logits written into the output:
+    the result is ``F.linear(x, W.to(x.dtype), b)`` up to the GEMM's summation order, and no upcast copy of the
+    whole head exists at any moment (SmolLM2-135M's tied head is 108 MiB in fp32, 54 MiB in bf16). The weight is
+    frozen; gradients flow to ``x`` (recomputing each block's upcast instead of saving it).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(..., in_features)`` -> ``(..., out_features)`` in ``x``'s dtype."""
+        rows = max(1, _HEAD_BLOCK_BYTES // (self.in_features * x.element_size()))
+        return _BlockwiseLinear.apply(x, self.weight, self.bias, rows)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"stored={str(self.weight.dtype).removeprefix('torch.')}"
+        )
+
+
+class _BlockwiseLinear(torch.autograd.Function):
+    """``x · Wᵀ + b`` over blocks of ``rows`` rows of a frozen W, each upcast to ``x``'s dtype while it is used."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)  # frozen: a reference, not a copy
+        ctx.rows = rows
+        flat = x.reshape(-1, x.shape[-1])  # (T, in)
+        out = flat.new_empty(flat.shape[0], weight.shape[0])  # (T, out)
+        for lo in range(0, weight.shape[0], rows):
+            out[:, lo : lo + rows] = flat @ weight[lo : lo + rows].to(x.dtype).t()  # (T, in)·(in, rows)
+        if bias is not None:
+            out += bias.to(x.dtype)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        g = gy.reshape(-1, weight.shape[0])  # (T, out)
+        gx = g.new_zeros(g.shape[0], weight.shape[1])  # (T, in)
+        for lo in range(0, weight.shape[0], ctx.rows):
+            gx += g[:, lo : lo + ctx.rows] @ weight[lo : lo + ctx.rows].to(g.dtype)
+        return gx.view(*gy.shape[:-1], weight.shape[1]), None, None, None
+
+
+def _embedding_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in EMBEDDING_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in EMBEDDING_DTYPES:
+        return EMBEDDING_DTYPES[dtype.removeprefix("torch.")]
+    raise QuantError(f"embedding_dtype={dtype!r} is not one of: {', '.join(EMBEDDING_DTYPES)}")
+
+
+def _embedding_plan(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(embedding, head or None)`` to store in ``dtype``, or None when they already are; QuantError (nothing
+    modified) where it cannot apply."""
+    where = f"embedding_dtype={str(dtype).removeprefix('torch.')}"
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if not isinstance(emb, nn.Module) or not isinstance(getattr(emb, "weight", None), Tensor):
+        raise QuantError(f"{where}: {type(model).__name__} has no input embedding table (get_input_embeddings)")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    current = emb.weight.dtype
+    if current == dtype:
+        return None
+    if current != torch.float32:
+        raise QuantError(
+            f"{where}: the embedding is stored in {str(current).removeprefix('torch.')} already; only a "
+            "float32 table can be stored in 16 bits"
+        )
+    if type(emb) is not nn.Embedding:  # a subclass may scale or add to its rows (Gemma's scaled embeddings)
+        raise QuantError(
+            f"{where}: the input embedding is a {type(emb).__name__}, not a plain nn.Embedding (its forward may do "
+            "more than look rows up); keep it in float32"
+        )
+    if head is not None and type(head) is not nn.Linear:
+        raise QuantError(
+            f"{where}: the output head is a {type(head).__name__}, not a plain nn.Linear; keep it in float32"
+        )
+    return emb, head
+
+
+def cast_embeddings(
+    model: nn.Module, dtype: torch.dtype | str | None, *, compute_dtype: torch.dtype | None = None
+) -> bool:
+    """Store ``model``'s input embedding table and output head (tied or not) in 16 bits, in place.
+
+    The rest of the model still computes in ``compute_dtype`` (default: the table's current dtype): looked-up rows
+    are upcast (:class:`LowPrecisionEmbedding`) and the head multiplies a block of upcast rows at a time
+    (:class:`LowPrecisionHead`). What changes numerically is only the rounding of the table to ``dtype`` (bf16:
+    8 bits of mantissa, relative error ≤ 2⁻⁹). A tied table stays tied (one 16-bit tensor for both). Both become
+    frozen. SmolLM2-135M's tied 49,152 × 576 table: 108 MiB in fp32, 54 MiB in bf16. The SensZOQ paper keeps the
+    unquantized parts of its 4-bit models in 16 bits (fp16); here ``sparsify(..., embedding_dtype=...)`` does it.
+
+    Args:
+        dtype: ``torch.bfloat16`` / ``"bfloat16"``, ``torch.float16`` / ``"float16"``, or ``"float32"`` / None
+            (nothing to do).
+
+    Returns:
+        True if the model changed (False: the table is stored in ``dtype`` already, or ``dtype`` is None).
+
+    Raises:
+        QuantError: before anything is modified: an unknown dtype, a model without an input embedding, a table that
+            is not float32, an embedding or head whose class is not a plain ``nn.Embedding`` / ``nn.Linear``.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+        >>> ids = torch.randint(0, 64, (2, 8))
+        >>> before = model(input_ids=ids).logits
+        >>> cast_embeddings(model, "bfloat16")
+        True
+        >>> model.lm_head.weight is model.transformer.wte.weight, model.lm_head.weight.dtype
+        (True, torch.bfloat16)
+        >>> after = model(input_ids=ids).logits
+        >>> after.dtype, bool((after - before).abs().max() < 0.05)
+        (torch.float32, True)
+    """
+    target = _embedding_dtype(dtype)
+    if target is None:
+        return False
+    plan = _embedding_plan(model, target)
+    if plan is None:
+        return False
+    emb, head = plan
+    compute = compute_dtype or emb.weight.dtype
+    tied = head is not None and head.weight is emb.weight
+    with torch.no_grad():
+        table = nn.Parameter(emb.weight.detach().to(target), requires_grad=False)
+        model.set_input_embeddings(
+            LowPrecisionEmbedding(
+                table,
+                compute,
+                padding_idx=emb.padding_idx,
+                max_norm=emb.max_norm,
+                norm_type=emb.norm_type,
+                scale_grad_by_freq=emb.scale_grad_by_freq,
+                sparse=emb.sparse,
+            )
+        )
+        del emb
+        if head is not None:
+            weight = table if tied else nn.Parameter(head.weight.detach().to(target), requires_grad=False)
+            if head.bias is not None:
+                head.bias.requires_grad_(False)
+            model.set_output_embeddings(LowPrecisionHead(weight, head.bias))
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # models
 
 
@@ -504,6 +754,7 @@ def sparsify(
     *,
     quantize: str = "nf4",
     compute_dtype: torch.dtype = torch.float32,
+    embedding_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Turn ``model`` (in place) into SensZOQ's sparse model; returns it.
 
@@ -516,6 +767,10 @@ def sparsify(
             (``get_output_embeddings()``, a classifier's ``score`` / ``classifier``, and weights tied to another
             tensor) become frozen bitsandbytes NF4 layers; ``"none"``: the base stays in full precision.
         compute_dtype: the dtype NF4 weights are dequantized to for the product.
+        embedding_dtype: None / ``"float32"`` (default): the input embedding and output head stay as they are;
+            ``"bfloat16"`` / ``"float16"``: both (one table when tied) are stored in 16 bits and still compute in
+            ``compute_dtype`` (:func:`cast_embeddings`): on SmolLM2-135M, whose tied fp32 table is 108 of the
+            162 MiB left after NF4, this halves what stays in full precision.
 
     Layer by layer, each full-precision weight is freed once its layer is converted: the peak holds one layer's
     extra copy at most. With ``"nf4"``, the tensors kept in full precision that live in a memory-mapped checkpoint
@@ -527,11 +782,15 @@ def sparsify(
     Raises:
         QuantError: before anything is modified, naming the entries at fault: unknown names, names of the output
             head, of tied, quantized or already sparse layers, shape mismatches (boolean masks), out-of-range or
-            duplicate indices; or bitsandbytes missing / unusable with ``quantize="nf4"``.
+            duplicate indices; or bitsandbytes missing / unusable with ``quantize="nf4"``; an
+            ``embedding_dtype`` that cannot apply (see :func:`cast_embeddings`).
     """
     if quantize not in QUANTIZE_MODES:
         raise QuantError(f"quantize={quantize!r} is not one of: {', '.join(QUANTIZE_MODES)}")
     plan = _plan(model, indices)
+    emb_dtype = _embedding_dtype(embedding_dtype)
+    if emb_dtype is not None:
+        _embedding_plan(model, emb_dtype)  # refuses before anything is modified
     if quantize == "nf4":
         require_bitsandbytes(next(iter(model.parameters()), torch.empty(0)).device)
     for name in list(plan):
@@ -562,6 +821,8 @@ def sparsify(
             w = layer.weight.data.t().contiguous() if conv is not None and isinstance(layer, conv) else layer.weight
             _set_module(model, name, _nf4_linear(w.detach(), layer.bias, compute_dtype))
             del layer, w
+    cast_embeddings(model, emb_dtype, compute_dtype=compute_dtype)
+    if quantize == "nf4":
         _copy_out_of_file_mappings(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -733,6 +994,7 @@ def load_sparse(
     quantize: str = "nf4",
     compute_dtype: torch.dtype = torch.float32,
     fingerprint: str | None = None,
+    embedding_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Apply a saved sparse fine-tune to a fresh full-precision base ``model`` (in place); returns it.
 
@@ -740,6 +1002,7 @@ def load_sparse(
         quantize: ``"merge"``: write the values into the dense weights (a plain model, nothing quantized);
             ``"none"`` / ``"nf4"``: the sparse model (:func:`sparsify` with the artifact's indices), values set.
         fingerprint: when given, must equal the artifact's ``base["fingerprint"]`` (if it recorded one).
+        embedding_dtype: as :func:`sparsify`'s (not with ``"merge"``, which returns the plain model).
 
     Raises:
         QuantError: an unreadable file, another base (fingerprint), a weight name the model lacks or whose shape
@@ -747,6 +1010,8 @@ def load_sparse(
     """
     if quantize not in (*QUANTIZE_MODES, "merge"):
         raise QuantError(f"quantize={quantize!r} is not one of: {', '.join((*QUANTIZE_MODES, 'merge'))}")
+    if quantize == "merge" and _embedding_dtype(embedding_dtype) not in (None, torch.float32):
+        raise QuantError("load_sparse: embedding_dtype applies to the sparse model, not with quantize='merge'")
     art = read_sparse(path)
     made = art.base.get("fingerprint")
     if fingerprint is not None and made is not None and made != fingerprint:
@@ -774,7 +1039,7 @@ def load_sparse(
                     raise QuantError(f"load_sparse(merge): {n} is not a full-precision weight")
                 p.view(-1).index_put_((idx.to(p.device),), art.values[n].to(p.device, p.dtype))
         return model
-    sparsify(model, art.indices, quantize=quantize, compute_dtype=compute_dtype)
+    sparsify(model, art.indices, quantize=quantize, compute_dtype=compute_dtype, embedding_dtype=embedding_dtype)
     with torch.no_grad():
         for n, v in art.values.items():
             model.get_submodule(n.rpartition(".")[0]).values.copy_(v)
