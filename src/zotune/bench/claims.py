@@ -1444,6 +1444,26 @@ def table(results_dir: str | Path, protocol: Protocol = PROTOCOL) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# smoke: the whole path at toy size
+
+
+def smoke_protocol(forwards: int = 20, row: str = "mezo", task: str = "sst2") -> Protocol:
+    """The protocol's path at toy size, to check a machine before a burst: one row, a one-lr scan and seed 0 at
+    ``forwards`` forwards each, dev every ``forwards // 2``, 50 dev and 100 test sentences. Not a result."""
+    data = {**TASKS[task], **({"n_dev": 50, "n_test": 100} if TASKS[task]["protocol"] == "mezo" else {"n_test": 100})}
+    return Protocol(
+        tasks={task: data},
+        rows=(PROTOCOL.row(row),),
+        comparisons=(),
+        seeds=(0,),
+        scan_factors=(1.0,),
+        budget=forwards,
+        scan_budget=forwards,
+        eval_forwards=max(1, forwards // 2),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1479,6 +1499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("unpack", parents=[common], help="unpack a tarball into --out and summarize it")
     up.add_argument("tarball")
     sub.add_parser("table", parents=[common], help="the claims section: RESULTS/claims.md")
+    sm = sub.add_parser(
+        "smoke", help="the whole path at toy size (a one-lr scan and seed 0 of one row): a machine check"
+    )
+    sm.add_argument("--out", default="runs/claims-smoke", help="its run folders; its rows go to OUT/results")
+    sm.add_argument("--device", default="cpu")
+    sm.add_argument("--model", help="the model's name or path")
+    sm.add_argument("--forwards", type=int, default=20)
+    sm.add_argument("--row", default="mezo", help="a row of the protocol (default mezo)")
     a = p.parse_args(argv)
     try:
         return _dispatch(a)
@@ -1490,6 +1518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(a: argparse.Namespace) -> int:
     protocol = PROTOCOL
     out = Path(a.out)
+    if a.command == "smoke":
+        smoke = smoke_protocol(a.forwards, a.row)
+        summary = run_grid(smoke, out, out / "results", device=a.device, lanes=1, model=a.model, poll=0.5)
+        for row in Results.load(out / "results").rows.values():
+            print(f"{row['cell']}: {row['forwards']} forwards, {row['steps']} steps, best dev {row['best_dev']:.3f} "
+                  f"(zero-shot {row['zero_shot_dev']:.3f}), test {row['test']:.3f} (n = {row['test_n']}), "
+                  f"{row['seconds']:.0f} s on {row['device']}")  # fmt: skip
+        return 0 if summary["counts"] == {"done": 2} else 1
     if a.command in ("plan", "run"):
         profile = a.profile or profile_of(a.device)
     if a.command == "plan":
