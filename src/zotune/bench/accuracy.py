@@ -86,10 +86,14 @@ def _write_recipe(cfg: dict[str, Any], dest: Path, header: str) -> None:
 def _curves(path: Path) -> dict[str, Any]:
     """The run's curves against forward passes, kept in the row so that plots and "forwards to reach a dev accuracy"
     can be made from the committed rows once the run folder is gone: dev and test evaluations, the training loss
-    (ZO: the mean of ℓ+ and ℓ−) of every step, the peak memory and the median step time."""
+    (ZO: the mean of ℓ+ and ℓ−) of every step, the peak memory and the median step time.
+
+    ``dev_seconds`` pairs each dev point with the training seconds spent before it (the sum of the steps'
+    ``step_time``; evaluations and checkpoints excluded): ``[[forwards, seconds], ...]``, one per ``dev`` point, for
+    the wall-clock to reach a dev accuracy."""
     if not path.exists():
         return {}
-    dev, loss, peak, times = [], [], 0.0, []
+    dev, dev_seconds, loss, peak, times, spent = [], [], [], 0.0, [], 0.0
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -97,13 +101,15 @@ def _curves(path: Path) -> dict[str, Any]:
             continue
         if rec.get("kind") == "eval" and rec.get("split") == "dev":
             dev.append([rec["forwards"], rec.get("accuracy", rec.get("f1"))])
+            dev_seconds.append([rec["forwards"], round(spent, 3)])
         elif rec.get("kind") == "train":
             loss.append([rec["forwards"], round(rec["loss"], 6)])
             peak = max(peak, rec.get("peak_mem_mb", 0.0))
             times.append(rec.get("step_time", 0.0))
+            spent += rec.get("step_time", 0.0)
     times.sort()
     return {
-        "curves": {"dev": dev, "loss": loss},
+        "curves": {"dev": dev, "loss": loss, "dev_seconds": dev_seconds},
         "peak_mem_mb": peak,
         "median_step_seconds": times[len(times) // 2] if times else None,
     }

@@ -6,7 +6,9 @@ Reads only committed files, so the page is regenerated without any run directory
   forward passes): per task, each method's dev-selected test accuracy, the forwards it spent and the forwards it
   needed to first reach a dev accuracy of zero-shot + ``--gain``;
 * speed/memory JSONs of :mod:`zotune.bench` (step ÷ 2 forwards, peak ÷ inference);
-* plots per task: dev accuracy and training loss against forward passes (matplotlib, the ``plot`` extra).
+* plots per task: dev accuracy and training loss against forward passes (matplotlib, the ``plot`` extra);
+* with ``--claims FOLDER``: the claims grid's section (:mod:`zotune.bench.claims`: per claim the mean ± std over
+  seeds, the forwards and seconds to reach MeZO's peak dev, and a verdict by a stated rule).
 
 Example (the committed page comes from this command)::
 
@@ -264,8 +266,12 @@ def report(
     gain: float = 0.05,
     baselines: Sequence[str | Path] = (),
     command: str | None = None,
+    claims: str | Path | None = None,
+    claims_protocol: Any = None,
 ) -> str:
-    """Write the page to ``out`` (plots to ``out``'s folder/img) and return its text."""
+    """Write the page to ``out`` (plots to ``out``'s folder/img) and return its text. ``claims``: the claims grid's
+    results folder (its section refuses rows without their config or off the protocol: ValueError, nothing
+    written); ``claims_protocol`` another protocol than the written one (tests)."""
     out = Path(out)
     base = out.parent
     rows = load_rows(folders)
@@ -281,6 +287,13 @@ def report(
     lines += ["## Accuracy at one forward-pass budget (dev-selected, seed 0)", ""]
     lines += sources_section(folders, base)
     lines += accuracy_section(rows, gain, base, load_baselines(baselines))
+    if claims is not None:
+        from .claims import PROTOCOL, Results, claims_section
+
+        found = Results.load(claims)
+        if not found.rows:
+            raise ValueError(f"{claims}: no rows (runs.jsonl) for the claims section")
+        lines += claims_section(claims_protocol or PROTOCOL, found, base) + [""]
     if speed:
         lines += ["## Speed and memory (ratios measured in one process)", ""] + speed_section(speed, base) + [""]
     try:
@@ -302,10 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--gain", type=float, default=0.05, help="'forwards to reach' target: zero-shot dev + gain")
     p.add_argument("--baselines", nargs="*", default=[], help="zero-shot/ICL lines of python -m zotune.bench.zeroshot")
+    p.add_argument("--claims", help="the claims grid's results folder (python -m zotune.bench.claims)")
     a = p.parse_args(argv)
     command = "python -m zotune.bench.report " + " ".join(list(argv) if argv is not None else sys.argv[1:])
     try:
-        text = report(a.folders, a.speed, a.out, a.gain, a.baselines, command)
+        text = report(a.folders, a.speed, a.out, a.gain, a.baselines, command, a.claims)
     except (OSError, ValueError, KeyError) as e:  # a missing folder or file, a malformed row: nothing is written
         p.error(str(e))
     print(text)

@@ -1,0 +1,439 @@
+"""The claims grid driver (zotune.bench.claims) on a tiny model: cell statuses, a 2-lane run with a resume and no
+jsonargparse, lr picks, the pack/unpack round trip, the deadline, and the claims table's verdicts and refusals on
+hand-made rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zotune.bench import claims as cl
+from zotune.bench.claims import Cell, Comparison, Protocol, Results, Row
+
+SRC = str(Path(cl.__file__).resolve().parents[2])
+
+
+def tiny_protocol(workdir: Path, **kw) -> Protocol:
+    """The grid's shape at toy size: MeZO scanned over two lrs, two seeds, FO full as the reference."""
+    rows = (
+        Row("mezo", "mezo", {"lr": 1e-2, "eps": 1e-2}, label="MeZO"),
+        Row("fo-full", "adamw", {"lr": 1e-3}, fwd_per_step=1.0, kind="ref", label="FO full"),
+    )
+    base = dict(
+        model=str(workdir / "model"),
+        tasks={"reviews": {"task": str(workdir / "reviews.yaml"), "protocol": "files"}},
+        rows=rows,
+        comparisons=(Comparison("x", 1, "MeZO > FO full", "mezo", "fo-full"),),
+        seeds=(0, 1),
+        scan_factors=(0.5, 1.0),
+        budget=8,
+        scan_budget=6,
+        ref_budget=4,
+        eval_forwards=4,
+        ref_eval_forwards=2,
+        batch_size=4,
+    )
+    return Protocol(**{**base, **kw})
+
+
+def cell_named(protocol: Protocol, name: str) -> Cell:
+    return next(c for c in cl.grid(protocol) if c.name == name)
+
+
+def write_cell(protocol: Protocol, out: Path, name: str, lr: float | None = None, **train) -> Path:
+    """The cell's config as the driver writes it (optionally with train overrides), for an in-process run."""
+    tree = cl.resolved(cl.cell_tree(cell_named(protocol, name), protocol, out=out, device="cpu", lr=lr))
+    tree["train"].update(train)
+    path = out / "cells" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def block_jsonargparse(folder: Path) -> str:
+    """A sitecustomize that makes `import jsonargparse` fail, as on a machine without it; its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'jsonargparse':\n"
+        "            raise ImportError('jsonargparse is not installed on this machine')\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    return str(folder)
+
+
+def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(workdir):
+    grid = cl.grid(cl.PROTOCOL, "cpu")
+    names = [c.name for c in grid]
+    assert len(names) == len(set(names))
+    # 6 scanned rows on the CPU profile (SensZOQ over NF4) x 5 lrs x 2 tasks; 3 seeds each; FO refs x 3 seeds
+    assert sum(c.phase == "scan" for c in grid) == 60 and sum(c.phase == "seeds" for c in grid) == 36
+    assert sum(c.phase == "refs" for c in grid) == 12
+    assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
+    assert "trec-senszoq-fp32base-s2" in [c.name for c in cl.grid(cl.PROTOCOL, "gpu")]
+    svrg = cell_named(cl.PROTOCOL, "sst2-mezo-svrg-scan-lr1.25e-05")
+    tree = cl.resolved(cl.cell_tree(svrg, cl.PROTOCOL, out=Path("/tmp/x"), device="cpu"))
+    # both SVRG lrs scaled by 1/4; dev every 200 forwards (40 steps of 5); the scan's budget; seed 0; data seed 0
+    assert (tree["mezo_svrg"]["lr"], tree["mezo_svrg"]["anchor_lr"]) == (1.25e-5, 2.5e-5)
+    assert (tree["train"]["eval_every"], tree["train"]["max_forwards"], tree["seed"]) == (40, 500, 0)
+    assert tree["data"] == {**tree["data"], **cl.TASKS["sst2"]} and tree["out"] == "/tmp/x/" + svrg.name
+    zofo = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, "trec-zofo-s1"), cl.PROTOCOL, out=Path("o"),
+                                    device="cuda", lr=1e-4))  # fmt: skip
+    assert (zofo["zofo"]["lr"], zofo["zofo"]["lr_lower"], zofo["zofo"]["lr_upper"]) == (1e-4, 2e-3, 2e-3)
+    got = (zofo["model"]["peft"], zofo["train"]["max_forwards"], zofo["seed"], zofo["data"]["k"])
+    assert got == ("lora", 2000, 1, 16)
+    ref = cl.resolved(
+        cl.cell_tree(cell_named(cl.PROTOCOL, "sst2-fo-lora-s2"), cl.PROTOCOL, out=Path("o"), device="cpu")
+    )
+    assert (ref["adamw"]["lr"], ref["train"]["max_forwards"], ref["train"]["eval_every"]) == (5e-4, 200, 40)
+    sens = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, "sst2-senszoq-s0"), cl.PROTOCOL, out=Path("o"),
+                                    device="cpu", lr=1e-4))  # fmt: skip
+    assert {k: sens["model"][k] for k in ("peft", "sparsity", "mask", "quantize")} == {**cl.SPARSE, "quantize": "nf4"}
+    # a packed row (2 blocks of rows per counted forward) gets half the counted forwards and dev every 50 steps
+    packed = Row("lozo-packed", "lozo", {"lr": 1e-4, "eps": 1e-3}, rows=2, path="packed")
+    p = Protocol(rows=(*cl.ROWS, packed))
+    t = cl.resolved(cl.cell_tree(cell_named(p, "sst2-lozo-packed-s0"), p, out=Path("o"), device="cpu", lr=1e-4))
+    assert (t["train"]["max_forwards"], t["train"]["eval_every"]) == (1000, 50)
+    # the protocol check names the key: a seed, a budget; the model may be named by its GGUF file
+    expected = cl.expected_config(svrg, cl.PROTOCOL, None)
+    assert cl.protocol_diff(expected, expected, cl.PROTOCOL) == []
+    bad = yaml.safe_load(yaml.safe_dump(expected))
+    bad["seed"], bad["train"]["max_forwards"] = 3, 1000
+    assert cl.protocol_diff(bad, expected, cl.PROTOCOL) == ["train.max_forwards 1000 (protocol: 500)",
+                                                            "seed 3 (protocol: 0)"]  # fmt: skip
+    bad = yaml.safe_load(yaml.safe_dump(expected))
+    bad["model"]["name"] = "/carried/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert cl.protocol_diff(bad, expected, cl.PROTOCOL) == []
+    bad["model"]["name"] = "other-model"
+    assert cl.protocol_diff(bad, expected, cl.PROTOCOL) == ["model.name 'other-model' (protocol: 'smollm2-135m')"]
+
+
+def test_plan_statuses_and_lr_pick(workdir, tmp_path):
+    p = tiny_protocol(workdir)
+    out, res = tmp_path / "runs", tmp_path / "results"
+
+    def state() -> dict[str, str]:
+        return {st.cell.name: st.state for st in cl.statuses(p, out, Results.load(res))[0]}
+
+    fresh = state()
+    assert fresh == {"reviews-mezo-scan-lr0.005": "missing", "reviews-mezo-scan-lr0.01": "missing",
+                     "reviews-fo-full-s0": "missing", "reviews-fo-full-s1": "missing",
+                     "reviews-mezo-s0": "waiting", "reviews-mezo-s1": "waiting"}  # fmt: skip
+    # one scan cell finished in-process (the subprocess's own entry point), the other stopped after step 2
+    assert cl.run_cell(write_cell(p, out, "reviews-mezo-scan-lr0.01")) == 0
+    assert cl.run_cell(write_cell(p, out, "reviews-mezo-scan-lr0.005", steps=2)) == 0
+    (out / "reviews-mezo-scan-lr0.005" / "results.json").unlink()  # as if killed right after its step-2 checkpoint
+    sts = {st.cell.name: st for st in cl.statuses(p, out, Results.load(res))[0]}
+    assert sts["reviews-mezo-scan-lr0.01"].detail.startswith("finished, not summarized")
+    assert sts["reviews-mezo-scan-lr0.005"].state == "unfinished"
+    assert sts["reviews-mezo-scan-lr0.005"].detail == "resumes from step 2 (5 of 6 forwards)"
+    assert sts["reviews-mezo-s0"].detail == "lr scan 0 of 2 done"
+    # summarizing takes the finished cell only: the unfinished one is never a row, the scan is not complete
+    added = cl.summarize_finished(p, out, Results.load(res), log=lambda m: None)
+    assert added == ["reviews-mezo-scan-lr0.01"] and cl.picks(p, Results.load(res)) == {}
+    assert state()["reviews-mezo-s0"] == "waiting" and not (res / "lr").exists()
+    # the unfinished cell resumes (run_cell picks --resume) and the scan completes: the lr is picked and recorded
+    assert cl.run_cell(write_cell(p, out, "reviews-mezo-scan-lr0.005")) == 0
+    cl.summarize_finished(p, out, Results.load(res), log=lambda m: None)
+    pick = json.loads((res / "lr" / "reviews-mezo.json").read_text())
+    rows = Results.load(res).rows
+    devs = {0.005: rows["reviews-mezo-scan-lr0.005"]["best_dev"], 0.01: rows["reviews-mezo-scan-lr0.01"]["best_dev"]}
+    best = max(devs.values())
+    assert pick["lr"] == min(lr for lr, d in devs.items() if d == best)  # the best dev; ties to the smaller lr
+    assert [g["lr"] for g in pick["grid"]] == [0.005, 0.01] and pick["edge"] is True
+    assert state()["reviews-mezo-s0"] == "missing"
+    # conflicts: a folder that is not a run folder, a run whose seed is not the protocol's; neither is touched
+    (out / "reviews-fo-full-s0").mkdir()
+    (out / "reviews-fo-full-s0" / "notes.txt").write_text("mine")
+    write_cell(p, out, "reviews-fo-full-s1")
+    cfg = out / "cells" / "reviews-fo-full-s1.yaml"
+    tree = yaml.safe_load(cfg.read_text())
+    tree["seed"] = 7
+    cfg.write_text(yaml.safe_dump(tree))
+    assert cl.run_cell(cfg) == 0
+    sts = {st.cell.name: st for st in cl.statuses(p, out, Results.load(res))[0]}
+    assert sts["reviews-fo-full-s0"].state == "conflict" and "not a run folder" in sts["reviews-fo-full-s0"].detail
+    assert sts["reviews-fo-full-s1"].state == "conflict" and "seed 7 (protocol: 1)" in sts["reviews-fo-full-s1"].detail
+    assert cl.run_cell(write_cell(p, out, "reviews-fo-full-s0")) == 2  # refused: the folder is left as it was
+    assert (out / "reviews-fo-full-s0" / "notes.txt").read_text() == "mine"
+    said: list[str] = []
+    assert cl.summarize_finished(p, out, Results.load(res), log=said.append) == []
+    assert any("reviews-fo-full-s1" in m and "seed 7" in m for m in said)
+    plan = cl.format_plan(*cl.statuses(p, out, Results.load(res)), p)
+    assert "reviews-mezo-s0" in plan and f"lr pick reviews-mezo: {pick['lr']:.3g} on the grid's edge" in plan
+
+
+def test_pick_rule_on_hand_made_scans(tmp_path):
+    p = Protocol(tasks={"sst2": cl.TASKS["sst2"]})
+    mezo = p.row("mezo")
+    results = Results(tmp_path)
+    scan = [c for c in cl.grid(p) if c.phase == "scan" and c.row.name == "mezo"]
+    devs = [0.60, 0.70, 0.70, 0.65, 0.55]  # lr 1.25e-5 .. 2e-4: a tie at 2.5e-5 and 5e-5
+    for c, d in zip(scan[:4], devs, strict=False):
+        results.rows[c.name] = {"cell": c.name, "best_dev": d, "best_step": 10, "zero_shot_dev": 0.6}
+    assert cl.pick_lr(p, results, "sst2", mezo) is None  # 4 of 5: no pick
+    results.rows[scan[4].name] = {"cell": scan[4].name, "best_dev": devs[4], "best_step": 10, "zero_shot_dev": 0.6}
+    pick = cl.pick_lr(p, results, "sst2", mezo)
+    assert pick["lr"] == 2.5e-5 and pick["edge"] is False and pick["beats_zero_shot"] is True
+    for c in scan:  # nothing beats zero-shot: every lr ties at step 0's dev; the smallest lr, flagged
+        results.rows[c.name]["best_dev"] = 0.6
+    pick = cl.pick_lr(p, results, "sst2", mezo)
+    assert pick["lr"] == 1.25e-5 and pick["edge"] is True and pick["beats_zero_shot"] is False
+
+
+@pytest.fixture(scope="module")
+def ran(workdir, tmp_path_factory):
+    """One 2-lane run of the tiny grid with one seed (two rounds of two cells: the scan, then the reference and the
+    seed at the picked lr), with one cell to resume; the cells run without jsonargparse."""
+    root = tmp_path_factory.mktemp("claims")
+    p = tiny_protocol(workdir, seeds=(0,))
+    out, res = root / "runs", root / "results"
+    # the FO cell was stopped after its step-2 checkpoint; a reference copy runs uninterrupted elsewhere
+    assert cl.run_cell(write_cell(p, out, "reviews-fo-full-s0", steps=2)) == 0
+    (out / "reviews-fo-full-s0" / "results.json").unlink()
+    assert cl.run_cell(write_cell(p, root / "reference", "reviews-fo-full-s0")) == 0
+    env = {"PYTHONPATH": os.pathsep.join([block_jsonargparse(root / "site"), os.environ.get("PYTHONPATH", "")])}
+    said: list[str] = []
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        summary = cl.run_grid(p, out, res, device="cpu", lanes=2, poll=0.2, log=said.append)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return {"p": p, "out": out, "res": res, "root": root, "summary": summary, "said": said, "env": env}
+
+
+def test_run_two_lanes_resumes_and_needs_no_jsonargparse(ran):
+    p, out, res, summary = ran["p"], ran["out"], ran["res"], ran["summary"]
+    blocked = subprocess.run([sys.executable, "-c", "import jsonargparse"], env={**os.environ, **ran["env"]},
+                             capture_output=True, text=True)  # fmt: skip
+    assert blocked.returncode != 0 and "jsonargparse is not installed" in blocked.stderr  # the block works
+    assert summary["counts"] == {"done": 4}, ran["said"]
+    assert all(v.startswith("finished") for v in summary["outcomes"].values()) and summary["lanes"] == 2
+    assert json.loads((out / "last-run.json").read_text())["counts"] == {"done": 4}
+    rows = Results.load(res).rows
+    assert sorted(rows) == sorted(c.name for c in cl.grid(p))
+    # the resumed cell ends as the uninterrupted one did (same checkpointed state, same batches and directions)
+    log = (out / "logs" / "reviews-fo-full-s0.log").read_text()
+    assert "resumes from step 2" in log and "jsonargparse" not in log
+    ref = json.loads((ran["root"] / "reference" / "reviews-fo-full-s0" / "results.json").read_text())
+    again = json.loads((out / "reviews-fo-full-s0" / "results.json").read_text())
+    assert (again["test"], again["best_dev"], again["steps"], again["forwards"]) == (
+        ref["test"], ref["best_dev"], ref["steps"], ref["forwards"])  # fmt: skip
+    # the seeds ran at the picked lr; every row keeps its config; scan cells keep no weights, seeds their best
+    pick = json.loads((res / "lr" / "reviews-mezo.json").read_text())
+    for s in p.seeds:
+        kept = yaml.safe_load((res / "configs" / f"reviews-mezo-s{s}.yaml").read_text())
+        assert (
+            kept["mezo"]["lr"] == pick["lr"] and kept["seed"] == s and rows[f"reviews-mezo-s{s}"]["lr"] == pick["lr"]
+        )
+        assert (out / f"reviews-mezo-s{s}" / "best").is_dir() and not (
+            out / f"reviews-mezo-s{s}" / "checkpoints"
+        ).exists()
+    assert not (out / "reviews-mezo-scan-lr0.01" / "best").exists()
+    # the rows' dev points carry the training seconds spent before them: the sum of the steps' step_time
+    row = rows["reviews-mezo-s0"]
+    dev, secs = row["curves"]["dev"], row["curves"]["dev_seconds"]
+    assert [f for f, _ in dev] == [f for f, _ in secs] and secs[0][1] == 0.0
+    steps = [json.loads(x) for x in (out / "reviews-mezo-s0" / "metrics.jsonl").read_text().splitlines()]
+    spent = sum(r["step_time"] for r in steps if r["kind"] == "train")
+    assert secs[-1][1] == pytest.approx(spent, abs=1e-3) and row["device"] == "cpu" and row["forward_equivalents"] == 7
+    # a second run has nothing left to do
+    again = cl.run_grid(p, out, res, device="cpu", lanes=2, poll=0.2, log=lambda m: None)
+    assert again["outcomes"] == {} and again["counts"] == {"done": 4}
+
+
+def test_pack_and_unpack_carry_finished_cells_without_weights(ran, tmp_path):
+    p, out, res = ran["p"], ran["out"], ran["res"]
+    info = cl.pack(out, tmp_path / "burst.tar.gz")
+    with tarfile.open(tmp_path / "burst.tar.gz") as tar:
+        names = tar.getnames()
+    assert len(info["cells"]) == 4 and all(cl._MEMBER.match(n) for n in names)
+    assert not any("best" in n or "checkpoints" in n or n.endswith(".safetensors") for n in names)
+    assert "runs/reviews-mezo-s0/updates.jsonl" in names and "logs/reviews-mezo-s0.log" in names
+    here, here_res = tmp_path / "here", tmp_path / "here-results"
+    (here / "reviews-fo-full-s0").mkdir(parents=True)  # a local copy of one cell stays as it is
+    (here / "reviews-fo-full-s0" / "config.yaml").write_text(yaml.safe_dump({"mine": 1}))
+    said: list[str] = []
+    got = cl.unpack(tmp_path / "burst.tar.gz", here, here_res, p, log=said.append)
+    assert got["kept_local"] == ["reviews-fo-full-s0"] and len(got["unpacked"]) == 3
+    assert sorted(got["summarized"]) == sorted(n for n in info["cells"] if n != "reviews-fo-full-s0")
+    assert yaml.safe_load((here / "reviews-fo-full-s0" / "config.yaml").read_text()) == {"mine": 1}
+    assert any("kept the local" in m for m in said)
+    mine, theirs = Results.load(here_res).rows, Results.load(res).rows
+    assert all(mine[n]["test"] == theirs[n]["test"] and mine[n]["curves"] == theirs[n]["curves"] for n in mine)
+    assert (here / "logs" / "unpacked" / "reviews-mezo-s0.log").is_file()
+    # a tarball with anything else (a weights file, a path out of the folder) is refused whole
+    for bad_name in ("runs/reviews-mezo-s0/best/step-3/trainable.safetensors", "../escape.log"):
+        bad = tmp_path / "bad.tar.gz"
+        with tarfile.open(bad, "w:gz") as tar:
+            tar.add(out / "reviews-mezo-s0" / "results.json", arcname="runs/reviews-x/results.json")
+            tar.add(out / "reviews-mezo-s0" / "results.json", arcname=bad_name)
+        with pytest.raises(ValueError, match="unexpected member"):
+            cl.unpack(bad, tmp_path / "elsewhere", tmp_path / "elsewhere-res", p)
+        assert not (tmp_path / "elsewhere" / "reviews-x").exists()
+
+
+def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
+    p = tiny_protocol(workdir, budget=10**6, ref_budget=10**6, eval_forwards=40, ref_eval_forwards=20)  # no end
+    out, res = tmp_path / "runs", tmp_path / "results"
+    nothing = cl.run_grid(p, out, res, device="cpu", lanes=2, deadline=0, log=lambda m: None)
+    assert nothing["outcomes"] == {} and nothing["stopped"].startswith("deadline")
+    assert not (out / "cells").exists()
+    for name in ("reviews-mezo-scan-lr0.005", "reviews-mezo-scan-lr0.01"):  # a finished scan: the seeds may start
+        assert cl.run_cell(write_cell(p, out, name)) == 0
+    said: list[str] = []
+    got = cl.run_grid(p, out, res, device="cpu", lanes=2, only=["*-mezo-s0", "*-fo-full-s0"], deadline=10, grace=20,
+                      poll=0.2, log=said.append)  # fmt: skip
+    # MeZO's seconds per forward are known from its scan: a million forwards do not fit in 10 s, so it never starts
+    assert got["outcomes"]["reviews-mezo-s0"].startswith("not started: needs ~"), said
+    # FO full has no finished cell to estimate from: it starts, and the deadline stops it
+    assert got["stopped"].startswith("deadline") and got["outcomes"]["reviews-fo-full-s0"].startswith("stopped"), said
+    sts = {s.cell.name: s for s in cl.statuses(p, out, Results.load(res))[0]}
+    assert sts["reviews-fo-full-s0"].state in ("unfinished", "missing") and sts["reviews-mezo-s0"].state == "missing"
+    assert not (out / "reviews-fo-full-s0" / "results.json").exists()
+    assert set(Results.load(res).rows) == {"reviews-mezo-scan-lr0.005", "reviews-mezo-scan-lr0.01"}
+
+
+def hand_made(tmp_path: Path, tests: dict[str, list[float]], **extra) -> tuple[Protocol, Results]:
+    """Results of the real protocol's SST-2 grid made by hand: scans (MeZO-like dev), seeds and refs with the
+    given test accuracies per row (rows not given are left out), each with its kept config."""
+    p = Protocol(tasks={"sst2": cl.TASKS["sst2"]})
+    results = Results(tmp_path / "res")
+    for c in cl.grid(p):
+        if c.row.name not in tests:
+            continue
+        if c.phase == "scan":
+            row = {"best_dev": 0.7 if c.factor == 1.0 else 0.6, "best_step": 100}
+        else:
+            acc = tests[c.row.name][c.seed]
+            if acc is None:
+                continue
+            dev = extra.get("dev", {}).get(c.row.name, [[0, 0.58], [400, 0.64], [800, 0.70], [2000, 0.72]])
+            step_s = extra.get("step", {}).get(c.row.name, 1.0)
+            row = {"test": acc, "best_dev": max(a for _, a in dev), "best_step": 10, "test_n": 872,
+                   "curves": {"dev": dev, "dev_seconds": [[f, f * step_s / 2] for f, _ in dev]},
+                   "median_step_seconds": step_s, "peak_mem_mb": extra.get("peak", {}).get(c.row.name, 1000.0),
+                   "device": "cpu", "rows_per_forward": 1, "forward_equivalents": dev[-1][0]}  # fmt: skip
+        row |= {"cell": c.name, "run": c.name, "task": "sst2", "row": c.row.name, "phase": c.phase, "seed": c.seed,
+                "zero_shot_dev": 0.585, "zero_shot_test": 0.516}  # fmt: skip
+        results.rows[c.name] = row
+    for name in results.rows:
+        c = cell_named(p, name)
+        lr = cl.picks(p, results).get((c.task, c.row.name), {}).get("lr")
+        path = results.config_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cl.expected_config(c, p, lr)))
+    results.save([c.name for c in cl.grid(p)])
+    return p, results
+
+
+def test_verdict_rule():
+    assert cl.verdict([0.03, 0.04, 0.05])[0] == "holds"
+    assert cl.verdict([-0.03, -0.04, -0.05])[0] == "does not hold at this scale"
+    assert cl.verdict([0.05, -0.01, 0.02])[0].startswith("inconclusive")  # mean 0.02 < std 0.03
+    assert cl.verdict([0.0, 0.0, 0.0])[0].startswith("inconclusive")
+    assert cl.verdict([0.01, 0.01, 0.01]) == ("holds", 0.01, 0.0)
+    _, m, s = cl.verdict([1.0, 2.0, 3.0])
+    assert (m, s) == (2.0, 1.0)
+    assert cl.verdict([0.0, 2.0, 1.0])[0].startswith("inconclusive")  # mean == std: the boundary is inconclusive
+    assert cl.verdict([0.1, 2.0, 1.0])[0] == "holds" and cl.verdict([-0.1, -2.0, -1.0])[0].startswith("does not")
+    assert cl.verdict([0.0, 2.0, -0.5])[0].startswith("inconclusive")  # mean 0.5 < std 1.32
+    with pytest.raises(ValueError):
+        cl.verdict([0.1])
+
+
+def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
+    tests = {
+        "mezo": [0.70, 0.72, 0.71],
+        "lozo": [0.75, 0.76, 0.77],  # + 0.05 over MeZO on every seed: holds
+        "lozo-m": [0.68, 0.69, 0.70],  # - 0.02 on every seed: does not hold
+        "mezo-svrg": [0.80, 0.60, 0.71],  # + 0.0 ± 0.1: inconclusive
+        "senszoq": [0.72, 0.73, None],  # a seed missing: no verdict, no mean
+        "zofo": [0.86, 0.85, 0.87],
+        "fo-lora": [0.84, 0.84, 0.84],
+        "fo-full": [0.87, 0.86, 0.88],
+    }
+    dev = {"mezo-svrg": [[0, 0.58], [200, 0.66], [400, 0.72], [2000, 0.73]]}  # reaches 0.72 at 400 of MeZO's 2000
+    p, results = hand_made(tmp_path, tests, dev=dev)
+    rows = {(c.id, t): cl.compare(c, p, results, t) for c in p.comparisons for t in p.tasks}
+    assert rows[("1a", "sst2")]["verdict"] == "holds" and rows[("1a", "sst2")]["mean"] == pytest.approx(0.05)
+    assert rows[("1b", "sst2")]["verdict"] == "does not hold at this scale"
+    assert rows[("2a", "sst2")]["verdict"].startswith("inconclusive")
+    # 2b: MeZO first reaches its peak dev (0.72) at 2000 forwards, SVRG at 400: ratio 0.2 ≤ 0.6 on every seed
+    assert rows[("2b", "sst2")]["verdict"] == "holds" and rows[("2b", "sst2")]["x"] == pytest.approx([0.4] * 3)
+    assert rows[("3a", "sst2")]["missing"] == "missing: senszoq 2 of 3 seeds, mezo 3 of 3"
+    assert rows[("3d", "sst2")]["missing"] == "missing: senszoq-fp32base 0 of 3 seeds, mezo 3 of 3"
+    assert rows[("4a", "sst2")]["verdict"] == "holds"  # + 0.02 ± 0.01 over FO-LoRA
+    assert rows[("4b", "sst2")]["b"] == "lozo" and rows[("4b", "sst2")]["verdict"] == "holds"
+    # the best pure-ZO row (LOZO, 0.76) against FO full (0.87): 0.11 below, far outside 3 points
+    assert rows[("5", "sst2")]["a"] == "lozo" and rows[("5", "sst2")]["verdict"] == "does not hold at this scale"
+    (results.folder / "why.yaml").write_text(yaml.safe_dump({"1b/sst2": "LOZO-M's momentum lags at this lr."}))
+    text = cl.table(results.folder, p)
+    assert (results.folder / "claims.md").read_text() == text
+    assert "| 1a | sst2 | LOZO > MeZO (test) | 0.760 ± 0.010 | 0.710 ± 0.010 | +0.050 ± 0.010 |" in text
+    assert "| **does not hold at this scale** | LOZO-M's momentum lags at this lr. |" in text
+    assert "missing: senszoq 2 of 3 seeds" in text
+    assert "| missing (2 of 3 seeds) | 0.720 / 0.730 / missing | — | — | — | — | — | cpu |" in text
+    assert "#### sst2 (test n = 872; zero-shot test 0.516" in text
+    assert (
+        "Best pure-ZO method on sst2: **LOZO**, test 0.760 ± 0.010" in text
+        and "committed FO full 0.869: 0.109" in text
+    )
+    assert "(../../benchmarks/README.md#claims-grid-protocol)" not in text  # links are relative to RESULTS
+    assert os.path.isfile(results.folder / text.split("Protocol: [benchmarks/README.md, Claims grid: protocol](")[1]
+                          .split("#")[0])  # fmt: skip
+    # forwards to MeZO's peak dev: SVRG 400 on every seed; LOZO-M (same curve as MeZO) 800
+    assert "| MeZO-SVRG | sequential | 5e-05 | 0.703 ± 0.100 | 0.800 / 0.600 / 0.710 | 0.730 | 400 | 200 |" in text
+    # a typo in why.yaml is refused, not dropped
+    (results.folder / "why.yaml").write_text(yaml.safe_dump({"1x/sst2": "?"}))
+    with pytest.raises(ValueError, match="unknown key '1x/sst2'"):
+        cl.table(results.folder, p)
+
+
+def test_table_refuses_rows_off_the_protocol_or_without_configs(tmp_path, capsys):
+    tests = {"mezo": [0.7, 0.71, 0.72], "fo-full": [0.87, 0.86, 0.88]}
+    p, results = hand_made(tmp_path, tests)
+    assert "| MeZO |" in cl.table(results.folder, p)
+    before = (results.folder / "claims.md").read_text()
+    cfg = results.config_path("sst2-mezo-s1")
+    tree = yaml.safe_load(cfg.read_text())
+    tree["seed"], tree["train"]["max_forwards"] = 5, 1000
+    cfg.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ValueError, match=r"sst2-mezo-s1: config differs from the protocol: train.max_forwards 1000 "
+                                         r"\(protocol: 2000\); seed 5 \(protocol: 1\)"):  # fmt: skip
+        cl.table(results.folder, p)
+    cfg.unlink()
+    with pytest.raises(ValueError, match=r"sst2-mezo-s1: its config is not kept \(.*configs/sst2-mezo-s1.yaml"):
+        cl.table(results.folder, p)
+    assert (results.folder / "claims.md").read_text() == before  # nothing written
+    # the plan shows the row as a conflict, not as done
+    sts = {s.cell.name: s for s in cl.statuses(p, tmp_path / "none", Results.load(results.folder))[0]}
+    assert sts["sst2-mezo-s1"].state == "conflict" and sts["sst2-mezo-s0"].state == "done"
+    # the command line: one line, exit 2
+    assert cl.main(["table", "--results", str(results.folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its config is not kept" in err
+    assert cl.main(["run", "--lanes", "0", "--results", str(results.folder), "--out", str(tmp_path / "o")]) == 2
+    assert "--lanes 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_report_page_gets_the_claims_section(tmp_path):
+    from zotune.bench.report import report
+
+    tests = {"mezo": [0.7, 0.71, 0.72], "lozo": [0.75, 0.76, 0.77], "fo-full": [0.87, 0.86, 0.88]}
+    p, results = hand_made(tmp_path, tests)
+    suite = Path(SRC).parent / "benchmarks" / "results" / "suite-smollm2"  # the committed accuracy rows
+    page = report([suite], [], tmp_path / "docs" / "results.md", claims=results.folder, claims_protocol=p)
+    assert "## Do the papers' claims hold? (SmolLM2-135M, seeds 0, 1, 2)" in page
+    assert "| 1a | sst2 | LOZO > MeZO (test) |" in page and "](../res/runs.jsonl)" in page
