@@ -56,3 +56,28 @@ def test_cuda_bf16_model_loss_read_in_fp32():
     rec = opt.update_log.records[-1]
     assert all(isinstance(v, float) for v in rec.losses) and rec.grads[0] != 0
     assert copy.deepcopy(opt.state_dict())["zo"]["num_steps"] == 2
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_cuda_packed_lozo_is_sequential_lozo(base_dtype):
+    """The packed ± pair on CUDA takes LOZO's steps (fp32 base: to float tolerance; bf16 base: close)."""
+    from zotune.bench.packed import LMRows
+    from zotune.core.packed import PackedBatch
+    from zotune.core.packed_estimators import PackedTwoPoint, PackedZO
+
+    packed_model = tiny_model("llama").to(DEV)
+    seq_model = copy.deepcopy(packed_model)
+    batch = {k: v.to(DEV) for k, v in tiny_batch(0, batch=6).items()}
+    idx = list(range(6))
+    kw = {"lr": 1e-2, "eps": 1e-2, "rank": 2, "refresh_every": 2, "seed": 3}
+    packed = PackedZO(packed_model, estimator=PackedTwoPoint(1), base_dtype=base_dtype, **kw)
+    seq = zotune.LOZO(seq_model.named_parameters(), **kw)
+    rows, seq_rows = LMRows(packed_model, batch), LMRows(seq_model, batch)
+    for _ in range(4):
+        packed.step(PackedBatch(rows, idx))
+        seq.step(lambda: seq_rows(idx, 1).mean())
+    tol = 1e-4 if base_dtype == "float32" else 2e-2
+    for a, b in zip(packed.update_log.records, seq.update_log.records, strict=True):
+        assert a.seeds == b.seeds and a.losses == pytest.approx(b.losses, rel=tol)
+    for p, q in zip(packed_model.parameters(), seq_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=10 * tol, rtol=0)

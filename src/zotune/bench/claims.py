@@ -128,6 +128,15 @@ ROWS: tuple[Row, ...] = (
     Row("zofo", "zofo", {"lr": 5e-5, "eps": 1e-3, "lr_lower": 1e-3, "lr_upper": 1e-3, "lam": 1.0, "inner_steps": 3},
         fwd_per_step=11.0, model={"peft": "lora"}, scale=("lr", "lr_lower", "lr_upper"), kind="hybrid",
         label="Bilevel ZOFO"),
+    # packed probes (every probe of a step in one batched forward; rows ÷ batch counted as forwards)
+    Row("packed-lozo", "packed_lozo", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
+        label="LOZO, packed ± pair"),
+    Row("nspsa4", "packed_lozo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 4},
+        fwd_per_step=8.0, path="packed", label="n-SPSA (n = 4, packed)"),
+    Row("per-example", "per_example", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
+        label="one probe per example (packed)"),
+    Row("fzoo", "fzoo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 8},
+        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)"),
     Row("fo-lora", "adamw", {"lr": 5e-4}, fwd_per_step=1.0, model={"peft": "lora"}, kind="ref",
         label="FO-LoRA (AdamW)"),
     Row("fo-full", "adamw", {"lr": 1e-5}, fwd_per_step=1.0, kind="ref", label="FO full (AdamW)"),
@@ -181,6 +190,13 @@ COMPARISONS: tuple[Comparison, ...] = (
     Comparison("3e", 3, "SensZOQ (fp32 base) step faster than MeZO's", "senszoq-fp32base", "mezo", measure="step"),
     Comparison("4a", 4, "Bilevel ZOFO > FO-LoRA (test)", "zofo", "fo-lora"),
     Comparison("4b", 4, "Bilevel ZOFO > the best pure-ZO method (test)", "zofo", BEST_ZO),
+    Comparison("6a", 5, "packed n-SPSA reaches MeZO's peak dev with ≤ 1/4 of its rows", "nspsa4", "mezo",
+               measure="reach", margin=0.25),
+    Comparison("6b", 5, "per-example probes reach MeZO's peak dev with ≤ 1/4 of its rows", "per-example", "mezo",
+               measure="reach", margin=0.25),
+    Comparison("6c", 5, "FZOO rule reaches MeZO's peak dev with ≤ 1/4 of its rows", "fzoo", "mezo",
+               measure="reach", margin=0.25),
+    Comparison("6d", 5, "packed LOZO step faster than sequential LOZO's", "packed-lozo", "lozo", measure="step"),
     Comparison("5", 0, "best pure-ZO method within 3 points of FO full (test)", BEST_ZO, "fo-full", margin=0.03),
 )
 # fmt: on
@@ -192,6 +208,7 @@ CLAIMS = {
     3: "SensZOQ: ZO on 0.1 % sensitive parameters beats full-parameter ZO, with a wall-clock speed-up and little "
     "memory over a 4-bit base (Guo et al., ICLR 2025)",
     4: "Bilevel ZOFO outperforms FO-LoRA and ZO methods in single-task fine-tuning (Shirkavand et al., 2025)",
+    5: "Packed probes (frontier: EGGROLL, FZOO, GRZO) need several times fewer rows than MeZO",
     0: "The best pure-ZO method against FO full (the target: within 3 points on SST-2)",
 }
 

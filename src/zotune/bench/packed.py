@@ -39,7 +39,8 @@ from ..core.packed import PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
 from .speed import PeakMemory, _batch, _timed
 
-WORKLOADS = ("sst2", "trec", "synthetic")
+SYNTHETIC = {"synthetic": (16, 64), "synthetic_64x256": (64, 256)}  # name: (rows, tokens)
+WORKLOADS = ("sst2", "trec", *SYNTHETIC)
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -82,11 +83,12 @@ def build_workloads(
 
     out = []
     for name in names:
-        if name == "synthetic":
-            b = _batch(tok, 16, 64, device)
+        if name in SYNTHETIC:  # padded text batches, per-row language-modelling loss
+            size, length = SYNTHETIC[name]
+            b = _batch(tok, size, length, device)
             rows = LMRows(model, b)
-            batches: list[Sequence[Any]] = [list(range(16))]
-            out.append(Workload(name, batches, lambda idx, rows=rows: rows(idx, 1).mean(), rows, 64.0))
+            batches: list[Sequence[Any]] = [list(range(size))]
+            out.append(Workload(name, batches, lambda idx, rows=rows: rows(idx, 1).mean(), rows, float(length)))
             continue
         task = get_task(name)
         if name == "sst2":  # the README's main job (recipes/smollm2-sst2-mezo.yaml)

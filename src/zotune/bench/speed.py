@@ -125,7 +125,7 @@ class ReferenceMeZO:
 def _batch(tokenizer: Any, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     from ..tasks import read_sst2
 
-    rows = read_sst2("train", limit=batch * 4)
+    rows = read_sst2("train", limit=batch * max(4, seq // 16))
     text = [" ".join(r["sentence"] for r in rows[i::batch]) for i in range(batch)]  # long enough for `seq` tokens
     enc = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
     enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
