@@ -61,13 +61,14 @@ def test_bf16_base_keeps_the_loss_difference_within_bounds_of_fp32(bound, sst2_r
         means = losses.double().mean(1)
         return means[0::2] - means[1::2], means
 
-    d32, m32 = diffs(1e-3)
+    # ε = 1e-2: differences ~10 × bf16's row-to-row rounding. (At ε = 1e-3 the error was 17 % to 113 % of the
+    # largest difference depending on the CPU's bf16 kernels: a bf16 base needs the larger ε.)
+    d32, m32 = diffs(1e-2)
     for outputs in ("float32", "base"):
-        d16, m16 = diffs(1e-3, base_dtype="bfloat16", outputs=outputs)
-        # measured: 17 % (float32 outputs) and 24 % (base) of the largest difference; the bf16 loss within 0.1
-        assert (d16 - d32).abs().max() <= 0.5 * d32.abs().max(), (outputs, d16, d32)
+        d16, m16 = diffs(1e-2, base_dtype="bfloat16", outputs=outputs)
+        assert (d16 - d32).abs().max() <= 0.35 * d32.abs().max(), (outputs, d16, d32)
         assert (m16 - m32).abs().max() < 0.2
-        assert check_difference(d16.tolist(), m16.tolist(), 1e-3, "bfloat16") is None
+        assert check_difference(d16.tolist(), m16.tolist(), 1e-2, "bfloat16") is None
     # ε = 1e-5: the true differences (~4e-4) sit under bf16's row-to-row rounding (~1e-2): the check says so
     d16, m16 = diffs(1e-5, base_dtype="bfloat16", outputs="base")
     msg = check_difference(d16.tolist(), m16.tolist(), 1e-5, "bfloat16")
