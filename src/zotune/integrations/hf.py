@@ -98,9 +98,10 @@ def _resolve(method: str | Any) -> tuple[Method, Any]:
     owners = [m for m in METHODS.values() if type(method) is m.config_cls]
     if len(owners) != 1:
         found = "no" if not owners else f"{len(owners)} ({', '.join(m.name for m in owners)})"
+        configs = ", ".join(sorted(m.config_cls.__name__ for m in METHODS.values()))
         raise ValueError(
             f"method={type(method).__name__}(...): {found} registered method takes this config; pass a method "
-            f"name or one of the registered configs ({', '.join(sorted(m.config_cls.__name__ for m in METHODS.values()))})"
+            f"name or one of the registered configs ({configs})"
         )
     return owners[0], method
 
@@ -148,8 +149,8 @@ def check_training_args(entry: Method, args: TrainingArguments) -> list[str]:
     name = entry.name
     if args.fp16:
         raise ValueError(
-            f"fp16=True: Trainer's float16 mode scales gradients (GradScaler) for backward passes, which method={name} "
-            "does not run through Trainer (and float16 ZO losses collapse): use bf16=True or float32"
+            f"fp16=True: Trainer's float16 mode scales gradients (GradScaler) for backward passes, which "
+            f"method={name} does not run through Trainer (and float16 ZO losses collapse): use bf16=True or float32"
         )
     if zo and args.gradient_checkpointing:
         raise ValueError(
@@ -185,6 +186,11 @@ def check_training_args(entry: Method, args: TrainingArguments) -> list[str]:
 def check_model(entry: Method, model: torch.nn.Module) -> None:
     """Refuse a model ``entry`` cannot train here: not a causal LM or sequence classifier (no loss), nothing
     trainable, a trainable tensor that is not floating point (quantized) or not resident (offloaded)."""
+    if not issubclass(entry.stepper, _Batched):
+        raise ValueError(
+            f"method={entry.name} draws its own batches from several parts of the training data each step, not the "
+            "Trainer's micro-batches: train it with `zotune train`"
+        )
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     kind = type(base).__name__
     if not kind.endswith(_HEADS):
@@ -215,11 +221,6 @@ def check_model(entry: Method, model: torch.nn.Module) -> None:
                 f"method={entry.name} trains only a model in PEFT mode {' or '.join(sorted(entry.caps.peft))}; "
                 f"got {kind} in mode {mode}"
             )
-    if not issubclass(entry.stepper, _Batched):
-        raise ValueError(
-            f"method={entry.name} draws its own batches from several parts of the training data each step, not the "
-            "Trainer's micro-batches: train it with `zotune train`"
-        )
 
 
 class StepperOptimizer(torch.optim.Optimizer):
@@ -290,7 +291,9 @@ class ZOTrainer(Trainer):
         self, model: Any = None, args: TrainingArguments | None = None, *, method: str | Any = "mezo", **kwargs: Any
     ) -> None:
         if model is None or kwargs.get("model_init") is not None:
-            raise ValueError("ZOTrainer needs a model instance (model_init, for hyperparameter search, is not supported)")
+            raise ValueError(
+                "ZOTrainer needs a model instance (model_init, for hyperparameter search, is not supported)"
+            )
         for key in ("optimizers", "optimizer_cls_and_kwargs"):
             given = kwargs.get(key)
             if given is not None and given != (None, None):
