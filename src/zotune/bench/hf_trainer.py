@@ -8,8 +8,8 @@ dataset, which it does not shuffle), and both compute zotune's objective: the ``
 ``step(t)`` plus the LR schedule's step (what its loop times as ``step_time``); the Trainer path is everything
 between two of Trainer's ``on_step_end`` callbacks (data loading, ``training_step`` with the stepper's step, the
 no-op optimizer step, the schedule, logging, callbacks). The paths alternate in blocks of ``block`` steps; the first
-block of each is warm-up, and the step-time ratio is the median over the later steps of Trainer ÷ zotune for the
-same batch (step i of both paths runs batch i; batch lengths, and so step times, vary). Peak
+block (at least 2 steps) of each is warm-up, and the step-time ratio is the median over the later steps of
+Trainer ÷ zotune for the same batch (step i of both paths runs batch i; batch lengths, and so step times, vary). Peak
 memory is the peak RSS of each block (reset between blocks through ``/proc/self/clear_refs``) or CUDA's
 ``max_memory_allocated``, the maximum over the blocks of a path.
 
@@ -17,7 +17,7 @@ Target: Trainer ÷ ``zotune train`` step time ≤ 1.05, peak memory ≤ 1.05.
 
 Example (the committed numbers come from this command)::
 
-    python -m zotune.bench.hf_trainer --steps 10 --block 2 --out benchmarks/results/hf-trainer-smollm2-sst2-mezo.json
+    python -m zotune.bench.hf_trainer --steps 12 --block 1 --out benchmarks/results/hf-trainer-smollm2-sst2-mezo.json
 """
 
 from __future__ import annotations
@@ -158,8 +158,9 @@ def bench_hf_trainer(
         callbacks=[Interleave()],
     )
     trainer.train()
-    # the first block of each path is warm-up (the first step's check forward, first-touch allocations)
-    zo_t, hf_t = zo_times[block:], hf_times[block:]
+    # the first block (at least 2 steps) of each path is warm-up: the first step's check forward, first allocations
+    warmup = max(block, 2)
+    zo_t, hf_t = zo_times[warmup:], hf_times[warmup:]
     zo_step, hf_step = statistics.median(zo_t), statistics.median(hf_t)
     pairs = [h / z for h, z in zip(hf_t, zo_t, strict=True)]  # step i of each path ran the same batch
     result = {
@@ -179,7 +180,7 @@ def bench_hf_trainer(
         "step_time_ratio": statistics.median(pairs),
         "step_time_ratio_of_medians": hf_step / zo_step,
         "step_time_ratio_of_means": statistics.mean(hf_t) / statistics.mean(zo_t),
-        "warmup_steps_excluded": block,
+        "warmup_steps_excluded": warmup,
         "zotune_peak_mb": max(zo_peaks) / 2**20,
         "trainer_peak_mb": max(hf_peaks) / 2**20,
         "peak_memory_ratio": max(hf_peaks) / max(zo_peaks),
