@@ -166,7 +166,11 @@ def test_grad_accumulation_is_micro_batches_under_one_perturbation(workdir, data
 def test_no_backward_runs_and_no_grad_anywhere(workdir, data, tmp_path):
     tr = trainer(workdir, data, tmp_path / "hf", max_steps=3)
     before = params(tr.model)
+    backwards = []  # a gradient reaching any weight, even one Trainer's zero_grad clears afterwards
+    for p in tr.model.parameters():
+        p.register_hook(lambda g: backwards.append(g))
     out = tr.train()
+    assert backwards == []
     assert all(p.grad is None for p in tr.model.parameters())
     assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
     assert out.training_loss == pytest.approx(sum(r.losses[0] + r.losses[1] for r in tr.update_log.records) / 6)
