@@ -99,6 +99,9 @@ class StepContext:
         anchor_size: examples of the anchor set, for methods that declare one (None: the whole training set).
         loss_rows: the loss's per-example form for packed forwards, ``loss_rows(examples, copies)`` → (copies, B)
             (:mod:`zotune.core.packed`); None when the objective has none.
+        batches: ``batches(t)`` → the micro-batches of step ``t`` when the caller draws them (a ``transformers``
+            Trainer's data loader, :mod:`zotune.integrations.hf`); None: the seeded :class:`BatchOrder` over
+            ``train``. Steppers that draw their own batches from several parts of the data (Bilevel ZOFO) ignore it.
     """
 
     model: torch.nn.Module
@@ -111,6 +114,7 @@ class StepContext:
     distributed: str = "shared"
     anchor_size: int | None = None
     loss_rows: Callable[[Sequence[Any], int], Tensor] | None = None
+    batches: Callable[[int], list[Any]] | None = None
 
     @property
     def n_ranks(self) -> int:
@@ -171,13 +175,16 @@ class _Batched:
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
-        self.order = BatchOrder(ctx.train, ctx.batch_size, ctx.data_seed)
+        # a caller that supplies the batches (ctx.batches) needs no batch order, nor any training examples
+        self.order = BatchOrder(ctx.train, ctx.batch_size, ctx.data_seed) if ctx.batches is None else None
 
-    def micro(self, t: int) -> list[list[Any]]:
+    def micro(self, t: int) -> list[Any]:
+        if self.ctx.batches is not None:
+            return self.ctx.batches(t)
         return [self.order.batch(t * self.ctx.grad_accum + j) for j in range(self.ctx.grad_accum)]
 
     def epoch(self, t: int) -> float:
-        return self.order.epoch(t * self.ctx.grad_accum)
+        return self.order.epoch(t * self.ctx.grad_accum) if self.order is not None else float("nan")
 
     def data_sizes(self) -> dict[str, int]:
         return {}
