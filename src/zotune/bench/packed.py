@@ -37,7 +37,7 @@ from ..core import LowRank, ZOOptimizer
 from ..core.log import atomic_write_text
 from ..core.packed import PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
-from .speed import PeakMemory, _batch, _timed
+from .speed import PeakMemory, _batch, _timed, load_bench_model
 
 SYNTHETIC = {"synthetic": (16, 64), "synthetic_64x256": (64, 256)}  # name: (rows, tokens)
 WORKLOADS = ("sst2", "trec", *SYNTHETIC)
@@ -237,12 +237,15 @@ def run_bench(
     sequential: bool = True,
     padding: str | None = None,
     outputs: str = "float32",
+    random_init: bool = False,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns raw times, peaks and per-round ratios per workload and precision."""
-    from ..models import load
+    """Run the benchmark; returns raw times, peaks and per-round ratios per workload and precision.
 
+    ``random_init``: a config folder's architecture with random weights (:func:`~zotune.bench.speed.load_bench_model`);
+    ``partial`` is called with the results so far after each (workload, precision)."""
     dev = torch.device(device)
-    model, tok = load(model_name, device=device)
+    model, tok = load_bench_model(model_name, device=device, random_init=random_init)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -258,6 +261,7 @@ def run_bench(
         "max_rows": max_rows,
         "padding": padding or "tokenizer",
         "outputs": outputs,
+        "random_init": random_init,
         "results": {},
     }
     estimators: dict[str, Callable[[int], PackedEstimator]] = {
@@ -280,6 +284,8 @@ def run_bench(
                 sequential=sequential,
                 outputs=outputs,
             )
+            if partial is not None:
+                partial(res)
     # packed bf16 ÷ sequential fp32 Gaussian MeZO (interleaving differs: a ratio of medians)
     for wl_name in workloads:
         fp, bf = res["results"].get(f"{wl_name}/float32"), res["results"].get(f"{wl_name}/bfloat16")
@@ -339,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--outputs", choices=["float32", "base"], default="float32", help="bf16 base: perturbed outputs")
     p.add_argument("--no-sequential", action="store_true", help="skip today's sequential MeZO / LOZO steps")
-    p.add_argument("--out", default=None, help="write the raw result as JSON here")
+    p.add_argument("--out", default=None, help="write the raw result as JSON here (also after each measurement)")
+    p.add_argument("--random-init", action="store_true", help="--model: a config folder; random weights")
     a = p.parse_args(argv)
     names = [w for w in a.workloads.split(",") if w]
     precisions = [x for x in a.precisions.split(",") if x]
@@ -364,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         sequential=not a.no_sequential,
         padding=None if a.padding == "tokenizer" else a.padding,
         outputs=a.outputs,
+        random_init=a.random_init,
+        partial=(lambda r: atomic_write_text(a.out, json.dumps(r, indent=2) + chr(10))) if a.out else None,
     )
     res["command"] = "python -m zotune.bench.packed " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(res))

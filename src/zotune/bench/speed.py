@@ -132,6 +132,25 @@ def _batch(tokenizer: Any, batch: int, seq: int, device: torch.device) -> dict[s
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def load_bench_model(
+    model_name: str, *, dtype: str = "float32", device: str = "cpu", random_init: bool = False
+) -> tuple[Any, Any]:
+    """The benchmarked model and tokenizer. ``random_init``: the architecture of a config folder (config.json and
+    the tokenizer files) with random weights: times and memory depend on shapes only, so a machine that cannot hold
+    the converted weights still measures the real architecture."""
+    if not random_init:
+        from ..models import load
+
+        return load(model_name, dtype=dtype, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).to(torch.device(device))
+    return model, AutoTokenizer.from_pretrained(model_name)
+
+
 def bench_speed_memory(
     model_name: str = "smollm2-135m",
     *,
@@ -147,20 +166,7 @@ def bench_speed_memory(
 ) -> dict[str, Any]:
     """Measure forward/step times and peak memories; returns a dict of raw numbers and ratios."""
     dev = torch.device(device)
-    if random_init:
-        # Same shapes, random weights: times and memory depend on shapes only, and a machine that cannot hold the
-        # converted weights (the GPU box takes 64 MiB of files) still measures the real architecture.
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        cfg = AutoConfig.from_pretrained(model_name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).to(dev)
-        tok = AutoTokenizer.from_pretrained(model_name)
-    else:
-        from ..models import load
-
-        model, tok = load(model_name, dtype=dtype, device=device)
+    model, tok = load_bench_model(model_name, dtype=dtype, device=device, random_init=random_init)
     model.eval()
     b = _batch(tok, batch, seq, dev)
     params = [p for p in model.parameters() if p.requires_grad]
