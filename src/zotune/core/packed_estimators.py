@@ -191,7 +191,7 @@ class PackedTwoPoint(PackedEstimator):
         return est
 
 
-class PerExample(PackedEstimator):
+class PerExample(PackedTwoPoint):
     """One probe per example: example b of the batch is evaluated at θ ± εz_b, in one forward of 2B rows.
 
     g_b = (ℓ_b(θ + εz_b) − ℓ_b(θ − εz_b)) / 2ε and ĝ = (1/B) Σ_b g_b z_b (GRZO's per-example perturbations,
@@ -226,18 +226,8 @@ class PerExample(PackedEstimator):
             )
         return ProbeTable.per_example(batch)
 
-    def reduce(self, losses):
-        return [float(v) for v in losses.double().T.reshape(-1)]  # ℓ₊_0, ℓ₋_0, ℓ₊_1, ℓ₋_1, ...
-
-    def n_logged(self):
-        return 2 * self.num_directions
-
-    def combine(self, values, seeds, eps):
-        est = Estimate(seeds=list(seeds), eps=eps[0], losses=list(values))
-        est.grads = [(values[2 * b] - values[2 * b + 1]) / (2 * eps[0]) for b in range(len(seeds))]
-        est.pairs = list(zip(values[0::2], values[1::2], strict=True))
-        est.loss = sum(values) / len(values)
-        return est
+    def reduce(self, losses):  # ℓ₊_0, ℓ₋_0, ℓ₊_1, ℓ₋_1, ...: the two-point pairs, one per example's probe
+        return [float(v) for v in losses.double().T.reshape(-1)]
 
 
 class FZOO(PackedEstimator):

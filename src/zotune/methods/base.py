@@ -19,10 +19,21 @@ from typing import Any, ClassVar
 from ..core import SAMPLERS, BlockSampler, ZOOptimizer
 from ..core.optimizer import check_hparams
 
-__all__ = ["DISTRIBUTIONS", "SampledZOConfig", "ZOConfig", "check_unit_interval"]
+__all__ = ["DISTRIBUTIONS", "SampledZOConfig", "ZOConfig", "check_lowrank", "check_unit_interval"]
 
 DISTRIBUTIONS = ("gaussian", "lowrank", "rademacher")
 """The direction distributions a config's ``sampler`` may name (other registered samplers belong to one method)."""
+
+
+def check_lowrank(owner: str, rank: Any, refresh_every: Any, scale: Any) -> None:
+    """ValueError unless LOZO's direction fields are valid: integers rank, refresh_every >= 1 and a known scale."""
+    from ..core.lowrank import SCALES
+
+    for key, v in (("rank", rank), ("refresh_every", refresh_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner} {key}={v!r} must be an integer >= 1")
+    if scale not in SCALES:
+        raise ValueError(f"{owner} scale={scale!r}; choose one of {list(SCALES)}")
 
 
 def check_unit_interval(owner: str, key: str, value: Any) -> None:

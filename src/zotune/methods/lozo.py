@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import ZOSGD, LowRank, LowRankMomentum, TwoPoint, ZOOptimizer
-from ..core.lowrank import SCALES
 from ..core.space import DecayMask
-from .base import ZOConfig, check_unit_interval
+from .base import ZOConfig, check_lowrank, check_unit_interval
 from .registry import register_method
 
 SIDE: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
@@ -67,14 +66,9 @@ class LOZOConfig(ZOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("rank", "refresh_every"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{self.owner} {key}={v!r} must be an integer >= 1")
+        check_lowrank(self.owner, self.rank, self.refresh_every, self.scale)
         if self.side_branch not in SIDE:
             raise ValueError(f"{self.owner} side_branch={self.side_branch!r}; choose one of {list(SIDE)}")
-        if self.scale not in SCALES:
-            raise ValueError(f"{self.owner} scale={self.scale!r}; choose one of {list(SCALES)}")
 
     def sampler(self) -> LowRank:
         return LowRank(self.rank, self.refresh_every, self.scale, SIDE[self.side_branch])

@@ -49,11 +49,10 @@ from torch import Tensor
 
 from .. import dist as zd
 from ..core import ZOSGD, LowRankMomentum
-from ..core.lowrank import SCALES
 from ..core.packed import BASE_DTYPES, PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
 from ..core.space import DecayMask
-from .base import ZOConfig, check_unit_interval
+from .base import ZOConfig, check_lowrank, check_unit_interval
 from .registry import Capabilities, register_method
 from .steppers import StepContext, StepResult, ZOStepper
 
@@ -92,12 +91,7 @@ class PackedConfig(ZOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("rank", "refresh_every"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{self.owner} {key}={v!r} must be an integer >= 1")
-        if self.scale not in SCALES:
-            raise ValueError(f"{self.owner} scale={self.scale!r}; choose one of {list(SCALES)}")
+        check_lowrank(self.owner, self.rank, self.refresh_every, self.scale)
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"{self.owner} base_dtype={self.base_dtype!r}; choose one of {list(BASE_DTYPES)}")
         if self.outputs not in ("float32", "base"):
