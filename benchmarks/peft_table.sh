@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's accuracy table: zero-shot, MeZO (full), MeZO-LoRA, MeZO-prefix, FO-LoRA (AdamW) and Bilevel ZOFO on
+# The accuracy table: zero-shot, MeZO (full), MeZO-LoRA, MeZO-prefix, FO-LoRA (AdamW) and Bilevel ZOFO on
 # SmolLM2-135M-Instruct, at one forward-pass budget per run, dev-selected (the best-on-dev weights go to test).
 #   bash benchmarks/peft_table.sh                       # every task and method, then the table
 #   TASKS="sst2" ONLY=zofo BUDGET=200 bash benchmarks/peft_table.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's accuracy table: SensZOQ's sensitive-0.1 % mask against random-0.1 % and magnitude-0.1 % masks (all over
+# The accuracy table: SensZOQ's sensitive-0.1 % mask against random-0.1 % and magnitude-0.1 % masks (all over
 # the NF4 4-bit base), full MeZO (fp32) and zero-shot, on SmolLM2-135M-Instruct at one forward-pass budget per run,
 # dev-selected, seed 0 for the data, the masks and the run.
 #   bash benchmarks/senszoq_table.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's benchmark: every method on real data, one forward-pass budget per run, dev-selected, seed 0 for the data
+# The benchmark: every method on real data, one forward-pass budget per run, dev-selected, seed 0 for the data
 # and the run, through `zotune train` (the same command a user runs). One run per (task, row); rows already summarized
 # stay (the summary merges), so the suite can be run a piece at a time:
 #   bash benchmarks/suite.sh                                   # SmolLM2-135M on this CPU: every task and row

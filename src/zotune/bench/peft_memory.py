@@ -1,7 +1,7 @@
 """Peak memory (and time) of a Bilevel ZOFO step against a first-order LoRA step and full first-order fine-tuning,
 measured in one process on the same batch.
 
-Issue 6 target: peak(Bilevel ZOFO step) ÷ peak(FO-LoRA step) ≤ 1.1, both far below full first-order AdamW. Also
+Target: peak(Bilevel ZOFO step) ÷ peak(FO-LoRA step) ≤ 1.1, both far below full first-order AdamW. Also
 measured: inference, a MeZO step on the LoRA adapters (MeZO-LoRA) and the ZOFO step without its heap trim
 (``ZOFOConfig.release_memory=False``). Peak memory is the peak RSS on CPU (reset
 between phases, see :class:`zotune.bench.speed.PeakMemory`) or ``torch.cuda.max_memory_allocated`` on CUDA. The

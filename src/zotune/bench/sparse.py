@@ -1,4 +1,4 @@
-"""Memory and speed of a sparse ZO step over a 4-bit base (SensZOQ, issue 7), as ratios measured in one process.
+"""Memory and speed of a sparse ZO step over a 4-bit base (SensZOQ), as ratios measured in one process.
 
 SensZOQ (Guo et al., "Zeroth-Order Fine-Tuning of LLMs with Extreme Sparsity", ICLR'25, arXiv 2406.02913) trains
 k ≈ 0.1 % of the Linear weights in fp32 with ZO over a frozen 4-bit rest (:mod:`zotune.models.quant`). On one model
@@ -17,7 +17,7 @@ the conversion does not leak into the 4-bit phases) and ``torch.cuda.max_memory_
 process itself (Python, torch, transformers, bitsandbytes: imported before anything is measured); the ratios are
 also given net of that baseline.
 
-Targets (issue 7): peak(sparse ZO step, 4-bit) ÷ peak(fp32 inference) ≤ 0.45; step ÷ (2 × forward of the same
+Targets: peak(sparse ZO step, 4-bit) ÷ peak(fp32 inference) ≤ 0.45; step ÷ (2 × forward of the same
 sparse 4-bit model) ≤ 1.05. What bounds the memory ratio on a small model: only the Linear weights shrink
 (SmolLM2-135M: 513 -> 162 MiB, the tied 108 MiB embedding stays fp32), while the process (~350 MiB) and the loss's
 transient (the batch's logits and their log-softmax, 2 × 192 MiB at 16 × 64 tokens, vocabulary 49152) are the same

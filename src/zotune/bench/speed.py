@@ -7,8 +7,8 @@ code does it (4 passes over the weights, a fresh ``torch.randn`` per tensor per 
 step. Peak memory is peak RSS on CPU (the kernel's high-water mark, reset between phases through
 ``/proc/self/clear_refs``) and ``torch.cuda.max_memory_allocated`` on CUDA.
 
-Targets (foundation issue): step ÷ (2 × forward) ≤ 1.25 (Gaussian), ≤ 1.15 (Rademacher) on CPU, ≤ 1.05 on GPU;
-peak(ZO step) ÷ peak(inference) ≤ 1.05. Issue 5: LOZO (rank 2) step ÷ (2 × forward) ≤ 1.05 on CPU and peak ÷ inference
+Targets: step ÷ (2 × forward) ≤ 1.25 (Gaussian), ≤ 1.15 (Rademacher) on CPU, ≤ 1.05 on GPU;
+peak(ZO step) ÷ peak(inference) ≤ 1.05. LOZO (rank 2) step ÷ (2 × forward) ≤ 1.05 on CPU and peak ÷ inference
 ≤ 1.05, LOZO-M within 2 % of LOZO; MeZO-SVRG peak ÷ inference reported (aim ≤ 2.1) with its forwards per step.
 
 Example (the committed numbers come from this command):
@@ -192,7 +192,7 @@ def bench_speed_memory(
         for name in ("gaussian", "rademacher")
     }
     fwd_per_step = {k: 2 for k in opts}  # forwards per timed call, the denominator of the time ratio
-    if methods:  # issue 5: LOZO given the model (side branch where cheaper) and in place, LOZO-M, MeZO-SVRG
+    if methods:  # LOZO given the model (side branch where cheaper) and in place, LOZO-M, MeZO-SVRG
         from ..methods import LOZO, LOZOM, MeZOSVRG
 
         opts["lozo"] = LOZO(model, lr=1e-7, eps=1e-3, rank=rank, refresh_every=50)
