@@ -20,9 +20,13 @@ from safetensors.torch import load_file
 from tiny import tiny_batch, tiny_model
 from transformers import AutoModelForCausalLM, get_scheduler
 
+from zotune.bench.packed import LMRows
 from zotune.cli import main as cli
 from zotune.core import UpdateLog
+from zotune.core.packed import PackedBatch
+from zotune.core.packed_estimators import PackedZO
 from zotune.methods import METHODS
+from zotune.methods.packed import PackedConfig
 from zotune.methods.zofo import BilevelZOFO, ZOFOConfig
 from zotune.train import checkpoint as ckpt
 from zotune.train import run_config_from_dict, train
@@ -144,9 +148,15 @@ def optimizers():
     batch = tiny_batch(0)
     for name in sorted(n for n, m in METHODS.items() if not m.caps.backward):  # the ZO methods
         model = tiny_model("llama")
-        opt = METHODS[name].build(model, METHODS[name].config_cls(lr=1e-3, eps=1e-2))
+        hp = METHODS[name].config_cls(lr=1e-3, eps=1e-2)
+        hp = hp.for_batch(len(batch["input_ids"])) if isinstance(hp, PackedConfig) else hp  # a probe per example
+        opt = METHODS[name].build(model, hp)
         if METHODS[name].caps.anchor:
             opt.estimator.anchor = lambda m=model: m(**tiny_batch(1)).loss
+        if isinstance(opt, PackedZO):  # packed methods step on per-example losses of packed rows
+            rows = LMRows(model, batch)
+            yield name, model, opt, lambda o, r=rows: o.step(PackedBatch(r, list(range(len(batch["input_ids"])))))
+            continue
         yield name, model, opt, lambda o, m=model: o.step(lambda: m(**batch).loss)
     model = tiny_model("llama")
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)

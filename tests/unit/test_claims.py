@@ -75,8 +75,10 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     grid = cl.grid(cl.PROTOCOL, "cpu")
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
-    # 6 scanned rows on the CPU profile (SensZOQ over NF4) x 5 lrs x 2 tasks; 3 seeds each; FO refs x 3 seeds
-    assert sum(c.phase == "scan" for c in grid) == 60 and sum(c.phase == "seeds" for c in grid) == 36
+    # 10 scanned rows on the CPU profile (6 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks;
+    # 3 seeds each; FO refs x 3 seeds
+    assert sum(c.phase == "scan" for c in grid) == 100 and sum(c.phase == "seeds" for c in grid) == 60
+    assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
     assert "trec-senszoq-fp32base-s2" in [c.name for c in cl.grid(cl.PROTOCOL, "gpu")]

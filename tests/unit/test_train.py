@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 from zotune.cli import main as cli
 from zotune.cli import parse_train_args
+from zotune.core.packed_estimators import PackedZO
 from zotune.methods import METHODS
+from zotune.methods.packed import PackedConfig
 from zotune.train import ConfigError, TrainingStopped, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
 
@@ -187,8 +189,13 @@ def test_every_zo_method_trains_from_the_cli_and_replays(workdir, tmp_path, meth
     assert cli(args) == 0
     steps = records(run, "train")
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
-    opt = METHODS[method].build(torch.nn.Linear(2, 2), METHODS[method].config_cls())
-    if method == "mezo_svrg":  # anchors at steps 0 and 3: 2 calls × 2 micro-batches of 4; others 4 forwards
+    hp = METHODS[method].config_cls()
+    hp = hp.for_batch(4) if isinstance(hp, PackedConfig) else hp  # one probe per example: the batch's 4
+    opt = METHODS[method].build(torch.nn.Linear(2, 2), hp)
+    if isinstance(opt, PackedZO):  # one packed forward of rows ÷ batch forwards; no unperturbed check
+        per = opt.rows_per_step(4) // 4
+        assert [r["forwards"] for r in steps] == [per * (t + 1) for t in range(4)]
+    elif method == "mezo_svrg":  # anchors at steps 0 and 3: 2 calls × 2 micro-batches of 4; others 4 forwards
         assert [r["forwards"] for r in steps] == [5, 9, 13, 17] and [bool(r.get("anchor")) for r in steps][::3] == [
             1,
             1,
