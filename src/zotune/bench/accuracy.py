@@ -66,7 +66,7 @@ def config_from_command(argv: Sequence[str], dest: Path) -> None:
     Example:
         python -m zotune.bench.accuracy --config-only /tmp/mezo.yaml --config recipes/smollm2-sst2-mezo.yaml
     """
-    from ..cli import parse_train_args
+    from ..train.args import parse_train_args
     from ..train.config import config_to_dict
 
     cfg = config_to_dict(parse_train_args(list(argv)))
