@@ -445,7 +445,7 @@ def use_rank_directions(opt: Any, group: Group = None) -> None:
             f"{name} with {n} direction(s): use shared directions, or num_directions 1"
         )
     opt.estimator = RankDirections(group=group)
-    opt.update_log.header = opt._header()
+    opt.update_log.header = opt.log_header()
 
 
 # --------------------------------------------------------------------------------------------- independent directions

@@ -9,8 +9,8 @@ import pytest
 from real_support import require_or_skip
 
 from zotune.cli import main as cli
-from zotune.cli import parse_train_args
 from zotune.tasks import DataNotFoundError, find_data_dir
+from zotune.train.args import parse_train_args
 
 pytestmark = pytest.mark.real
 

@@ -55,7 +55,7 @@ def test_accuracy_table_summarizes_runs_at_one_budget(workdir, tmp_path, capsys)
         assert len(loss) == r["steps"] and all(f2 > f1 for (f1, _), (f2, _) in zip(loss, loss[1:], strict=False))
         assert r["peak_mem_mb"] > 0 and r["median_step_seconds"] > 0
     # each row keeps its full config as a recipe: training from it gives the row's numbers again
-    from zotune.cli import parse_train_args
+    from zotune.train.args import parse_train_args
 
     again = train(parse_train_args(["--config", str(tmp_path / "t" / "configs" / "mezo.yaml"),
                                     "--out", str(tmp_path / "again")]))  # fmt: skip
@@ -130,7 +130,7 @@ def test_config_only_rebuilds_the_recipe_a_run_keeps(workdir, tmp_path, capsys):
     import yaml
 
     from zotune.bench.accuracy import save_config
-    from zotune.cli import parse_train_args
+    from zotune.train.args import parse_train_args
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(config(workdir, tmp_path / "unused")))

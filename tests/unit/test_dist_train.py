@@ -74,7 +74,7 @@ def run_ranks(argv: list[str], world: int = 2) -> list[str]:
 
 
 def run_one(workdir: Path, out: Path, *extra: str, steps: int = 6) -> dict:
-    from zotune.cli import parse_train_args
+    from zotune.train.args import parse_train_args
 
     return train(parse_train_args(args(workdir, out, *extra, steps=steps)))
 

@@ -24,12 +24,13 @@ from tiny import save_tiny_model, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zotune.cli import main as cli
-from zotune.cli import parse_train_args, user_error
+from zotune.cli import user_error
 from zotune.models import ModelLoadError, load, resolve
 from zotune.models.sensitivity import MaskError, SparseMask
 from zotune.tasks import Example, scoring
 from zotune.tasks.readers import read_rows
 from zotune.train import ConfigError
+from zotune.train.args import parse_train_args
 from zotune.train.data import resolve_task
 
 

@@ -50,7 +50,7 @@ def test_v_is_kept_within_a_period_and_redrawn_at_refresh():
     vs = []
     for t in range(7):
         s.prepare(t)
-        vs.append(s._v(e).clone())
+        vs.append(s.current_v(e).clone())
     assert torch.equal(vs[0], vs[1]) and torch.equal(vs[1], vs[2])
     assert not torch.equal(vs[2], vs[3]) and torch.equal(vs[3], vs[5]) and not torch.equal(vs[5], vs[6])
     assert torch.equal(vs[3], s.v(e, 1))  # regenerated from (seed, period, name): nothing to checkpoint

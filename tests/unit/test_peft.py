@@ -209,7 +209,7 @@ def test_lora_keeps_peft_init_and_mezo_targets():
 def test_bad_peft_configs_are_clear_errors(workdir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'model\.lora': LoRA is now chosen with model\.peft: lora"):
         run_config_from_dict({"model": {"lora": True}})
-    from zotune.cli import parse_train_args
+    from zotune.train.args import parse_train_args
 
     with pytest.raises(ConfigError, match=r"model\.peft: lora"):
         parse_train_args(["--model.lora", "true"])

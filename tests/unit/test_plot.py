@@ -14,9 +14,9 @@ from matplotlib.image import imread  # noqa: E402
 
 from zotune.train.plot import (  # noqa: E402
     MetricsNotFoundError,
-    _ema,
     _labels,
     _series,
+    ema,
     main,
     plot_runs,
     read_metrics,
@@ -123,13 +123,13 @@ def test_series_f1_metric_and_eval_only():
 
 def test_ema_against_hand_calculation():
     # s0 = y0; s_t = 0.5 * s_{t-1} + 0.5 * y_t
-    assert _ema([1.0, 3.0, 2.0], 0.5) == pytest.approx([1.0, 2.0, 2.0])
+    assert ema([1.0, 3.0, 2.0], 0.5) == pytest.approx([1.0, 2.0, 2.0])
     # smooth 0.9: 0.9, then 0.9*0.9 + 0.1*0.7 = 0.88, then 0.9*0.88 + 0.1*0.8 = 0.872, then 0.9*0.872 + 0.1*0.5
     s = _series(TRAIN, smooth=0.9)
     assert s.train_y == [0.9, 0.7, 0.8, 0.5]  # raw curve kept for the faint line
     assert s.train_smooth == pytest.approx([0.9, 0.88, 0.872, 0.8348])
     # A NaN loss repeats the previous average instead of poisoning the rest.
-    out = _ema([math.nan, 1.0, math.nan, 3.0], 0.5)
+    out = ema([math.nan, 1.0, math.nan, 3.0], 0.5)
     assert math.isnan(out[0]) and out[1:] == pytest.approx([1.0, 1.0, 2.0])
 
 

@@ -21,12 +21,12 @@ import yaml
 from safetensors.torch import load_file
 
 from zotune.cli import main as cli
-from zotune.cli import parse_train_args
 from zotune.core.packed_estimators import PackedZO
 from zotune.methods import METHODS
 from zotune.methods.packed import PackedConfig
 from zotune.train import ConfigError, TrainingStopped, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
+from zotune.train.args import parse_train_args
 
 
 def config(workdir: Path, out: Path, **sections) -> dict:

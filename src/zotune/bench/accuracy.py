@@ -66,7 +66,7 @@ def config_from_command(argv: Sequence[str], dest: Path) -> None:
     Example:
         python -m zotune.bench.accuracy --config-only /tmp/mezo.yaml --config recipes/smollm2-sst2-mezo.yaml
     """
-    from ..cli import parse_train_args
+    from ..train.args import parse_train_args
     from ..train.config import config_to_dict
 
     cfg = config_to_dict(parse_train_args(list(argv)))
@@ -121,7 +121,7 @@ LABELS = {("adamw", "none"): "FO full (AdamW)", ("adamw", "lora"): "FO-LoRA (Ada
           ("zofo", "lora"): "Bilevel ZOFO"}  # fmt: skip
 
 
-def _order(row: dict[str, Any]) -> tuple[int, int, str]:
+def row_order(row: dict[str, Any]) -> tuple[int, int, str]:
     """Tasks in the script's order, methods in the table's order (unknown ones last)."""
     tasks = ["sst2", "rte", "cb", "boolq", "sst5", "trec"]
     t = tasks.index(row["task"]) if row["task"] in tasks else len(tasks)
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [r for r in old if r["run"] not in new] + rows
     if not rows:
         p.error("no finished run (results.json) among the given folders")
-    rows.sort(key=_order)
+    rows.sort(key=row_order)
     out.mkdir(parents=True, exist_ok=True)
     for r in finished:  # each row's full config, runnable as is: zotune train --config OUT/configs/RUN.yaml
         save_config(r, out / "configs" / f"{r.name}.yaml")

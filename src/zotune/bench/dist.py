@@ -45,13 +45,13 @@ from ..core.log import atomic_write_text
 def _worker(a: Any) -> dict[str, Any]:
     from ..methods import MeZO
     from ..models import load
-    from .speed import _batch, _timed
+    from .speed import make_batch, timed
 
     torch.set_num_threads(a.threads)
     zd.init(backend="gloo", timeout_s=600)
     device = torch.device("cpu")
     model, tokenizer = load(a.model, dtype="float32", device="cpu")
-    batch = _batch(tokenizer, a.batch, a.seq, device)
+    batch = make_batch(tokenizer, a.batch, a.seq, device)
     d = sum(p.numel() for p in model.parameters())
     zd.broadcast_parameters(model)
     mode = a.worker
@@ -72,10 +72,10 @@ def _worker(a: Any) -> dict[str, Any]:
     steps = []
     for _ in range(a.reps):
         zd.barrier()  # ranks start each step together: the slowest rank sets the step time
-        steps += _timed(lambda: opt.step(closure), device, 1)
+        steps += timed(lambda: opt.step(closure), device, 1)
     after = zd.COUNTER.snapshot()
     with torch.no_grad():
-        fwd = _timed(loss, device, a.reps)
+        fwd = timed(loss, device, a.reps)
     gather = []
     if zd.world() > 1:
         zd.barrier()

@@ -37,7 +37,7 @@ from ..core import LowRank, ZOOptimizer
 from ..core.log import atomic_write_text
 from ..core.packed import PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
-from .speed import PeakMemory, _batch, _timed, load_bench_model
+from .speed import PeakMemory, load_bench_model, make_batch, timed
 
 SYNTHETIC = {"synthetic": (16, 64), "synthetic_64x256": (64, 256)}  # name: (rows, tokens)
 WORKLOADS = ("sst2", "trec", *SYNTHETIC)
@@ -85,7 +85,7 @@ def build_workloads(
     for name in names:
         if name in SYNTHETIC:  # padded text batches, per-row language-modelling loss
             size, length = SYNTHETIC[name]
-            b = _batch(tok, size, length, device)
+            b = make_batch(tok, size, length, device)
             rows = LMRows(model, b)
             batches: list[Sequence[Any]] = [list(range(size))]
             out.append(Workload(name, batches, lambda idx, rows=rows: rows(idx, 1).mean(), rows, float(length)))
@@ -191,7 +191,7 @@ def _measure(
         for r in range(reps):
             state["batch"] = wl.batches[r % len(wl.batches)]
             for k, fn in calls.items():
-                times[k] += _timed(fn, dev, 1)
+                times[k] += timed(fn, dev, 1)
     finally:
         for o in seq.values():  # sequential LOZO's side-branch hooks stay on the model otherwise
             if isinstance(o.sampler, LowRank):

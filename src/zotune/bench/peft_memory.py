@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.log import atomic_write_text
-from .speed import PeakMemory, _batch, _timed
+from .speed import PeakMemory, make_batch, timed
 
 
 def bench_peft_memory(
@@ -47,7 +47,7 @@ def bench_peft_memory(
     dev = torch.device(device)
     model, tok = load(model_name, device=device)
     model.eval()
-    b = _batch(tok, batch, seq, dev)
+    b = make_batch(tok, batch, seq, dev)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -95,7 +95,7 @@ def bench_peft_memory(
         fn()  # warm-up: kernels, the Adam moments, the ZO closure check
     for key, fn in phases.items():
         with PeakMemory(dev) as mem:
-            t = _timed(fn, dev, reps)
+            t = timed(fn, dev, reps)
         res[f"peak_{key}_bytes"] = mem.peak
         res[f"{key}_s"] = statistics.median(t)
     if full:  # full fine-tuning: every base weight trainable, AdamW moments over all of them (adapters off)
@@ -113,7 +113,7 @@ def bench_peft_memory(
 
         fo_full()
         with PeakMemory(dev) as mem:
-            t = _timed(fo_full, dev, reps)
+            t = timed(fo_full, dev, reps)
         res["peak_fo_full_bytes"], res["fo_full_s"] = mem.peak, statistics.median(t)
     inf, lora_peak = res["peak_forward_bytes"], res["peak_fo_lora_bytes"]
     keys = [k for k in (*phases, "fo_full") if f"peak_{k}_bytes" in res]
@@ -122,7 +122,7 @@ def bench_peft_memory(
     return res
 
 
-def _fixed_mmap_threshold(nbytes: int) -> None:
+def fixed_mmap_threshold(nbytes: int) -> None:
     """glibc's ``mallopt(M_MMAP_THRESHOLD, n)``: large blocks are mmapped and unmapped on free, always.
 
     By default glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), so later
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.mmap_threshold is not None:
-        _fixed_mmap_threshold(a.mmap_threshold)
+        fixed_mmap_threshold(a.mmap_threshold)
     if min(a.batch, a.seq, a.reps, a.inner_steps) < 1:
         p.error("--batch, --seq, --reps and --inner-steps must be >= 1")
     res = bench_peft_memory(a.model, batch=a.batch, seq=a.seq, device=a.device, inner_steps=a.inner_steps,

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.log import atomic_write_text
-from ..train.plot import _ema
-from .accuracy import LABELS, _order
+from ..train.plot import ema
+from .accuracy import LABELS, row_order
 
 
 def load_rows(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def load_rows(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
                 row = json.loads(line)
                 row["source"] = str(path)
                 rows[(row["task"], row["run"])] = row
-    return sorted(rows.values(), key=_order)
+    return sorted(rows.values(), key=row_order)
 
 
 def label(row: dict[str, Any]) -> str:
@@ -243,7 +243,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
             dev, loss = r["curves"]["dev"], r["curves"]["loss"]
             (line,) = ax_dev.plot([f for f, _ in dev], [a for _, a in dev], marker="o", ms=3, label=names[r["run"]])
             if loss:  # per-step minibatch losses are noisy: an EMA (0.9), as `zotune plot --smooth 0.9`
-                ys = _ema([v for _, v in loss], 0.9)
+                ys = ema([v for _, v in loss], 0.9)
                 ax_loss.plot([f for f, _ in loss], ys, color=line.get_color(), lw=1.2)
         ax_dev.set(xlabel="forward passes", ylabel="dev accuracy", title=f"{task}: dev accuracy")
         ax_loss.set(xlabel="forward passes", ylabel="training loss", title=f"{task}: training loss (EMA 0.9)")

@@ -57,8 +57,8 @@ import torch.nn.functional as F
 
 from ..core.log import atomic_write_text
 from ..core.memory import release_freed_memory
-from .peft_memory import _fixed_mmap_threshold
-from .speed import PeakMemory, _batch, _timed
+from .peft_memory import fixed_mmap_threshold
+from .speed import PeakMemory, make_batch, timed
 
 TARGETS = {"peak_sparse_zo_over_fp32_inference": 0.45, "step_over_2fwd": 1.05}
 
@@ -136,7 +136,7 @@ def _model_parts(model: torch.nn.Module) -> dict[str, int]:
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     table_ids = {id(emb), id(getattr(head, "weight", None))}
-    sparse_ids = {id(t) for m in sparse_layers(model).values() for t in (m.values, m.indices, m._fold_index)}
+    sparse_ids = {id(t) for m in sparse_layers(model).values() for t in (m.values, m.indices, m.fold_index)}
     seen: set[int] = set()
     parts = dict.fromkeys(("embedding", "nf4", "sparse", "other"), 0)
     tensors = [*model.parameters(), *model.buffers()]
@@ -190,7 +190,7 @@ def _objective(model: torch.nn.Module, tok: Any, workload: str, batch: int, seq:
         raise ValueError(f"workload {workload!r}: use synthetic or sst2")
     if loss_kind not in ("answer", "lm"):
         raise ValueError(f"loss_kind={loss_kind!r} is not one of: answer, lm")
-    b = _batch(tok, batch, seq, dev)
+    b = make_batch(tok, batch, seq, dev)
 
     def loss(use_cache: bool = False) -> torch.Tensor:
         if loss_kind == "lm":
@@ -301,7 +301,7 @@ def bench_sparse(
     res["peak_fp32_inference_bytes"] = _peak(dev, forward_pair)
     if workload == "synthetic":
         res["peak_fp32_inference_kv_cache_bytes"] = _peak(dev, lambda: forward_pair(use_cache=True))
-    res["fp32_forward_s"] = statistics.median(t / 2 for t in _timed(forward_pair, dev, max(1, reps // 2)))
+    res["fp32_forward_s"] = statistics.median(t / 2 for t in timed(forward_pair, dev, max(1, reps // 2)))
 
     # (b) convert in place, layer by layer; nothing else holds the fp32 weights (load() returned the only model)
     res["rss_before_convert_bytes"] = _rss()
@@ -349,9 +349,9 @@ def bench_sparse(
     # (c) interleaved rounds: drift of a shared machine hits all three alike; ratios per round, then the median
     times: dict[str, list[float]] = {"forward": [], "base_forward": [], "step": []}
     for _ in range(reps):
-        times["forward"] += [t / 2 for t in _timed(forward_pair, dev, 1)]
-        times["base_forward"] += [t / 2 for t in _timed(base_pair, dev, 1)]
-        times["step"] += _timed(step, dev, 1)
+        times["forward"] += [t / 2 for t in timed(forward_pair, dev, 1)]
+        times["base_forward"] += [t / 2 for t in timed(base_pair, dev, 1)]
+        times["step"] += timed(step, dev, 1)
     res["rounds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
     res["forward_s"] = statistics.median(times["forward"])
     res["base_forward_s"] = statistics.median(times["base_forward"])
@@ -429,7 +429,7 @@ def _versus_full(
     rounds: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(reps):
         for k, fn in steps.items():
-            rounds[k] += _timed(fn, dev, 1)
+            rounds[k] += timed(fn, dev, 1)
 
     def med(num: str) -> float:
         return statistics.median(a / d for a, d in zip(rounds[num], rounds["full_step"], strict=True))
@@ -509,7 +509,7 @@ def bench_kernels(
 def _kernel_row(
     in_f: int, out_f: int, density: float, tokens: int, reps: int, inner: int, gen: torch.Generator
 ) -> dict[str, Any]:
-    from ..models.quant import SparseLinear, _nf4_linear
+    from ..models.quant import SparseLinear, nf4_linear
 
     w = torch.randn(out_f, in_f, generator=gen) * 0.02
     k = max(1, round(density * w.numel()))
@@ -522,7 +522,7 @@ def _kernel_row(
         lin.weight.data.copy_(w)
         layers.append(SparseLinear.from_dense(lin, idx, quantize=mode))
     nf4, fp = layers
-    bnb = _nf4_linear(fp.base.weight.detach().clone(), None, torch.float32)  # bnb's defaults and own forward
+    bnb = nf4_linear(fp.base.weight.detach().clone(), None, torch.float32)  # bnb's defaults and own forward
     vals = fp.values.detach()
     crow = torch.zeros(out_f + 1, dtype=torch.int64)
     crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
@@ -550,7 +550,7 @@ def _kernel_row(
     with torch.no_grad():
         for name, fn in cands.items():
             fn()
-            row[f"{name}_s"] = min(sum(_timed(fn, torch.device("cpu"), inner)) / inner for _ in range(reps))
+            row[f"{name}_s"] = min(sum(timed(fn, torch.device("cpu"), inner)) / inner for _ in range(reps))
     row["gather_buffer_bytes"] = tokens * k * 4
     return row
 
@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(a.batch, a.seq, a.reps) < 1 or not 0 < a.sparsity <= 1:
         p.error("--batch, --seq and --reps must be >= 1 and --sparsity in (0, 1]")
     if a.mmap_threshold is not None:
-        _fixed_mmap_threshold(a.mmap_threshold)
+        fixed_mmap_threshold(a.mmap_threshold)
     if a.threads:
         torch.set_num_threads(a.threads)
     res = bench_sparse(a.model, batch=a.batch, seq=a.seq, sparsity=a.sparsity, mask=a.mask, device=a.device,

@@ -73,7 +73,8 @@ class PeakMemory:
             self.peak = _rss_peak()
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    """Wall-clock seconds of each of ``reps`` calls of ``fn`` (CUDA synchronized around each)."""
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -122,7 +123,8 @@ class ReferenceMeZO:
 
 
 # ------------------------------------------------------------------------------------------------------ the bench
-def _batch(tokenizer: Any, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(tokenizer: Any, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A (batch, seq) causal-LM batch of SST-2 sentences, padded to ``seq``, with labels (-100 on padding)."""
     from ..tasks import read_sst2
 
     rows = read_sst2("train", limit=batch * max(4, seq // 16))
@@ -168,7 +170,7 @@ def bench_speed_memory(
     dev = torch.device(device)
     model, tok = load_bench_model(model_name, dtype=dtype, device=device, random_init=random_init)
     model.eval()
-    b = _batch(tok, batch, seq, dev)
+    b = make_batch(tok, batch, seq, dev)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss() -> torch.Tensor:
@@ -234,9 +236,9 @@ def bench_speed_memory(
     for _ in range(reps):
         for key in keys:
             if key == "forward":
-                times[key] += [t / 2 for t in _timed(lambda: (call("forward"), call("forward")), dev, 1)]
+                times[key] += [t / 2 for t in timed(lambda: (call("forward"), call("forward")), dev, 1)]
             else:
-                times[key] += _timed(lambda key=key: call(key), dev, 1)
+                times[key] += timed(lambda key=key: call(key), dev, 1)
     res["forward_s"] = statistics.median(times["forward"])
     res["peak_inference_bytes"] = peaks["forward"]
     res["rounds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
@@ -254,7 +256,7 @@ def bench_speed_memory(
 
         fo_step()  # allocates the Adam moments: the steady state is what a user pays
         with PeakMemory(dev) as mem:
-            t = _timed(fo_step, dev, max(2, reps // 2))
+            t = timed(fo_step, dev, max(2, reps // 2))
         res["adamw_step_s"] = statistics.median(t)
         res["peak_adamw_bytes"] = mem.peak
         adam.zero_grad(set_to_none=True)

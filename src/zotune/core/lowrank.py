@@ -110,7 +110,7 @@ class LowRank(DirectionSampler):
         self._entry: dict[str, Entry] = {}
         self.side: set[str] = set()  # low-rank tensors perturbed in the forward
         self._offset: dict[str, dict[int, float]] = {}  # side branch: name -> {seed: coef} of the live perturbation
-        self._u: dict[tuple[str, int], Tensor] = {}  # U factors of this step, by (name, seed)
+        self.u_cache: dict[tuple[str, int], Tensor] = {}  # U factors of this step, by (name, seed)
         self._gens: dict[torch.device, torch.Generator] = {}
         self._handles: dict[str, list[Any]] = {}
         self._cost: dict[tuple[str, int], int] | None = None  # "auto": output elements per (tensor, module)
@@ -154,7 +154,7 @@ class LowRank(DirectionSampler):
                 e = by_id.get(id(p))
                 if e is None:
                     continue
-                kind = _kind(module) if pname == "weight" else None
+                kind = layer_kind(module) if pname == "weight" else None
                 if kind is None:
                     other.add(e.name)
                 else:
@@ -186,7 +186,7 @@ class LowRank(DirectionSampler):
     def prepare(self, step: int) -> None:
         if self._cost:  # "auto" and a forward has run since bind (the optimizer's unperturbed closure check)
             self._choose()
-        self._u.clear()
+        self.u_cache.clear()
         period = step // self.refresh_every
         if period != self.period:  # a refresh step (t mod ν == 0, or the first step after a resume)
             self.period = period
@@ -208,14 +208,15 @@ class LowRank(DirectionSampler):
     def u(self, entry: Entry, seed: int) -> Tensor:
         """U (m×r) of ``entry`` for direction ``seed``."""
         key = (entry.name, seed)
-        if key not in self._u:
+        if key not in self.u_cache:
             m, _ = self.lowrank[entry.name]
             gen = self._gen(entry.param.device, tensor_seed(seed, entry.name))
             u = torch.randn(m, self.rank, generator=gen, device=entry.param.device, dtype=torch.float32)
-            self._u[key] = u.to(entry.param.dtype)
-        return self._u[key]
+            self.u_cache[key] = u.to(entry.param.dtype)
+        return self.u_cache[key]
 
-    def _v(self, entry: Entry) -> Tensor:
+    def current_v(self, entry: Entry) -> Tensor:
+        """V (n×r) of ``entry`` in the current refresh period, drawn at its first use and kept until the next."""
         if entry.name not in self.V:  # first use in this period
             if self.period < 0:
                 raise RuntimeError("LowRank.prepare(step) must be called before applying directions")
@@ -225,7 +226,7 @@ class LowRank(DirectionSampler):
     def draw(self, entry: Entry, seed: int) -> Tensor:
         if entry.name not in self.lowrank:
             return self.dense.draw(entry, seed)
-        return (self.u(entry, seed).float() @ self._v(entry).float().T).to(entry.param.dtype)
+        return (self.u(entry, seed).float() @ self.current_v(entry).float().T).to(entry.param.dtype)
 
     def update_scale(self, entry: Entry) -> float:
         """Factor on update coefficients of ``entry`` (1/r with ``scale="1/r"`` on low-rank tensors, else 1)."""
@@ -246,7 +247,7 @@ class LowRank(DirectionSampler):
             self.dense.apply_(ParamSpace(dense), program)
 
     def _apply_lowrank(self, e: Entry, ops: list[Op]) -> None:
-        W, V = e.param.data, self._v(e)
+        W, V = e.param.data, self.current_v(e)
         side = e.name in self.side
         scale = self.update_scale(e)
         # W += (Σ coef·F) Vᵀ, pending: the Z ops (F = U(seed), one term per seed) and FactorFn ops between two
@@ -307,7 +308,7 @@ class LowRank(DirectionSampler):
             f = self._factor(name)
             if f is None:
                 return
-            v = self._v(self._entry[name])
+            v = self.current_v(self._entry[name])
             x = args[0]
             if kind == "linear":  # W: (m, n) = (out, in); y = x Wᵀ, so dy = c (x V) Uᵀ
                 delta_in, delta_out = x.reshape(-1, v.shape[0]) @ v, f.T
@@ -352,7 +353,7 @@ class FactorFn(Fn):
     Z ops into one rank-r ``addmm_``."""
 
 
-def _kind(module: torch.nn.Module) -> str | None:
+def layer_kind(module: torch.nn.Module) -> str | None:
     """Which side branch fits a module whose ``weight`` is a low-rank tensor (None: perturb it in place)."""
     if type(module) is torch.nn.Linear:
         return "linear"

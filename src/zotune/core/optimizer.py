@@ -35,7 +35,7 @@ from .log import UpdateLog, UpdateRecord
 from .rng import derive_seed
 from .rules import RULES, ZOSGD, UpdateRule
 from .samplers import SAMPLERS, DirectionSampler, make_sampler
-from .space import DecayMask, ParamSpace, _is_quantized, check_tensor
+from .space import DecayMask, ParamSpace, check_tensor, is_quantized
 
 
 def check_hparams(lr: Any, eps: Any, weight_decay: Any) -> None:
@@ -102,7 +102,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.num_steps = 0
         self.initial_loss: float | None = None  # loss at θ before the first step (the closure check)
         self._validated = False
-        self.update_log = UpdateLog(header=self._header())
+        self.update_log = UpdateLog(header=self.log_header())
 
     # ----------------------------------------------------------------------------------------------- construction
     def _named(self) -> list[tuple[str, Tensor, int]]:
@@ -116,7 +116,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         named, frozen = [], 0
         for name, p, gi in self._named():
             if not p.requires_grad:
-                if not p.is_floating_point() and not _is_quantized(p):
+                if not p.is_floating_point() and not is_quantized(p):
                     check_tensor(name, p)  # an explicitly passed integer tensor is a mistake, not a frozen weight
                 frozen += 1
                 continue
@@ -129,7 +129,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups = {n: gi for n, _, gi in named}
         return ParamSpace.from_named([(n, p) for n, p, _ in named], decay=decay, masks=masks, groups=groups)
 
-    def _header(self) -> dict[str, Any]:
+    def log_header(self) -> dict[str, Any]:
+        """The update log's header: method, seed, sampler, estimator, rule and groups, enough to replay the run."""
         dev = self.space.entries[0].param.device
         return {
             "method": self.method,

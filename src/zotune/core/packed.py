@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lowrank import LowRank, _kind
+from .lowrank import LowRank, layer_kind
 from .space import Entry, ParamSpace
 
 LossRows = Callable[[Sequence[Any], int], Tensor]
@@ -202,7 +202,7 @@ def _is_gain_rmsnorm(module: torch.nn.Module, eps: float) -> bool:
 
 
 def _module_kind(module: torch.nn.Module) -> tuple[str | None, float]:
-    kind = _kind(module)
+    kind = layer_kind(module)
     if kind is not None:
         return kind, 0.0
     if type(module) is torch.nn.LayerNorm and module.elementwise_affine and len(module.normalized_shape) == 1:
@@ -409,8 +409,8 @@ class PackedEngine:
                     u = torch.stack([s.u(e, seed).float() for seed in seeds])  # (P, m, r)
                     self._u[e.name] = u
                     if e.param.dtype == torch.float32:  # the sampler's cache (the update reuses it) shares the stack
-                        s._u.update({(e.name, seed): u[p] for p, seed in enumerate(seeds)})
-                    self._vt[e.name] = s._v(e).float().T.contiguous()
+                        s.u_cache.update({(e.name, seed): u[p] for p, seed in enumerate(seeds)})
+                    self._vt[e.name] = s.current_v(e).float().T.contiguous()
                 else:
                     self._z[e.name] = torch.stack([s.dense.draw(e, seed).float().reshape(-1) for seed in seeds])
             if layer.kind in ("layernorm", "rmsnorm") and layer.weight is not None:

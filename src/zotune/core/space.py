@@ -46,7 +46,8 @@ class Entry:
         return self.param.numel() if self.index is None else self.index.numel()
 
 
-def _is_quantized(p: Tensor) -> bool:
+def is_quantized(p: Tensor) -> bool:
+    """Whether ``p`` is a quantized tensor (bitsandbytes 4/8-bit, or a torch quantized tensor)."""
     # bitsandbytes Params4bit / Int8Params carry quant_state / SCB; torch quantized tensors report is_quantized.
     return bool(getattr(p, "is_quantized", False)) or hasattr(p, "quant_state") or hasattr(p, "SCB")
 
@@ -55,7 +56,7 @@ def check_tensor(name: str, p: Tensor) -> None:
     """Raise ValueError if ``p`` cannot be moved by a ZO method (not floating point, or quantized)."""
     if not isinstance(p, Tensor):
         raise ValueError(f"parameter {name!r} is a {type(p).__name__}, not a torch.Tensor")
-    if _is_quantized(p):
+    if is_quantized(p):
         raise ValueError(
             f"parameter {name!r} is quantized ({type(p).__name__}, dtype {p.dtype}): ZO cannot perturb packed "
             "weights; keep it frozen (requires_grad=False) and train a floating-point subset or adapter instead"

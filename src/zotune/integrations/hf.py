@@ -69,7 +69,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..core import UpdateLog
 from ..methods.registry import METHODS, Method, get_method
-from ..methods.steppers import StepContext, Stepper, StepResult, _Batched
+from ..methods.steppers import Batched, StepContext, Stepper, StepResult
 
 __all__ = ["UPDATE_LOG", "StepperOptimizer", "ZOTrainer", "check_model", "check_training_args", "method_config"]
 
@@ -186,7 +186,7 @@ def check_training_args(entry: Method, args: TrainingArguments) -> list[str]:
 def check_model(entry: Method, model: torch.nn.Module) -> None:
     """Refuse a model ``entry`` cannot train here: not a causal LM or sequence classifier (no loss), nothing
     trainable, a trainable tensor that is not floating point (quantized) or not resident (offloaded)."""
-    if not issubclass(entry.stepper, _Batched):
+    if not issubclass(entry.stepper, Batched):
         raise ValueError(
             f"method={entry.name} draws its own batches from several parts of the training data each step, not the "
             "Trainer's micro-batches: train it with `zotune train`"

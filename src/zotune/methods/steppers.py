@@ -170,7 +170,7 @@ def _trainable(model: torch.nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-class _Batched:
+class Batched:
     """Shared by the single-optimizer steppers: the batch order, the micro-batches of a step, the epoch."""
 
     def __init__(self, ctx: StepContext) -> None:
@@ -193,7 +193,7 @@ class _Batched:
         return self.ctx.model
 
 
-class ZOStepper(_Batched):
+class ZOStepper(Batched):
     """A step of a :class:`~zotune.core.ZOOptimizer`: ``opt.step(closure)`` with the mean loss of the step's
     micro-batches under one perturbation.
 
@@ -316,7 +316,7 @@ def first_order_backward(
     return loss
 
 
-class FirstOrderStepper(_Batched):
+class FirstOrderStepper(Batched):
     """A step of a first-order baseline: backward on each micro-batch, clip to ``config.max_grad_norm`` (when > 0),
     ``opt.step()``. The model runs in training mode (dropout on)."""
 

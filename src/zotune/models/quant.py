@@ -189,7 +189,7 @@ def _is_quantized(module: nn.Module) -> bool:
     return _is_4bit(module) or hasattr(getattr(module, "weight", None), "SCB")  # also bnb Linear8bitLt
 
 
-def _nf4_linear(weight: Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype) -> nn.Module:
+def nf4_linear(weight: Tensor, bias: nn.Parameter | None, compute_dtype: torch.dtype) -> nn.Module:
     """A frozen bnb NF4 ``Linear4bit`` quantized from ``weight`` ``(out, in)`` (blocks of 64, double-quantized
     absmax as QLoRA); ``weight``'s storage is no longer referenced by the result."""
     bnb = require_bitsandbytes(weight.device)
@@ -317,7 +317,7 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(values.detach().to(torch.float32).clone())
         # where each value sits in the base's (out, in) weight, flattened; same order as `values`
         fold = (indices % out_f) * in_f + indices // out_f if transposed else indices
-        self.register_buffer("_fold_index", fold, persistent=False)
+        self.register_buffer("fold_index", fold, persistent=False)
 
     @classmethod
     def from_dense(
@@ -348,7 +348,7 @@ class SparseLinear(nn.Module):
         flat[idx] = 0
         dense = weight.t().contiguous() if transposed else weight  # (out, in); one layer's copy for Conv1D
         if quantize == "nf4":
-            base: nn.Module = _nf4_linear(dense, layer.bias, compute_dtype)
+            base: nn.Module = nf4_linear(dense, layer.bias, compute_dtype)
         elif transposed:
             base = nn.Linear(dense.shape[1], dense.shape[0], bias=layer.bias is not None, device="meta")
             base.weight = nn.Parameter(dense, requires_grad=False)
@@ -368,15 +368,15 @@ class SparseLinear(nn.Module):
 
                 w = self.base.weight
                 dense = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(self.compute_dtype)  # (out, in)
-                dense.view(-1).index_put_((self._fold_index,), values.to(dense.dtype), accumulate=True)
+                dense.view(-1).index_put_((self.fold_index,), values.to(dense.dtype), accumulate=True)
                 return fn(dense)
             # W_dense is exactly zero at the selected entries: write the values there, multiply, zero them again
             flat = self.base.weight.view(-1)
-            flat.index_put_((self._fold_index,), values.to(flat.dtype))
+            flat.index_put_((self.fold_index,), values.to(flat.dtype))
             try:
                 return fn(self.base.weight)
             finally:
-                flat.index_fill_(0, self._fold_index, 0)
+                flat.index_fill_(0, self.fold_index, 0)
 
     def _linear(self, x: Tensor, values: Tensor) -> Tensor:
         bias = self.base.bias
@@ -428,7 +428,7 @@ class _FoldedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # ∂L/∂W = gyᵀ·x over all tokens: (out, T)·(T, in), read at the k entries
             dt = layer.compute_dtype if layer.quantized else layer.base.weight.dtype
             g = gy.reshape(-1, layer.out_features).to(dt).t() @ x.reshape(-1, layer.in_features).to(dt)
-            gv = g.view(-1)[layer._fold_index].to(values.dtype)
+            gv = g.view(-1)[layer.fold_index].to(values.dtype)
         return gx, gv, None
 
 
@@ -819,7 +819,7 @@ def sparsify(
         for name in todo:
             layer = model.get_submodule(name)
             w = layer.weight.data.t().contiguous() if conv is not None and isinstance(layer, conv) else layer.weight
-            _set_module(model, name, _nf4_linear(w.detach(), layer.bias, compute_dtype))
+            _set_module(model, name, nf4_linear(w.detach(), layer.bias, compute_dtype))
             del layer, w
     cast_embeddings(model, emb_dtype, compute_dtype=compute_dtype)
     if quantize == "nf4":

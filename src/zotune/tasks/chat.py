@@ -41,14 +41,14 @@ from torch import Tensor
 
 from .base import Example
 from .scoring import (
-    _batches,
-    _encode,
-    _Pair,
-    _pair_logprobs,
+    Pair,
+    encode,
     exact_match,
     f1_score,
     generate_answers,
+    make_batches,
     model_max_length,
+    pair_logprobs,
 )
 
 __all__ = [
@@ -158,11 +158,11 @@ def chat_segments(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[tu
     return [(text, assistant) for text, assistant in pieces if text]
 
 
-def _chat_pair(tokenizer: Any, example: Example, max_length: int | None) -> _Pair:
+def _chat_pair(tokenizer: Any, example: Example, max_length: int | None) -> Pair:
     segments = chat_segments(tokenizer, _messages(example))
     ids: list[int] = []
     positions: list[int] = []
-    for (_, assistant), piece in zip(segments, _encode(tokenizer, [t for t, _ in segments]), strict=True):
+    for (_, assistant), piece in zip(segments, encode(tokenizer, [t for t, _ in segments]), strict=True):
         if assistant:
             positions += range(len(ids), len(ids) + len(piece))
         ids += piece
@@ -176,12 +176,12 @@ def _chat_pair(tokenizer: Any, example: Example, max_length: int | None) -> _Pai
             f"{_where(example)}: no assistant token is left to score"
             + (f" after cutting the conversation to max_length={max_length}" if truncated else "")
         )
-    return _Pair(ids, len(positions), truncated, positions)
+    return Pair(ids, len(positions), truncated, positions)
 
 
 def _chat_pairs(
     tokenizer: Any, examples: Sequence[Example], max_length: int | None, stats: dict[str, Any] | None, what: str
-) -> list[_Pair]:
+) -> list[Pair]:
     pairs = [_chat_pair(tokenizer, ex, max_length) for ex in examples]
     n_truncated = sum(p.truncated for p in pairs)
     if n_truncated:
@@ -205,10 +205,10 @@ def _nll(
     model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int | None, limit: int | None, stats: Any
 ) -> tuple[Tensor, int]:
     pairs = _chat_pairs(tokenizer, examples, limit, stats, "chat_lm_loss")
-    batches = _batches(model, tokenizer, pairs, batch_size)
+    batches = make_batches(model, tokenizer, pairs, batch_size)
     total = torch.zeros((), dtype=torch.float32, device=batches[0].targets.device if batches else "cpu")
     for batch in batches:
-        _, token_lp = _pair_logprobs(model, batch, pairs, mean=False)
+        _, token_lp = pair_logprobs(model, batch, pairs, mean=False)
         total = total - token_lp.sum()
     if stats is not None:
         stats["n_forward"] = stats.get("n_forward", 0) + len(batches)

@@ -24,14 +24,14 @@ from .base import Example
 from .chat import chat_prompt, evaluate_chat
 from .icl import build_icl_prompt, sample_demos
 from .scoring import (
-    _batches,
-    _build_pairs,
-    _flatten,
-    _pair_logprobs,
+    build_pairs,
     exact_match,
     f1_score,
+    flatten,
     generate_answers,
+    make_batches,
     model_max_length,
+    pair_logprobs,
     score_candidates,
     score_with_head,
 )
@@ -213,15 +213,15 @@ def bench_scoring(
     exactly the batches scoring builds, computing full logits; the ratio ``score_s / forward_s`` is the overhead of
     tokenization, padding, gathering and the fp32 log-softmax (target: <= 2).
     """
-    flat_prompts, flat_cands, _ = _flatten(examples, None)
-    pairs = _build_pairs(tokenizer, flat_prompts, flat_cands, model_max_length(model, tokenizer))
-    batches = _batches(model, tokenizer, pairs, batch_size)
+    flat_prompts, flat_cands, _ = flatten(examples, None)
+    pairs = build_pairs(tokenizer, flat_prompts, flat_cands, model_max_length(model, tokenizer))
+    batches = make_batches(model, tokenizer, pairs, batch_size)
     plain = [
         {k: v for k, v in b.kwargs.items() if k in ("input_ids", "attention_mask", "position_ids")} for b in batches
     ]
     model.eval()
     with torch.no_grad():
-        _pair_logprobs(model, batches[0], pairs)  # warm-up
+        pair_logprobs(model, batches[0], pairs)  # warm-up
         model(**plain[0])
         forward_s, score_s = float("inf"), float("inf")
         for _ in range(repeats):

@@ -75,11 +75,13 @@ def register_task(task: Task, *, overwrite: bool = False) -> Task:
     return task
 
 
-def _resolve(task: str | Task) -> Task:
+def as_task(task: str | Task) -> Task:
+    """The task itself, or the registered task of that name."""
     return task if isinstance(task, Task) else get_task(task)
 
 
-def _local_entry(task: Task, split: str) -> tuple[str, str] | None:
+def local_entry(task: Task, split: str) -> tuple[str, str] | None:
+    """The task's local (path, format) of ``split`` (GLUE's ``dev`` falls back to ``validation``); None if none."""
     if split in task.local:
         return task.local[split]
     if split == "dev" and task.name in _GLUE:
@@ -95,7 +97,8 @@ def _format_of(path: Path) -> str:
     return "lmbff"
 
 
-def _data_dir_or_none(data_dir: str | os.PathLike | None) -> Path | None:
+def data_dir_or_none(data_dir: str | os.PathLike | None) -> Path | None:
+    """``data_dir`` (which must be valid), else the data folder found, else None (an error under $ZOTUNE_DATA)."""
     if data_dir is not None:
         return find_data_dir(data_dir)  # an explicit folder must be valid
     try:
@@ -108,16 +111,16 @@ def _data_dir_or_none(data_dir: str | os.PathLike | None) -> Path | None:
 
 def local_splits(task: str | Task, data_dir: str | os.PathLike | None = None) -> list[str]:
     """Splits of ``task`` whose files exist locally (absolute paths of user tasks, else under the data folder)."""
-    task = _resolve(task)
+    task = as_task(task)
     root = None
     out = []
     for split in SPLITS:
-        entry = _local_entry(task, split)
+        entry = local_entry(task, split)
         if entry is None:
             continue
         path = Path(entry[0])
         if not path.is_absolute():
-            root = root or _data_dir_or_none(data_dir)
+            root = root or data_dir_or_none(data_dir)
             if root is None:
                 continue
             path = root / path
@@ -149,22 +152,22 @@ def load_split(
         DataNotFoundError: a missing file, or no local data and the hub loader is unavailable.
         ValueError: an unknown split, a split the local data does not have, or a bad row (naming file and line).
     """
-    task = _resolve(task)
+    task = as_task(task)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if source not in ("auto", "local", "hub"):
         raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
     if path is not None:
-        fmt = _local_entry(task, "train")[1] if task.name in ("multirc", "record") else _format_of(Path(path))
+        fmt = local_entry(task, "train")[1] if task.name in ("multirc", "record") else _format_of(Path(path))
         return _examples(task, read_rows(path, fmt), f"{path}")
     if source != "hub":
-        entry = _local_entry(task, split)
+        entry = local_entry(task, split)
         if entry is not None and Path(entry[0]).is_absolute():
             return _examples(task, read_rows(entry[0], entry[1]), entry[0])
         if task.local and all(Path(p).is_absolute() for p, _ in task.local.values()):
             have = ", ".join(task.local)
             raise ValueError(f"task {task.name!r} has no {split!r} split (its files: {have})")
-        root = _data_dir_or_none(data_dir) if task.local else None
+        root = data_dir_or_none(data_dir) if task.local else None
         if root is not None:
             available = local_splits(task, root)
             if split in available:

@@ -43,15 +43,15 @@ from torch import Tensor
 
 from .base import Example
 from .scoring import (
-    _build_pairs,
-    _device,
-    _flatten,
-    _forward_params,
-    _ignores_position_ids,
-    _pad,
-    _pad_id,
-    _record_truncation,
+    build_pairs,
+    flatten,
+    forward_params,
+    ignores_position_ids,
+    model_device,
     model_max_length,
+    pad_rows,
+    padding_id,
+    record_truncation,
 )
 
 __all__ = ["ClassificationRows"]
@@ -107,7 +107,7 @@ class ClassificationRows:
         kwargs: dict[str, Any] = {"input_ids": p.ids.repeat(copies, 1), "attention_mask": p.mask.repeat(copies, 1)}
         if p.position_ids is not None:
             kwargs["position_ids"] = p.position_ids.repeat(copies, 1)
-        params = _forward_params(self.model)
+        params = forward_params(self.model)
         if p.keep is not None:
             kwargs["logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"] = p.keep
         if "use_cache" in params:
@@ -129,9 +129,9 @@ class ClassificationRows:
             return self._cache[1]
         if any(ex.label is None for ex in examples):
             raise ValueError("ClassificationRows needs labelled examples (label is None)")
-        prompts, cands, sizes = _flatten(examples, None)
-        pairs = _build_pairs(self.tokenizer, prompts, cands, self.max_length)
-        _record_truncation(None, pairs, sizes, "ClassificationRows")
+        prompts, cands, sizes = flatten(examples, None)
+        pairs = build_pairs(self.tokenizer, prompts, cands, self.max_length)
+        record_truncation(None, pairs, sizes, "ClassificationRows")
         example_of = [b for b, n in enumerate(sizes) for _ in range(n)]
         index: dict[tuple[int, tuple[int, ...]], int] = {}
         seqs: list[list[int]] = []
@@ -146,12 +146,12 @@ class ClassificationRows:
                 owners.append(b)
             n = len(pair.ids)
             where.append((index[k], list(range(n - pair.n_cand - 1, n - 1))))
-        device = _device(self.model)
-        params = _forward_params(self.model)
+        device = model_device(self.model)
+        params = forward_params(self.model)
         side = self.padding_side or getattr(self.tokenizer, "padding_side", "right")
-        if _ignores_position_ids(self.model) or "position_ids" not in params:
+        if ignores_position_ids(self.model) or "position_ids" not in params:
             side = "right"  # positions must come from the row's own tokens
-        ids, mask, position_ids, starts = _pad(seqs, _pad_id(self.tokenizer), side, device)
+        ids, mask, position_ids, starts = pad_rows(seqs, padding_id(self.tokenizer), side, device)
         width = ids.shape[1]
         first = min(starts[row] + pos[0] for row, pos in where)
         keep = width - first if ("logits_to_keep" in params or "num_logits_to_keep" in params) else None

@@ -43,7 +43,7 @@ from collections import defaultdict
 from typing import Any
 
 from .base import Example, Task
-from .registry import _resolve, load_split, local_splits
+from .registry import as_task, load_split, local_splits
 
 KSHOT_SEEDS = (13, 21, 42, 87, 100)
 """LM-BFF's five data seeds."""
@@ -103,7 +103,7 @@ def mezo_splits(
     Warns (``UserWarning``) when the train split is smaller than ``n_train + n_dev``. ``protocol`` names the
     protocol actually used: ``"mezo"``, ``"mezo-shrunk"`` or ``"fewglue"``.
     """
-    task = _resolve(task)
+    task = as_task(task)
     if n_dev is None:
         n_dev = SMALL_DEV_TASKS.get(task.name, 500)
     if min(n_train, n_dev, n_test) < 0:
@@ -155,7 +155,7 @@ def kshot_splits(
     Raises:
         ValueError: a task that is not classification, or a class with fewer than ``2 k`` training examples.
     """
-    task = _resolve(task)
+    task = as_task(task)
     if task.kind != "classification":
         raise ValueError(f"k-shot sampling needs a classification task; {task.name!r} is {task.kind}")
     if k < 1:

@@ -95,7 +95,7 @@ def _leading_specials(tokenizer: Any) -> list[int]:
     return []
 
 
-def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Ids of each text without special tokens (one batched call; duplicates are tokenized once)."""
     unique = list(dict.fromkeys(texts))
     if not unique:
@@ -106,7 +106,9 @@ def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 @dataclass
-class _Pair:
+class Pair:
+    """One (context, candidate) token sequence to score: the candidate's log-probability given the context."""
+
     ids: list[int]  # context ids followed by the candidate's ids
     n_cand: int  # number of candidate tokens (at the end of ids, unless ``positions`` says where)
     truncated: bool
@@ -118,13 +120,13 @@ class _Pair:
         return list(range(n - self.n_cand, n)) if self.positions is None else list(self.positions)
 
 
-def _build_pairs(
+def build_pairs(
     tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str], max_length: int | None
-) -> list[_Pair]:
+) -> list[Pair]:
     """One pair per (prompt, candidate), the prompt cut from the left (after its leading specials) when too long."""
     specials = _leading_specials(tokenizer)
-    prompt_ids = _encode(tokenizer, prompts)
-    cand_ids = _encode(tokenizer, candidates)
+    prompt_ids = encode(tokenizer, prompts)
+    cand_ids = encode(tokenizer, candidates)
     pairs = []
     for prompt, cand, p_ids, c_ids in zip(prompts, candidates, prompt_ids, cand_ids, strict=True):
         if not c_ids:
@@ -144,7 +146,7 @@ def _build_pairs(
                 f"prompt {prompt[:40]!r} has no tokens and the tokenizer adds no BOS: the first candidate token "
                 "would have no context"
             )
-        pairs.append(_Pair(context + c_ids, len(c_ids), truncated))
+        pairs.append(Pair(context + c_ids, len(c_ids), truncated))
     return pairs
 
 
@@ -157,27 +159,30 @@ def _unwrap(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
-def _ignores_position_ids(model: Any) -> bool:
+def ignores_position_ids(model: Any) -> bool:
     """peft drops ``position_ids`` for prompt tuning (virtual tokens in the input): pad such a model on the right,
     where the default positions are right (prefix tuning shifts the ids it is given, so any padding works)."""
     return virtual_tokens(model) > 0 and peft_mode(model) != "prefix"
 
 
-def _forward_params(model: Any) -> set[str]:
+def forward_params(model: Any) -> set[str]:
+    """Names of the arguments the (peft-unwrapped) model's ``forward`` takes; empty when it has no signature."""
     try:
         return set(inspect.signature(_unwrap(model).forward).parameters)
     except (TypeError, ValueError):
         return set()
 
 
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
-def _pad_id(tokenizer: Any) -> int:
+def padding_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token, else the eos token; a clear error when the tokenizer has neither."""
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id
@@ -186,7 +191,7 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def _pad(
+def pad_rows(
     seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor | None, list[int]]:
     """``input_ids``, ``attention_mask``, ``position_ids`` (left padding only) and each row's start offset."""
@@ -218,7 +223,7 @@ class _Batch:
     owner: Tensor  # per candidate token: index of its pair within ``pair_ids``
 
 
-def _rows(pairs: Sequence[_Pair]) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+def _rows(pairs: Sequence[Pair]) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
     """Unique sequences to run, and per pair (its row, the row positions whose next token is a candidate token).
 
     A one-token candidate is scored from its context alone (the logit at the context's last position), so all
@@ -250,7 +255,7 @@ def _long_rows(lengths: Sequence[int]) -> int:
     return sum(n > limit for n in lengths)
 
 
-def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int | None) -> list[_Batch]:
+def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int | None) -> list[_Batch]:
     """Unique rows sorted by length (longest first), cut into padded batches of ``batch_size`` sequences, with the
     gather indices of their candidate tokens."""
     if batch_size is not None and batch_size < 1:
@@ -265,13 +270,13 @@ def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int
     else:  # one batch, except that a row far longer than the others runs alone instead of padding them all to it
         long = _long_rows([len(seqs[r]) for r in order])
         groups = [[r] for r in order[:long]] + ([order[long:]] if order[long:] else [])
-    params = _forward_params(model)
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
-    side = "right" if _ignores_position_ids(model) else getattr(tokenizer, "padding_side", "right")
+    params = forward_params(model)
+    device = model_device(model)
+    pad_id = padding_id(tokenizer)
+    side = "right" if ignores_position_ids(model) else getattr(tokenizer, "padding_side", "right")
     out = []
     for rows in groups:
-        ids, mask, pos_ids, starts = _pad([seqs[r] for r in rows], pad_id, side, device)
+        ids, mask, pos_ids, starts = pad_rows([seqs[r] for r in rows], pad_id, side, device)
         width = ids.shape[1]
         members = [(j, i) for j, r in enumerate(rows) for i in by_row[r]]
         # the logit at position t predicts token t+1; keep only the logits from the first one a candidate needs
@@ -307,7 +312,7 @@ def _batches(model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int
     return out
 
 
-def _pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[_Pair], *, mean: bool = True) -> tuple[Tensor, Tensor]:
+def pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[Pair], *, mean: bool = True) -> tuple[Tensor, Tensor]:
     """One forward: per pair of the batch, the (mean or summed) candidate log-prob, and per token its log-prob."""
     logits = model(**batch.kwargs).logits
     selected = logits[batch.gather_rows, batch.gather_pos + logits.shape[1]].float()  # [tokens, vocab] in fp32
@@ -322,12 +327,12 @@ def _pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[_Pair], *, mean: b
 
 
 def _score_pairs(
-    model: Any, tokenizer: Any, pairs: Sequence[_Pair], batch_size: int | None, stats: dict[str, Any] | None
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int | None, stats: dict[str, Any] | None
 ) -> Tensor:
     """Mean candidate log-prob of every pair, in the pairs' order (differentiable when grad is enabled)."""
-    device = _device(model)
-    batches = _batches(model, tokenizer, pairs, batch_size)
-    values = [_pair_logprobs(model, batch, pairs)[0] for batch in batches]
+    device = model_device(model)
+    batches = make_batches(model, tokenizer, pairs, batch_size)
+    values = [pair_logprobs(model, batch, pairs)[0] for batch in batches]
     if stats is not None:
         stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
         stats["n_tokens"] = stats.get("n_tokens", 0) + sum(b.kwargs["input_ids"].numel() for b in batches)
@@ -339,7 +344,7 @@ def _score_pairs(
     return torch.cat(values)[inverse]  # back to the pairs' order (differentiable)
 
 
-def _flatten(examples: Sequence[Example], prompts: Sequence[str] | None) -> tuple[list[str], list[str], list[int]]:
+def flatten(examples: Sequence[Example], prompts: Sequence[str] | None) -> tuple[list[str], list[str], list[int]]:
     """(prompt, candidate) of every pair, and the number of candidates of each example."""
     if prompts is not None and len(prompts) != len(examples):
         raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
@@ -354,9 +359,10 @@ def _flatten(examples: Sequence[Example], prompts: Sequence[str] | None) -> tupl
     return flat_prompts, flat_cands, sizes
 
 
-def _record_truncation(
-    stats: dict[str, Any] | None, pairs: Sequence[_Pair], sizes: Sequence[int], what: str, limit: int | None = None
+def record_truncation(
+    stats: dict[str, Any] | None, pairs: Sequence[Pair], sizes: Sequence[int], what: str, limit: int | None = None
 ) -> int:
+    """Log (and count in ``stats``) the examples whose prompt was cut; ``sizes``: pairs per example, in order."""
     n_truncated, pos = 0, 0
     for size in sizes:
         n_truncated += any(p.truncated for p in pairs[pos : pos + size])
@@ -441,11 +447,11 @@ def score_candidates(
         ``scores[i][j]``: the mean over the tokens of candidate ``j`` of example ``i`` of their log-probability
         (fp32), minus the content-free score when ``calibrated``. The prediction is the argmax over ``j``.
     """
-    flat_prompts, flat_cands, sizes = _flatten(examples, prompts)
+    flat_prompts, flat_cands, sizes = flatten(examples, prompts)
     limit = max_length if max_length is not None else model_max_length(model, tokenizer)
-    pairs = _build_pairs(tokenizer, flat_prompts, flat_cands, limit)
-    _record_truncation(stats, pairs, sizes, "score_candidates", limit)
-    extra: list[_Pair] = []
+    pairs = build_pairs(tokenizer, flat_prompts, flat_cands, limit)
+    record_truncation(stats, pairs, sizes, "score_candidates", limit)
+    extra: list[Pair] = []
     cf_index: dict[tuple[str, str], int] = {}
     if calibrated:
         cf_prompts = _calibration_prompts(examples, calibration_prompt)
@@ -454,7 +460,7 @@ def score_candidates(
             keys += [(cf, c) for c in ex.candidates or []]
         unique = list(dict.fromkeys(keys))
         cf_index = {k: len(pairs) + n for n, k in enumerate(unique)}
-        extra = _build_pairs(tokenizer, [k[0] for k in unique], [k[1] for k in unique], limit)
+        extra = build_pairs(tokenizer, [k[0] for k in unique], [k[1] for k in unique], limit)
     with torch.no_grad():
         values = _score_pairs(model, tokenizer, pairs + extra, batch_size, stats).tolist()
     if calibrated:
@@ -481,10 +487,10 @@ def classification_loss(
     """
     if any(ex.label is None for ex in examples):
         raise ValueError("classification_loss needs labelled examples (label is None)")
-    flat_prompts, flat_cands, sizes = _flatten(examples, prompts)
+    flat_prompts, flat_cands, sizes = flatten(examples, prompts)
     limit = max_length if max_length is not None else model_max_length(model, tokenizer)
-    pairs = _build_pairs(tokenizer, flat_prompts, flat_cands, limit)
-    _record_truncation(stats, pairs, sizes, "classification_loss", limit)
+    pairs = build_pairs(tokenizer, flat_prompts, flat_cands, limit)
+    record_truncation(stats, pairs, sizes, "classification_loss", limit)
     scores = _score_pairs(model, tokenizer, pairs, batch_size, stats)
     width = max(sizes)
     logits = torch.full((len(sizes), width), float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -498,7 +504,7 @@ def classification_loss(
 
 def gold_token_count(tokenizer: Any, examples: Sequence[Example]) -> int:
     """Tokens of the gold continuations of ``examples``: what :func:`answer_lm_loss` is a mean over."""
-    return sum(len(ids) for ids in _encode(tokenizer, [ex.gold for ex in examples]))
+    return sum(len(ids) for ids in encode(tokenizer, [ex.gold for ex in examples]))
 
 
 def answer_lm_loss(
@@ -526,12 +532,12 @@ def answer_lm_loss(
         raise ValueError(f"got {len(prompts)} prompts for {len(examples)} examples")
     texts = [ex.prompt for ex in examples] if prompts is None else list(prompts)
     limit = max_length if max_length is not None else model_max_length(model, tokenizer)
-    pairs = _build_pairs(tokenizer, texts, golds, limit)
-    _record_truncation(stats, pairs, [1] * len(pairs), "answer_lm_loss", limit)
-    batches = _batches(model, tokenizer, pairs, batch_size)
-    total = torch.zeros((), dtype=torch.float32, device=_device(model))
+    pairs = build_pairs(tokenizer, texts, golds, limit)
+    record_truncation(stats, pairs, [1] * len(pairs), "answer_lm_loss", limit)
+    batches = make_batches(model, tokenizer, pairs, batch_size)
+    total = torch.zeros((), dtype=torch.float32, device=model_device(model))
     for batch in batches:
-        _, token_lp = _pair_logprobs(model, batch, pairs, mean=False)
+        _, token_lp = pair_logprobs(model, batch, pairs, mean=False)
         total = total - token_lp.sum()
     if stats is not None:
         stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
@@ -556,7 +562,7 @@ class _StopOnString:
 def _cache_argument(model: Any) -> str:
     """The name under which ``model.forward`` takes a key/value cache: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` is a deprecated alias), ``past_key_values`` before."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def _greedy(model: Any, ids: Tensor, mask: Tensor, config: Any, tokenizer: Any, stop: str | None) -> Tensor:
@@ -634,7 +640,7 @@ def generate_answers(
         raise ValueError(f"max_length={limit} leaves no room for a prompt with max_new_tokens={max_new_tokens}")
     specials = _leading_specials(tokenizer) if add_specials else []
     seqs, n_truncated = [], 0
-    for ids in _encode(tokenizer, texts):
+    for ids in encode(tokenizer, texts):
         if budget is not None and len(specials) + len(ids) > budget:
             keep = budget - len(specials)
             ids = ids[len(ids) - keep :] if keep > 0 else []
@@ -655,15 +661,15 @@ def generate_answers(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        pad_token_id=_pad_id(tokenizer),
+        pad_token_id=padding_id(tokenizer),
         eos_token_id=eos,
     )
-    device = _device(model)
+    device = model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     answers = [""] * len(seqs)
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
-        ids, mask, _, _ = _pad([seqs[i] for i in rows], _pad_id(tokenizer), "left", device)
+        ids, mask, _, _ = pad_rows([seqs[i] for i in rows], padding_id(tokenizer), "left", device)
         with torch.no_grad():
             out = _greedy(model, ids, mask, config, tokenizer, stop)  # [rows, width + new tokens]
         texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
@@ -746,7 +752,7 @@ def _head_batches(
             raise ValueError(f"examples {missing[:5]} have no meta[{pair_field!r}]")
         seconds = [str(ex.meta[pair_field]) for ex in examples]
     limit = max_length if max_length is not None else model_max_length(model, tokenizer)
-    device = _device(model)
+    device = model_device(model)
     step = batch_size or max(len(examples), 1)
     out, n_truncated = [], 0
     for lo in range(0, len(examples), step):

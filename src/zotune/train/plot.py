@@ -57,7 +57,7 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _ema(values: Sequence[float], smooth: float) -> list[float]:
+def ema(values: Sequence[float], smooth: float) -> list[float]:
     """Exponential moving average ``s_t = smooth * s_{t-1} + (1 - smooth) * y_t`` with ``s_0 = y_0``.
 
     A non-finite value (a diverged step written as NaN) repeats the previous average instead of poisoning the rest.
@@ -137,7 +137,7 @@ def _series(records: Sequence[dict], x: str = "step", smooth: float = 0.0, where
             else:
                 s.tests.append((at, float(rec[name])))
     if smooth > 0:
-        s.train_smooth = _ema(s.train_y, smooth)
+        s.train_smooth = ema(s.train_y, smooth)
     return s
 
 
