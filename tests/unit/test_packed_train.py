@@ -143,3 +143,14 @@ def test_a_cap_below_one_example_s_rows_is_refused_before_a_run_folder_exists(wo
     with pytest.raises(ConfigError, match=r"max_rows=1 cannot hold one example: .* needs 2 rows"):
         train(run_config_from_dict(tree))
     assert not out.exists()
+
+
+def test_the_watchdog_stops_a_run_whose_loss_differences_collapsed(workdir, tmp_path):
+    """ε below fp32's resolution: every probe's ℓ₊ − ℓ₋ is rounding; the run stops and says what to change."""
+    from zotune.train import TrainingStopped
+
+    tree = config(workdir, tmp_path / "run", hp={"eps": 1e-30}, steps=8, patience=3, eval_every=0)
+    with pytest.raises(TrainingStopped, match="± losses were identical for 3 steps"):
+        train(run_config_from_dict(tree))
+    recs = train_records(tmp_path / "run")
+    assert recs and "rounding" in recs[-1]["collapsed"]
