@@ -64,7 +64,10 @@ def train(cfg: Any, *, argv: Sequence[str] | None = None) -> dict[str, Any]:
             if run.fresh:
                 zero_shot(run)
             stopped = steps(run)
-            return finish(run, stopped, began)
+            results = finish(run, stopped, began)
+            if owned and zd.world() > 1:
+                zd.barrier()  # no rank destroys the group while another still has work in flight on it
+            return results
     except Interrupted:
         owned = owned and zd.world() == 1  # torchrun's SIGTERM may mean a rank died: leave the group alone
         raise
