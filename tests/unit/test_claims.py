@@ -307,6 +307,18 @@ def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
     assert set(Results.load(res).rows) == {"reviews-mezo-scan-lr0.005", "reviews-mezo-scan-lr0.01"}
 
 
+def test_cells_start_in_the_order_of_the_only_globs(workdir, tmp_path):
+    p = tiny_protocol(workdir, budget=10**6, ref_budget=10**6, eval_forwards=40, ref_eval_forwards=20)  # no end
+    out, res = tmp_path / "runs", tmp_path / "results"
+    said: list[str] = []
+    # grid order puts the scans first; the globs put the FO reference first, so on one lane it is the one started
+    got = cl.run_grid(p, out, res, device="cpu", lanes=1, only=["*-fo-full-s0", "*-mezo-scan-*"], deadline=3,
+                      grace=20, poll=0.2, log=said.append)  # fmt: skip
+    started = [m.split("started ")[1].split(" ")[0] for m in said if " started " in m]
+    assert started == ["reviews-fo-full-s0"], said
+    assert got["outcomes"]["reviews-fo-full-s0"].startswith("stopped"), said
+
+
 def hand_made(tmp_path: Path, tests: dict[str, list[float]], **extra) -> tuple[Protocol, Results]:
     """Results of the real protocol's SST-2 grid made by hand: scans (MeZO-like dev), seeds and refs with the
     given test accuracies per row (rows not given are left out), each with its kept config."""

@@ -819,6 +819,12 @@ def _selected(st: Status, only: Sequence[str], phase: str | None) -> bool:
     return not only or any(fnmatch.fnmatchcase(st.cell.name, p) for p in only)
 
 
+def _priority(st: Status, only: Sequence[str]) -> int:
+    """Launch priority: the index of the first ``--only`` glob the cell matches (the globs' order is the order in
+    which their cells start; grid order among the cells of one glob)."""
+    return next((i for i, p in enumerate(only) if fnmatch.fnmatchcase(st.cell.name, p)), len(only))
+
+
 def _prune_what(prune: str, cell: Cell) -> str:
     return prune if prune != "auto" else ("all" if cell.phase == "scan" else "checkpoints")
 
@@ -904,6 +910,7 @@ def run_grid(
                     if st.state in ("missing", "unfinished") and st.cell.name not in attempted
                     and st.cell.name not in running and _selected(st, only, phase)
                 ]  # fmt: skip
+                ready.sort(key=lambda st: _priority(st, only))  # stable: grid order within one glob
                 changed = False
                 for st in ready:
                     if len(running) >= lanes:
@@ -1499,7 +1506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid_opts = argparse.ArgumentParser(add_help=False)
     grid_opts.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     grid_opts.add_argument("--profile", choices=sorted(PROFILES), help="which rows (default: from --device)")
-    grid_opts.add_argument("--only", action="append", default=[], help="cells matching this glob (repeatable)")
+    grid_opts.add_argument(
+        "--only", action="append", default=[],
+        help="cells matching this glob (repeatable; cells start in the order of the globs)",
+    )  # fmt: skip
     grid_opts.add_argument("--phase", choices=("scan", "seeds", "refs"))
     sub.add_parser("plan", parents=[common, grid_opts], help="every cell and its status")
     r = sub.add_parser("run", parents=[common, grid_opts], help="run the pending cells")
