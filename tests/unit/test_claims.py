@@ -415,6 +415,24 @@ def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
         cl.table(results.folder, p)
 
 
+def test_table_draws_every_seed_curve_and_links_the_figure(tmp_path):
+    import matplotlib.image
+
+    tests = {"mezo": [0.70, 0.72, 0.71], "lozo": [0.75, None, None]}
+    dev = {"lozo": [[0, 0.58], [200, 0.62], [400, 0.75]]}
+    p, results = hand_made(tmp_path, tests, dev=dev)
+    text = cl.table(results.folder, p)
+    fig = results.folder / "curves-sst2.png"
+    assert "[curves-sst2.png](curves-sst2.png)" in text
+    img = matplotlib.image.imread(fig)
+    assert img.shape[0] > 300 and img.shape[1] > 600 and img.std() > 0.01  # a drawn figure, not a blank canvas
+    assert not list(results.folder.glob("*.tmp.png"))
+    # scans only (no seed rows yet): a table without a figure or a link
+    p2, results2 = hand_made(tmp_path / "b", {"mezo": [None, None, None]})
+    assert results2.rows and "curves-" not in cl.table(results2.folder, p2)
+    assert not (results2.folder / "curves-sst2.png").exists()
+
+
 def test_table_refuses_rows_off_the_protocol_or_without_configs(tmp_path, capsys):
     tests = {"mezo": [0.7, 0.71, 0.72], "fo-full": [0.87, 0.86, 0.88]}
     p, results = hand_made(tmp_path, tests)

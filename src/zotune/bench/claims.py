@@ -1381,6 +1381,10 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
     ]
     for task in protocol.tasks:
         lines += methods_table(protocol, results, task, chosen)
+        fig = results.folder / f"curves-{task}.png"
+        if fig.is_file():
+            lines += [f"Dev accuracy of every seed against forwards and against wall-clock: "
+                      f"[curves-{task}.png]({link(fig)})", ""]  # fmt: skip
     lines += [f"{h}# Claims", ""]
     for claim in sorted({c.claim for c in protocol.comparisons}, key=lambda c: (c == 0, c)):
         comps = [c for c in protocol.comparisons if c.claim == claim]
@@ -1457,11 +1461,59 @@ def _scan_lines(protocol: Protocol, chosen: dict) -> list[str]:
     return lines + [""]
 
 
+def plot_seeds(protocol: Protocol, results: Results) -> list[Path]:
+    """``RESULTS/curves-<task>.png`` per task with seed rows: dev accuracy of every seed (thin) and the mean over the
+    seeds where all have a point (thick) against forwards (rows evaluated ÷ batch size; left) and against the run's
+    wall-clock seconds (right; each method's device in its label, since seconds compare only within a device).
+    Needs matplotlib (the ``plot`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in protocol.tasks:
+        rows = {r.name: _seeds_rows(protocol, results, task, r.name) for r in protocol.rows}
+        rows = {k: v for k, v in rows.items() if v}
+        if not rows:
+            continue
+        fig, (ax_f, ax_s) = plt.subplots(1, 2, figsize=(13, 5))
+        for i, (name, by_seed) in enumerate(rows.items()):
+            colour = f"C{i % 10}"
+            devices = sorted({str(r.get("device", "?")).split(":")[0] for r in by_seed.values()})
+            for r in by_seed.values():
+                dev = r["curves"]["dev"]
+                secs = dict((f, t) for f, t in r["curves"].get("dev_seconds", []))
+                ax_f.plot([f for f, _ in dev], [a for _, a in dev], color=colour, lw=0.6, alpha=0.45)
+                pts = [(secs[f], a) for f, a in dev if f in secs]
+                ax_s.plot([t for t, _ in pts], [a for _, a in pts], color=colour, lw=0.6, alpha=0.45)
+            common = set.intersection(*({f for f, _ in r["curves"]["dev"]} for r in by_seed.values()))
+            xs = sorted(common)
+            mean = [statistics.fmean(dict(map(tuple, r["curves"]["dev"]))[f] for r in by_seed.values()) for f in xs]
+            label = f"{protocol.row(name).label} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)}, {'/'.join(devices)})"
+            ax_f.plot(xs, mean, color=colour, lw=2, marker="o", ms=3, label=label)
+        ax_f.set(xlabel=f"forwards (rows evaluated ÷ {protocol.batch_size})", ylabel="dev accuracy",
+                 title=f"{task}: dev accuracy per seed (thin) and mean (thick)")  # fmt: skip
+        ax_s.set(xlabel="training seconds (device in the legend)", ylabel="dev accuracy",
+                 title=f"{task}: dev accuracy against wall-clock")  # fmt: skip
+        ax_f.legend(fontsize=7)
+        fig.tight_layout()
+        path = results.folder / f"curves-{task}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
 def table(results_dir: str | Path, protocol: Protocol = PROTOCOL) -> str:
-    """The claims section (``RESULTS/claims.md``, links relative to it); ValueError on bad results."""
+    """The claims section (``RESULTS/claims.md``, links relative to it) and its figures (:func:`plot_seeds`);
+    ValueError on bad results."""
     results = Results.load(results_dir)
     if not results.rows:
         raise ValueError(f"{results_dir}: no rows (runs.jsonl) to make a table of")
+    plot_seeds(protocol, results)
     text = "\n".join(claims_section(protocol, results, results_dir)) + "\n"
     atomic_write_text(Path(results_dir) / "claims.md", text)
     return text
