@@ -415,6 +415,16 @@ def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
         cl.table(results.folder, p)
 
 
+def test_reach_counts_a_run_stopped_early_at_its_full_budget(tmp_path):
+    # MeZO peaks (0.72) at 400 forwards; n-SPSA diverged and was stopped at 80 forwards without reaching it
+    dev = {"mezo": [[0, 0.58], [400, 0.72], [2000, 0.72]], "nspsa4": [[0, 0.58], [80, 0.50]]}
+    p, results = hand_made(tmp_path, {"mezo": [0.7] * 3, "nspsa4": [0.5] * 3}, dev=dev)
+    res = cl.compare(next(c for c in p.comparisons if c.id == "6a"), p, results, "sst2")
+    # 2000 / 400 = 5 times MeZO's forwards (not 80 / 400 = 0.2, which would have read as 'holds')
+    assert res["x"] == pytest.approx([0.25 - 5.0] * 3) and res["verdict"] == "does not hold at this scale"
+    assert res["shown"][0].startswith("2000 forwards (3 not reached")
+
+
 def test_table_draws_every_seed_curve_and_links_the_figure(tmp_path):
     import matplotlib.image
 

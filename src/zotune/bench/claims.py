@@ -159,8 +159,8 @@ class Comparison:
 
     * ``test``: x_s = test(a) − test(b) + margin (margin 0: a beats b; margin m: a is at most m below b);
     * ``reach``: x_s = margin − F_s ÷ M_s, with M_s the forwards MeZO (``b``) needed to reach its best dev
-      accuracy on seed s and F_s those ``a`` needed to reach the same accuracy (its budget when it never did: a
-      lower bound, which can only favour the claim);
+      accuracy on seed s and F_s those ``a`` needed to reach the same accuracy (its full budget when it never did,
+      also when its run was stopped early: a lower bound, which can only favour the claim);
     * ``step``: x_s = 1 − step(a) ÷ step(b), median seconds per step, the same device for both;
     * ``memory``: x_s = 1 − peak(a) ÷ peak(b), peak memory of the run (CPU: resident set), the same device.
     """
@@ -1266,7 +1266,8 @@ def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -
             got = first_reach(a[s], b[s]["best_dev"])
             if got is None:
                 censored += 1
-            mine.append(got[0] if got else a[s]["forward_equivalents"])
+            # never reached: counted at its full budget, also when the run stopped early (the watchdog)
+            mine.append(got[0] if got else max(a[s]["forward_equivalents"], a[s].get("budget") or protocol.budget))
         if any(v == 0 for v in need):
             out["missing"] = f"inconclusive: {b_name}'s best dev is its step-0 dev on some seed"
             return out
