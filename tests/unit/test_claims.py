@@ -363,6 +363,9 @@ def test_verdict_rule():
     assert cl.verdict([0.0, 2.0, 1.0])[0].startswith("inconclusive")  # mean == std: the boundary is inconclusive
     assert cl.verdict([0.1, 2.0, 1.0])[0] == "holds" and cl.verdict([-0.1, -2.0, -1.0])[0].startswith("does not")
     assert cl.verdict([0.0, 2.0, -0.5])[0].startswith("inconclusive")  # mean 0.5 < std 1.32
+    # the same side on every seed decides, however skewed: -4.7, -0.75, -0.75 has mean -2.1 and std 2.3
+    assert cl.verdict([-4.74, -0.75, -0.75])[0] == "does not hold at this scale"
+    assert cl.verdict([0.001, 0.002, 0.1])[0] == "holds"  # mean 0.034 < std 0.057, but positive on every seed
     with pytest.raises(ValueError):
         cl.verdict([0.1])
 

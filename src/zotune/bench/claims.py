@@ -1138,19 +1138,21 @@ def verdict(values: Sequence[float]) -> tuple[str, float, float]:
     """The verdict on a claim from its per-seed values x_s (positive where the claim holds on seed s; see
     :class:`Comparison`), with their mean and sample standard deviation (n − 1).
 
-    * *holds*: mean > std (the claim's side by more than the seed spread);
-    * *does not hold at this scale*: mean < −std;
-    * *inconclusive (spread larger than the difference)*: |mean| ≤ std.
+    * *holds*: mean > std (the claim's side by more than the seed spread), or x_s > 0 on every seed;
+    * *does not hold at this scale*: mean < −std, or x_s < 0 on every seed;
+    * *inconclusive (spread larger than the difference)*: otherwise.
 
-    With 3 seeds, mean > std is a paired t statistic above √3 ≈ 1.73 (one-sided p ≈ 0.11 under normality): a rule
-    for the spread of this grid, not a significance test.
+    With 3 seeds, mean > std is a paired t statistic above √3 ≈ 1.73 (one-sided p ≈ 0.11 under normality) and the
+    same sign on all three seeds has one-sided p = 0.125 under a symmetric null: a rule for the spread of this grid,
+    not a significance test. The sign rule keeps a skewed x (every seed on one side, one far out) from reading as
+    inconclusive.
     """
     if len(values) < 2:
         raise ValueError("a verdict needs at least 2 seeds")
     m, s = statistics.fmean(values), statistics.stdev(values)
-    if m > s:
+    if m > s or all(v > 0 for v in values):
         return "holds", m, s
-    if m < -s:
+    if m < -s or all(v < 0 for v in values):
         return "does not hold at this scale", m, s
     return "inconclusive (spread larger than the difference)", m, s
 
@@ -1373,9 +1375,9 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
         "",
         "Verdict rule: per seed s a value x_s that is positive where the claim holds (a test-accuracy difference, "
         "plus the margin for 'within m points'; for compute, 0.6 − forwards ratio; for step time and memory, "
-        "1 − ratio); *holds* when mean(x) > std(x), *does not hold at this scale* when mean(x) < −std(x), else "
-        "*inconclusive (spread larger than the difference)*; std over seeds with n − 1. A claim with a seed "
-        "missing gets no verdict.",
+        "1 − ratio); *holds* when mean(x) > std(x) or x > 0 on every seed, *does not hold at this scale* when "
+        "mean(x) < −std(x) or x < 0 on every seed, else *inconclusive (spread larger than the difference)*; std "
+        "over seeds with n − 1. A claim with a seed missing gets no verdict.",
         "",
         f"{h}# Methods",
         "",
