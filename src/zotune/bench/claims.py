@@ -770,16 +770,18 @@ def _child_env(threads: int) -> dict[str, str]:
 
 
 def _estimate(cell: Cell, status: Status, protocol: Protocol, results: Results, device: str) -> float | None:
-    """Seconds the cell still needs, from finished cells of the same row on the same device (None: none yet)."""
-    rates = [
-        r["seconds"] / max(1, r["forward_equivalents"])
-        for r in results.rows.values()
-        if r.get("row") == cell.row.name and r.get("seconds") and str(r.get("device", "")).startswith(device[:3])
-    ]
+    """Seconds the cell still needs: the median rate (seconds per forward) of finished cells of the same row on the
+    same device, else the slowest rate of any row there (a cell too long for the time left should not start only
+    to be stopped unfinished); None when nothing has finished on the device."""
+    rates: dict[str, list[float]] = {}
+    for r in results.rows.values():
+        if r.get("seconds") and str(r.get("device", "")).startswith(device[:3]):
+            rates.setdefault(r.get("row", ""), []).append(r["seconds"] / max(1, r["forward_equivalents"]))
     if not rates:
         return None
+    rate = statistics.median(rates[cell.row.name]) if cell.row.name in rates else max(map(max, rates.values()))
     left = budget_of(cell, protocol) - status.forwards_done * cell.row.rows
-    return statistics.median(rates) * left
+    return rate * left
 
 
 @contextlib.contextmanager
