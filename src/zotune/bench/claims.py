@@ -1306,7 +1306,7 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
     n = len(protocol.seeds)
     anyrow = next((r for r in results.rows.values() if r.get("task") == task and r.get("test_n")), None)
     zs = f"zero-shot test {anyrow['zero_shot_test']:.3f}, " if anyrow and anyrow.get("zero_shot_test") else ""
-    test_n = anyrow.get("test_n") if anyrow else "?"
+    test_n = anyrow.get("test_n") if anyrow else f"{protocol.tasks[task].get('n_test', '?')}, planned"
     lines = [
         f"#### {task} (test n = {test_n}; {zs}seeds {', '.join(map(str, protocol.seeds))})",
         "",
