@@ -286,6 +286,25 @@ def test_pack_and_unpack_carry_finished_cells_without_weights(ran, tmp_path):
         assert not (tmp_path / "elsewhere" / "reviews-x").exists()
 
 
+def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
+    p = tiny_protocol(workdir)
+    out, res = tmp_path / "runs", tmp_path / "results"
+    name = "reviews-mezo-scan-lr0.01"
+    assert cl.run_cell(write_cell(p, out, name)) == 0
+    assert cl.summarize_finished(p, out, Results.load(res), log=lambda m: None) == [name]
+    got = cl.check_cell(res, name, tmp_path / "check", forwards=6)
+    assert got["ok"] and got["same_device"] and got["steps_compared"] == 2 and got["max_abs_loss_diff"] < 1e-5, got
+    # a kept config that no longer says what ran (another lr) is caught by the losses after the first update
+    cfg = res / "configs" / f"{name}.yaml"
+    cfg.write_text(cfg.read_text().replace("lr: 0.01", "lr: 0.02", 1))
+    bad = cl.check_cell(res, name, tmp_path / "check2", forwards=6)
+    assert not bad["ok"] and bad["max_abs_loss_diff"] > 1e-5, bad
+    with pytest.raises(ValueError, match="not empty"):
+        cl.check_cell(res, name, tmp_path / "check", forwards=4)
+    with pytest.raises(ValueError, match="no row 'reviews-mezo-s9'"):
+        cl.check_cell(res, "reviews-mezo-s9", tmp_path / "check3")
+
+
 def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
     p = tiny_protocol(workdir, budget=10**6, ref_budget=10**6, eval_forwards=40, ref_eval_forwards=20)  # no end
     out, res = tmp_path / "runs", tmp_path / "results"

@@ -745,6 +745,61 @@ def run_cell(config: str | Path) -> int:
     return 0
 
 
+def check_cell(
+    results_dir: str | Path, cell: str, out: str | Path, *, forwards: int = 20, device: str | None = None
+) -> dict[str, Any]:
+    """Spot-check that a committed row reproduces from its kept config: rerun ``configs/CELL.yaml`` for its first
+    ``forwards`` forwards into ``out`` (no test, no checkpoints) and compare the zero-shot dev accuracy and every
+    step's loss with the row's curves (stored to 6 decimals).
+
+    On the row's own device the run is deterministic: every loss must agree to 1e-5 (``ok``). On another device the
+    directions come from that device's generator, so only the zero-shot dev and the first step's loss (whose ±ε
+    perturbation barely moves it) are compared, to 1e-3; later steps are reported, not judged.
+
+    Example: ``python -m zotune.bench.claims check sst2-lozo-m-scan-lr1.25e-05 --forwards 20``
+    """
+    from ..train import run_config_from_dict, train
+    from ..train.plot import read_metrics
+
+    results = Results.load(results_dir)
+    if cell not in results.rows:
+        raise ValueError(f"{results_dir}: no row {cell!r} in runs.jsonl")
+    row, config = results.rows[cell], results.config_path(cell)
+    if not config.is_file():
+        raise ValueError(f"{config}: the row's config is missing")
+    if forwards < 1:
+        raise ValueError(f"--forwards {forwards}: must be at least 1")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: the check writes a fresh run there")
+    tree = read_yaml(config)
+    tree["out"] = str(out)
+    big = 10**9
+    tree["train"] |= {"max_forwards": forwards, "test": False, "test_at_start": False, "eval_every": big,
+                      "checkpoint_every": big, "early_stopping": 0}  # fmt: skip
+    ran_on = device or tree["model"].get("device") or "cpu"
+    tree["model"]["device"] = ran_on
+    train(run_config_from_dict(tree), argv=["python", "-m", "zotune.bench.claims", "check", cell])
+    records = read_metrics(out)
+    losses = [(r["forwards"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
+    zero_dev = next((r["accuracy"] for r in records if r.get("kind") == "eval" and r.get("split") == "dev"), None)
+    committed = {int(f): v for f, v in row["curves"]["loss"]}
+    pairs = [(f, v, committed[f]) for f, v in losses if f in committed]
+    if not pairs:
+        raise ValueError(f"{cell}: no step of the check matches a logged step of the row (forwards {losses[:3]} ...)")
+    same = str(row.get("device", "cpu")).split(":")[0] == str(ran_on).split(":")[0]
+    judged = pairs if same else pairs[:1]
+    tol = 1e-5 if same else 1e-3
+    worst = max(abs(a - b) for _, a, b in judged)
+    dev_ok = zero_dev is not None and abs(zero_dev - row["zero_shot_dev"]) < 1e-9
+    return {
+        "cell": cell, "device": ran_on, "row_device": row.get("device"), "same_device": same,
+        "steps_compared": len(pairs), "steps_judged": len(judged), "max_abs_loss_diff": worst,
+        "max_abs_loss_diff_all": max(abs(a - b) for _, a, b in pairs), "zero_shot_dev": zero_dev,
+        "row_zero_shot_dev": row["zero_shot_dev"], "ok": bool(dev_ok and worst <= tol),
+    }  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the driver
 
@@ -1583,6 +1638,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("unpack", parents=[common], help="unpack a tarball into --out and summarize it")
     up.add_argument("tarball")
     sub.add_parser("table", parents=[common], help="the claims section: RESULTS/claims.md")
+    ck = sub.add_parser("check", parents=[common], help="rerun a committed row's first forwards from its config")
+    ck.add_argument("cell")
+    ck.add_argument("--forwards", type=int, default=20)
+    ck.add_argument("--device", help="where to run (default: the config's device)")
+    ck.add_argument("--into", help="the check's run folder (default: a new temporary folder)")
     sm = sub.add_parser(
         "smoke", help="the whole path at toy size (a one-lr scan and seed 0 of one row): a machine check"
     )
@@ -1640,6 +1700,13 @@ def _dispatch(a: argparse.Namespace) -> int:
         print(f"unpacked {len(info['unpacked'])} cell(s), kept {len(info['kept_local'])} local, "
               f"summarized {len(info['summarized'])}")  # fmt: skip
         return 0
+    if a.command == "check":
+        import tempfile
+
+        into = a.into or tempfile.mkdtemp(prefix=f"claims-check-{a.cell}-")
+        res = check_cell(a.results, a.cell, into, forwards=a.forwards, device=a.device)
+        print(json.dumps(res, indent=1))
+        return 0 if res["ok"] else 1
     print(table(a.results, protocol), end="")
     return 0
 
