@@ -3,9 +3,10 @@
 # $ZOTUNE_DATA): the CUDA tests, the packed-step benchmark, then claims-grid cells until a deadline. Everything it
 # writes goes under OUT; bring it back and `python -m zotune.bench.claims unpack OUT/claims.tar.gz` merges the cells.
 #   bash benchmarks/gpu.sh OUT [SECONDS] [CELL GLOB ...]
-#   bash benchmarks/gpu.sh /tmp/gpu 540 'sst2-mezo-*' 'sst2-nspsa4-*'
-# PARTS (default "tests packed claims") picks the parts to run, e.g. PARTS=claims for the grid cells alone; the
-# cells start in the order of the globs, from the committed results (their lr picks, their finished cells).
+#   bash benchmarks/gpu.sh /tmp/gpu 540 'sst2-mezo-s[0-9]' 'sst2-nspsa4-*'   ('sst2-mezo-*' matches MeZO-SVRG too)
+# PARTS (default "tests packed claims"; also "check": rerun committed rows, CHECK="CELL ...", from their configs)
+# picks the parts to run, e.g. PARTS=claims for the grid cells alone; the cells start in the order of the globs,
+# from the committed results (their lr picks, their finished cells).
 # SECONDS (default 480) bounds the whole script: the grid stops starting cells when the time left is short, stops
 # running ones at the deadline (they resume from their checkpoints on a later run) and the finished ones are packed.
 set -uo pipefail
@@ -43,5 +44,13 @@ if has claims && (( DEADLINE > 60 )); then
   "$PY" -m zotune.bench.claims run --device cuda --lanes 8 --threads 2 --max-failures 100 --grace 15 \
     --deadline-seconds "$DEADLINE" --out "$WORK/runs" --results "$WORK/results" "${ONLY[@]}" 2>&1 | tee "$OUT/claims-run.txt"
   "$PY" -m zotune.bench.claims pack --out "$WORK/runs" "$OUT/claims.tar.gz" 2>&1 | tail -3
+fi
+# 4. spot-checks: committed rows rerun from their kept configs for 20 forwards (same device: every loss must agree)
+if has check; then
+  for c in ${CHECK:-sst2-mezo-s0 sst2-lozo-s0 sst2-mezo-svrg-s0 sst2-nspsa4-s0 sst2-fo-lora-s0 sst2-fo-full-s0}; do
+    timeout 120 "$PY" -m zotune.bench.claims check "$c" --forwards 20 --device cuda --record \
+      --results "$WORK/results" 2>&1 | tail -14
+  done | tee "$OUT/checks.txt"
+  cp "$WORK/results/checks.jsonl" "$OUT/" 2>/dev/null
 fi
 echo "gpu.sh: $(( $(date +%s) - START )) s"

@@ -294,6 +294,10 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     assert cl.summarize_finished(p, out, Results.load(res), log=lambda m: None) == [name]
     got = cl.check_cell(res, name, tmp_path / "check", forwards=6)
     assert got["ok"] and got["same_device"] and got["steps_compared"] == 2 and got["max_abs_loss_diff"] < 1e-5, got
+    cli = ["check", name, "--results", str(res), "--forwards", "6", "--into", str(tmp_path / "c"), "--record"]
+    assert cl.main(cli) == 0
+    (rec,) = [json.loads(line) for line in (res / "checks.jsonl").read_text().splitlines()]
+    assert rec["ok"] and rec["command"] == f"python -m zotune.bench.claims check {name} --forwards 6"
     # a kept config that no longer says what ran (another lr) is caught by the losses after the first update
     cfg = res / "configs" / f"{name}.yaml"
     cfg.write_text(cfg.read_text().replace("lr: 0.01", "lr: 0.02", 1))

@@ -1643,6 +1643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ck.add_argument("--forwards", type=int, default=20)
     ck.add_argument("--device", help="where to run (default: the config's device)")
     ck.add_argument("--into", help="the check's run folder (default: a new temporary folder)")
+    ck.add_argument("--record", action="store_true", help="append the outcome to RESULTS/checks.jsonl")
     sm = sub.add_parser(
         "smoke", help="the whole path at toy size (a one-lr scan and seed 0 of one row): a machine check"
     )
@@ -1706,6 +1707,13 @@ def _dispatch(a: argparse.Namespace) -> int:
         into = a.into or tempfile.mkdtemp(prefix=f"claims-check-{a.cell}-")
         res = check_cell(a.results, a.cell, into, forwards=a.forwards, device=a.device)
         print(json.dumps(res, indent=1))
+        if a.record:
+            path = Path(a.results) / "checks.jsonl"
+            old = path.read_text() if path.is_file() else ""
+            cmd = f"python -m zotune.bench.claims check {a.cell} --forwards {a.forwards}" + (
+                f" --device {a.device}" if a.device else ""
+            )
+            atomic_write_text(path, old + json.dumps(res | {"forwards": a.forwards, "command": cmd}) + "\n")
         return 0 if res["ok"] else 1
     print(table(a.results, protocol), end="")
     return 0
