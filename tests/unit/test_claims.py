@@ -455,6 +455,16 @@ def test_reach_counts_a_run_stopped_early_at_its_full_budget(tmp_path):
     assert res["shown"][0].startswith("2000 forwards (3 not reached")
 
 
+def test_methods_table_shows_no_seconds_or_memory_across_devices(tmp_path):
+    p, results = hand_made(tmp_path, {"mezo": [0.70, 0.72, 0.71], "lozo": [0.75, 0.76, 0.77]})
+    (same,) = [ln for ln in cl.methods_table(p, results, "sst2", cl.picks(p, results)) if ln.startswith("| LOZO |")]
+    assert same.endswith("| 1.000 | 1000 | cpu |"), same  # one device: step seconds and peak shown
+    results.rows["sst2-lozo-s2"]["device"] = "cuda:0"
+    (mixed,) = [ln for ln in cl.methods_table(p, results, "sst2", cl.picks(p, results)) if ln.startswith("| LOZO |")]
+    assert mixed.endswith("| — (mixed devices) | — (mixed devices) | s0: cpu, s1: cpu, s2: cuda:0 |"), mixed
+    assert "| 0.760 ± 0.010 |" in mixed  # accuracy still compares across devices
+
+
 def test_table_draws_every_seed_curve_and_links_the_figure(tmp_path):
     import matplotlib.image
 

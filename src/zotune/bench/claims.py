@@ -1396,7 +1396,12 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
         steps = [r["median_step_seconds"] for r in rows.values() if r.get("median_step_seconds")]
         step = f"{statistics.median(steps):.3f}" if steps and done else "—"
         peak = f"{max(r.get('peak_mem_mb') or 0 for r in rows.values()):.0f}" if done else "—"
-        devices = ", ".join(sorted({str(r.get("device")) for r in rows.values()}))
+        on = {str(r.get("device")) for r in rows.values()}
+        devices = next(iter(on))
+        if len(on) > 1:  # seconds and memory do not compare across devices: none shown, each seed's device named
+            step = peak = "— (mixed devices)"
+            reach_s = "—" if reach_s[:1].isdigit() else reach_s
+            devices = ", ".join(f"s{s}: {rows[s].get('device')}" for s in protocol.seeds if s in rows)
         lines.append(f"| {row.label} | {row.path} | {lr} | {test} | {per} | {dev} | {reach_f} | {reach_s} | "
                      f"{step} | {peak} | {devices} |")  # fmt: skip
     return lines + [""]
