@@ -476,7 +476,7 @@ def test_table_draws_every_seed_curve_and_links_the_figure(tmp_path):
     assert "[curves-sst2.png](curves-sst2.png)" in text
     img = matplotlib.image.imread(fig)
     assert img.shape[0] > 300 and img.shape[1] > 600 and img.std() > 0.01  # a drawn figure, not a blank canvas
-    assert not list(results.folder.glob("*.tmp.png"))
+    assert not [f for f in results.folder.iterdir() if f.name.startswith(".")]  # no temporary left behind
     # scans only (no seed rows yet): a table without a figure or a link
     p2, results2 = hand_made(tmp_path / "b", {"mezo": [None, None, None]})
     assert results2.rows and "curves-" not in cl.table(results2.folder, p2)

@@ -1536,6 +1536,8 @@ def plot_seeds(protocol: Protocol, results: Results) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..train.plot import save_png
+
     written = []
     for task in protocol.tasks:
         rows = {r.name: _seeds_rows(protocol, results, task, r.name) for r in protocol.rows}
@@ -1563,12 +1565,8 @@ def plot_seeds(protocol: Protocol, results: Results) -> list[Path]:
                  title=f"{task}: dev accuracy against wall-clock")  # fmt: skip
         ax_f.legend(fontsize=7)
         fig.tight_layout()
-        path = results.folder / f"curves-{task}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
+        written.append(save_png(fig, results.folder / f"curves-{task}.png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
     return written
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.log import atomic_write_text
-from ..train.plot import ema
+from ..train.plot import ema, save_png
 from .accuracy import LABELS, row_order
 
 
@@ -249,13 +249,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
         ax_loss.set(xlabel="forward passes", ylabel="training loss", title=f"{task}: training loss (EMA 0.9)")
         ax_dev.legend(fontsize=7)
         fig.tight_layout()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"curves-{task}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        written.append(save_png(fig, folder / f"curves-{task}.png"))
         plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
     return written
 
 

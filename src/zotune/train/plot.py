@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Any
 
 X_AXES = ("step", "forwards")
 METRICS = ("accuracy", "f1")  # first one present in an eval line wins; ``em`` is ignored
@@ -279,12 +280,18 @@ def plot_runs(
     if title:
         fig.suptitle(title)
 
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: Path, dpi: int = 110) -> Path:
+    """Write the matplotlib figure ``fig`` to ``out`` as a PNG, atomically: a reader sees the old file or the new one,
+    never half of one. Returns ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # Save under a hidden temporary name in the same folder, then rename: os.replace is atomic within a file system.
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}.png"
     try:
         with open(tmp, "xb") as f:  # "x" (not mkstemp) so the PNG gets the usual umask permissions
-            fig.savefig(f, format="png", dpi=110)
+            fig.savefig(f, format="png", dpi=dpi)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
