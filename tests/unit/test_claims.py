@@ -286,6 +286,17 @@ def test_pack_and_unpack_carry_finished_cells_without_weights(ran, tmp_path):
         assert not (tmp_path / "elsewhere" / "reviews-x").exists()
 
 
+def test_results_saved_by_two_processes_keep_each_others_rows(tmp_path):
+    driver, beside = Results.load(tmp_path), Results.load(tmp_path)  # both loaded before either saves
+    driver.rows["a"] = {"cell": "a", "test": 0.5}
+    driver.save(["a", "b"])
+    beside.rows["b"] = {"cell": "b", "test": 0.6}
+    beside.save(["a", "b"])  # a summarize beside a running driver
+    driver.rows["a"]["test"] = 0.7
+    driver.save(["a", "b"])  # the driver's next cell: b stays, a is the driver's
+    assert {k: r["test"] for k, r in Results.load(tmp_path).rows.items()} == {"a": 0.7, "b": 0.6}
+
+
 def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     p = tiny_protocol(workdir)
     out, res = tmp_path / "runs", tmp_path / "results"

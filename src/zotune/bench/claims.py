@@ -442,6 +442,10 @@ class Results:
         return self.folder / "configs" / f"{cell}.yaml"
 
     def save(self, order: Sequence[str]) -> None:
+        """Write ``runs.jsonl``, keeping the rows another process added to it since this one was loaded (a
+        ``summarize`` or ``unpack`` beside a running driver); a row held here wins over the file's."""
+        for name, row in Results.load(self.folder).rows.items():
+            self.rows.setdefault(name, row)
         rank = {name: i for i, name in enumerate(order)}
         rows = sorted(self.rows.values(), key=lambda r: (rank.get(r["cell"], len(rank)), r["cell"]))
         atomic_write_text(self.folder / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
