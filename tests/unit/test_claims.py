@@ -75,9 +75,9 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     grid = cl.grid(cl.PROTOCOL, "cpu")
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
-    # 10 scanned rows on the CPU profile (6 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks;
+    # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks;
     # 3 seeds each; FO refs x 3 seeds
-    assert sum(c.phase == "scan" for c in grid) == 100 and sum(c.phase == "seeds" for c in grid) == 60
+    assert sum(c.phase == "scan" for c in grid) == 110 and sum(c.phase == "seeds" for c in grid) == 66
     assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
@@ -88,6 +88,13 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     assert (tree["mezo_svrg"]["lr"], tree["mezo_svrg"]["anchor_lr"]) == (1.25e-5, 2.5e-5)
     assert (tree["train"]["eval_every"], tree["train"]["max_forwards"], tree["seed"]) == (40, 500, 0)
     assert tree["data"] == {**tree["data"], **cl.TASKS["sst2"]} and tree["out"] == "/tmp/x/" + svrg.name
+    paper = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, "sst2-mezo-svrg-paper-scan-lr4e-05"), cl.PROTOCOL,
+                                     out=Path("/tmp/x"), device="cpu"))  # fmt: skip
+    # the paper's settings: q 2, annealing by 4, anchor lr 10 x the minibatch lr (both x 4 at this grid point);
+    # dev every 33 steps of 6 forwards
+    assert {k: paper["mezo_svrg"][k] for k in ("lr", "anchor_lr", "q", "anneal")} == {
+        "lr": 4e-5, "anchor_lr": 4e-4, "q": 2, "anneal": 4.0}  # fmt: skip
+    assert paper["train"]["eval_every"] == 33
     zofo = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, "trec-zofo-s1"), cl.PROTOCOL, out=Path("o"),
                                     device="cuda", lr=1e-4))  # fmt: skip
     assert (zofo["zofo"]["lr"], zofo["zofo"]["lr_lower"], zofo["zofo"]["lr_upper"]) == (1e-4, 2e-3, 2e-3)
