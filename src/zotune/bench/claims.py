@@ -1557,15 +1557,14 @@ def plot_seeds(protocol: Protocol, results: Results) -> list[Path]:
         for i, (name, by_seed) in enumerate(rows.items()):
             colour = f"C{i % 10}"
             devices = sorted({str(r.get("device", "?")).split(":")[0] for r in by_seed.values()})
-            for r in by_seed.values():
-                dev = r["curves"]["dev"]
-                secs = dict((f, t) for f, t in r["curves"].get("dev_seconds", []))
-                ax_f.plot([f for f, _ in dev], [a for _, a in dev], color=colour, lw=0.6, alpha=0.45)
-                pts = [(secs[f], a) for f, a in dev if f in secs]
+            devs = [dict(map(tuple, r["curves"]["dev"])) for r in by_seed.values()]  # forwards → dev accuracy
+            for r, dev in zip(by_seed.values(), devs, strict=True):
+                secs = dict(map(tuple, r["curves"].get("dev_seconds", [])))
+                ax_f.plot(list(dev), list(dev.values()), color=colour, lw=0.6, alpha=0.45)
+                pts = [(secs[f], a) for f, a in dev.items() if f in secs]
                 ax_s.plot([t for t, _ in pts], [a for _, a in pts], color=colour, lw=0.6, alpha=0.45)
-            common = set.intersection(*({f for f, _ in r["curves"]["dev"]} for r in by_seed.values()))
-            xs = sorted(common)
-            mean = [statistics.fmean(dict(map(tuple, r["curves"]["dev"]))[f] for r in by_seed.values()) for f in xs]
+            xs = sorted(set.intersection(*(set(d) for d in devs)))
+            mean = [statistics.fmean(d[f] for d in devs) for f in xs]
             label = f"{protocol.row(name).label} ({len(by_seed)} seed{'s' * (len(by_seed) > 1)}, {'/'.join(devices)})"
             ax_f.plot(xs, mean, color=colour, lw=2, marker="o", ms=3, label=label)
         ax_f.set(xlabel=f"forwards (rows evaluated ÷ {protocol.batch_size})", ylabel="dev accuracy",
