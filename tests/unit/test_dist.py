@@ -184,6 +184,15 @@ def scenario_sync(out: Path) -> dict:
     return res
 
 
+def scenario_time(out: Path) -> dict:
+    """The time budget under torchrun: only rank 1's clock is past it, and both ranks must stop at this step."""
+    from zotune.train.config import TrainConfig
+    from zotune.train.loop import out_of_time
+
+    tc = TrainConfig(max_seconds=10.0)
+    return {"one_over": out_of_time(tc, 20.0 if zd.rank() == 1 else 1.0), "none_over": out_of_time(tc, 1.0)}
+
+
 def _mlp(width: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
@@ -352,6 +361,11 @@ def test_check_in_sync_names_the_rank_and_tensor_that_diverged(tmp_path):
         assert msg.startswith("ranks diverged: ranks [1]") and "2.weight" in msg and "1 tensor(s)" in msg
     assert r0["after_ulp"] == r1["after_ulp"]
     assert r0["checksum"] == r1["checksum"]
+
+
+@pytest.mark.slow
+def test_the_time_budget_is_spent_on_every_rank_when_one_rank_says_so(tmp_path):
+    assert run(tmp_path, "time") == [{"one_over": True, "none_over": False}] * 2
 
 
 @pytest.mark.slow

@@ -266,6 +266,18 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(workdir, tmp_pat
     assert res["steps"] == 60 and [r["step"] for r in records(run, "train")] == list(range(1, 61))
 
 
+def test_a_time_budget_stops_every_rank_at_the_same_step(workdir, tmp_path):
+    """Each rank reads its own clock; the ranks agree at every step, so both stop after the same one and finish."""
+    run = tmp_path / "run"
+    texts = run_ranks(args(workdir, run, "--train.max_seconds", "3", "--train.eval_every", "0", steps=100_000))
+    results = json.loads((run / "results.json").read_text())
+    step = results["steps"]
+    assert 0 < step < 100_000 and results["stopped"].startswith("time budget reached"), results["stopped"]
+    assert [r["step"] for r in records(run, "train")] == list(range(1, step + 1))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [f"step-{step:06d}"]
+    assert all("Traceback" not in t for t in texts)
+
+
 def test_distributed_config_errors(workdir, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.distributed='both' is not one of: shared, independent"):
         run_config_from_dict({"train": {"distributed": "both"}})

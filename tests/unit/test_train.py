@@ -290,6 +290,30 @@ def test_forward_budget_stops_and_keeps_the_work(workdir, tmp_path):
     assert [(r["split"], r["step"]) for r in records(run, "eval")][-2] == ("dev", 4)  # the last weights are evaluated
 
 
+def test_time_budget_stops_evaluates_and_resumes(workdir, tmp_path):
+    run = tmp_path / "run"
+    tree = config(workdir, run, train={"steps": 100_000, "max_seconds": 0.5, "test": False})
+    results = train(run_config_from_dict(tree))
+    steps = results["steps"]
+    assert 0 < steps < 100_000 and results["stopped"].startswith("time budget reached")
+    assert results["train_seconds"] >= 0.5
+    assert ckpt.latest_checkpoint(run).name == f"step-{steps:06d}"  # the last step is kept ...
+    assert [(r["split"], r["step"]) for r in records(run, "eval")][-1] == ("dev", steps)  # ... and evaluated
+    # resumed with its budget spent: no step; with a larger budget: it goes on from the checkpoint
+    assert train(run_config_from_dict({**tree, "resume": True}))["steps"] == steps
+    more = config(workdir, run, train={"steps": steps + 2, "max_seconds": 1e6, "test": False}, resume=True)
+    assert train(run_config_from_dict(more))["steps"] == steps + 2
+    assert [r["step"] for r in records(run, "train")] == list(range(1, steps + 3))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "1h"])
+def test_time_budget_must_be_a_positive_number_of_seconds(workdir, tmp_path, bad):
+    why = "expected a number" if isinstance(bad, bool | str) else "must be a finite number of seconds > 0"
+    with pytest.raises(ConfigError, match=rf"train\.max_seconds.*{why}"):
+        run_config_from_dict(config(workdir, tmp_path / "run", train={"max_seconds": bad}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_lora_first_order_and_export(workdir, tmp_path):
     run = tmp_path / "run"
     cfg = config(workdir, run, method="adamw", model={"peft": "lora"}, adamw={"lr": 1e-2}, train={"export": True})

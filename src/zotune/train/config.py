@@ -205,6 +205,9 @@ class TrainConfig:
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per step (ZO: the ± losses are averaged over them under one perturbation).
         max_forwards: stop once this many forward passes have run (null: no budget).
+        max_seconds: stop at the first step boundary after this many seconds of training (null: no budget). They
+            are the loop's seconds summed over resumes, dev evaluations and checkpoints included; set-up and the
+            zero-shot and final test evaluations are not. The last step is evaluated on dev and checkpointed.
         schedule: learning-rate schedule: constant, linear (to 0) or cosine (to 0).
         warmup_steps: linear warm-up steps before the schedule.
         eval_every: evaluate on dev every this many steps (0: only at the start and the end).
@@ -234,6 +237,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     max_forwards: int | None = None
+    max_seconds: float | None = None
     schedule: str = "constant"
     warmup_steps: int = 0
     eval_every: int = 100
@@ -273,6 +277,12 @@ class TrainConfig:
         for name in ("max_forwards", "eval_limit"):
             if getattr(self, name) is not None:
                 check_positive(f"train.{name}", getattr(self, name))
+        if self.max_seconds is not None and not (
+            isinstance(self.max_seconds, int | float)
+            and not isinstance(self.max_seconds, bool)
+            and 0 < self.max_seconds < float("inf")
+        ):
+            raise ConfigError(f"train.max_seconds={self.max_seconds} must be a finite number of seconds > 0 (or null)")
         check_choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
         if not self.divergence > 1:
             raise ConfigError(f"train.divergence={self.divergence} must be > 1")
@@ -320,7 +330,14 @@ class RunConfig:
         return get_method(self.method)
 
 
-_RESUME_MAY_CHANGE = {"train.steps", "train.max_forwards", "train.progress", "train.tensorboard", "resume"}
+_RESUME_MAY_CHANGE = {
+    "train.steps",
+    "train.max_forwards",
+    "train.max_seconds",
+    "train.progress",
+    "train.tensorboard",
+    "resume",
+}
 _RESUME_MAY_CHANGE |= {"overwrite", "allow_config_change", "out", "train.dist_timeout", "train.sync_every"}
 
 

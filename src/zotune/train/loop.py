@@ -29,6 +29,7 @@ from .. import dist as zd
 from ..core import NonFiniteLossError
 from ..methods.steppers import StepResult
 from . import checkpoint as ckpt
+from .config import TrainConfig
 from .rundir import export_model, write_json
 from .safety import Interrupted, StopOnSignal, sigterm_interrupts, stop_everywhere
 from .setup import LoopState, Session, start
@@ -107,7 +108,9 @@ def steps(run: Session) -> str | None:
     stopped, saved, received = None, state.step, None
     began = time.perf_counter()
     with StopOnSignal() as stop, run.progress():
-        while state.step < tc.steps:
+        if out_of_time(tc, state.seconds):  # resumed with its time budget already spent
+            stopped = time_budget_reached(tc, state.seconds)
+        while stopped is None and state.step < tc.steps:
             if tc.max_forwards is not None and state.forwards + stepper.cost() > tc.max_forwards:
                 stopped = f"forward-pass budget reached ({state.forwards} of {tc.max_forwards})"
                 break
@@ -141,9 +144,13 @@ def steps(run: Session) -> str | None:
             if run.bar is not None:
                 run.bar.update(1)
                 run.bar.set_postfix(loss=f"{res.loss:.4f}", best_dev=f"{state.best_metric or 0:.3f}")
-            # the last step: the step budget, or the forward budget cannot pay for another step (evaluate it)
-            last = state.step == tc.steps or (
-                tc.max_forwards is not None and state.forwards + stepper.cost() > tc.max_forwards
+            # the last step: the step budget, the forward budget cannot pay for another step, or the time budget is
+            # spent (evaluate it)
+            timed_out = out_of_time(tc, state.seconds + time.perf_counter() - began)
+            last = (
+                state.step == tc.steps
+                or (tc.max_forwards is not None and state.forwards + stepper.cost() > tc.max_forwards)
+                or timed_out
             )
             if run.evaluator is not None and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
                 stopped = evaluate_dev(run, last) or stopped
@@ -152,6 +159,8 @@ def steps(run: Session) -> str | None:
                 began = time.perf_counter()
                 run.save_checkpoint()
                 saved = state.step
+            if timed_out and state.step < tc.steps:
+                stopped = stopped or time_budget_reached(tc, state.seconds)  # seconds updated by the checkpoint
             if stopped:
                 break
             if received := stop_everywhere(stop.received):  # a signal on any rank: every rank stops here
@@ -163,6 +172,21 @@ def steps(run: Session) -> str | None:
     if received:
         raise Interrupted(received, state.step, run.dir)
     return stopped
+
+
+def out_of_time(tc: TrainConfig, elapsed: float) -> bool:
+    """Whether ``elapsed`` training seconds spend ``train.max_seconds``; under torchrun every rank gets the same
+    answer (any rank's clock past the budget stops them all at this step: one all-gather per call)."""
+    if tc.max_seconds is None:
+        return False
+    over = elapsed >= tc.max_seconds
+    if zd.world() > 1:
+        over = any(row[0] for row in zd.all_gather_values([float(over)]))
+    return over
+
+
+def time_budget_reached(tc: TrainConfig, elapsed: float) -> str:
+    return f"time budget reached ({elapsed:.1f} s of {tc.max_seconds:g} s)"
 
 
 def evaluate_dev(run: Session, last: bool) -> str | None:
