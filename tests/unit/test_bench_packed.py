@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import tiny_batch, tiny_model
 
-from zotune.bench.packed import LMRows, Workload, _measure, main
+from zotune.bench.packed import LMRows, Workload, _measure, format_table, main
 from zotune.core.packed_estimators import FZOO, PackedTwoPoint, PerExample
 
 
@@ -34,7 +34,16 @@ def test_measure_times_every_step_against_the_forward_of_its_own_rows():
     assert all(len(v) == 2 for v in out["rounds_s"].values())
     for key, value in out["ratios"].items():
         assert math.isfinite(value) and value > 0, key
-    assert out["ratios"]["packed_per_example_ms_per_probe"] < out["ratios"]["packed_lozo_ms_per_probe"]  # 4 probes
+    per_probe = 1e3 * out["median_s"]["packed_per_example"] / 4  # one probe per example: 4 probes
+    assert out["ratios"]["packed_per_example_ms_per_probe"] == pytest.approx(per_probe)
+    # ops: a packed step dispatches more than the forward of its rows (hooks, draws, update), n-SPSA's 3 probes more
+    # than LOZO's one; the forwards of more copies are the same ops on more rows
+    ops = out["ops_syncs"]
+    assert ops["forward_x2"] == ops["forward_x6"]
+    assert 1 < out["ratios"]["packed_lozo_ops_over_forward_same_rows"] < ops["packed_nspsa3"][0] / ops["forward_x2"][0]
+    assert "ops (syncs)" in format_table({"model": "tiny", "device": "cpu", "device_name": "cpu", "threads": 1,
+                                         "torch": "x", "rank": 1, "reps": 2, "padding": "left", "outputs": "float32",
+                                         "results": {"tiny/float32": out}})  # fmt: skip
     # every step ran on the same model (tiny lr): it moved, and no hook was left on it
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

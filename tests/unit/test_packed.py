@@ -12,6 +12,7 @@ from tiny import tiny_batch, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import zotune
+from zotune.bench.speed import DispatchedOps
 from zotune.core import LowRank, LowRankMomentum, ParamSpace, Z, replay
 from zotune.core.packed import PackedBatch, PackedEngine, ProbeTable
 from zotune.core.packed_estimators import (
@@ -351,6 +352,30 @@ def test_the_update_is_one_write_along_the_measured_directions():
     for e in opt.space:
         ghat = sum(c * opt.sampler.draw(e, s) for s, c in est.terms)
         torch.testing.assert_close(e.param.detach() - before[e.name], -1e-2 * ghat, rtol=1e-4, atol=1e-7)
+
+
+def packed_step_cost(layers: int) -> tuple[int, int, int]:
+    """(ops, host syncs) a packed LOZO step adds to the forward of its rows, and its perturbed layers."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    rows = lm_rows(model)
+    opt = PackedZO(model, lr=1e-3, eps=1e-2, estimator=PackedTwoPoint(1), rank=2, refresh_every=50)
+    opt.step(PackedBatch(rows, list(range(B))))  # V drawn for the period
+    with DispatchedOps() as fwd, torch.no_grad():
+        rows(list(range(B)), 2)
+    with DispatchedOps() as step:
+        opt.step(PackedBatch(rows, list(range(B))))
+    return step.ops - fwd.ops, step.syncs - fwd.syncs, len(opt.engine.layers)
+
+
+def test_a_packed_lozo_step_costs_a_few_ops_per_perturbed_layer_and_no_sync_per_layer():
+    """What a packed step adds to the forward of its rows is launch-bound on a GPU at short prompts: per perturbed
+    layer a few ops (its draw, the hook's x V, scale and add, the update's write), and host syncs that do not grow
+    with the layers (the norms' gains are inverted and checked for zeros in one go)."""
+    (ops2, syncs2, n2), (ops6, syncs6, n6) = packed_step_cost(2), packed_step_cost(6)
+    assert (ops6 - ops2) / (n6 - n2) < 6, (ops2, ops6, n2, n6)
+    assert syncs6 == syncs2, (syncs2, syncs6)
 
 
 def test_per_example_probes_log_each_examples_pair_and_its_projected_gradient():

@@ -11,6 +11,8 @@ base precision (fp32, bf16 autocast):
 - every packed step (LOZO's ± pair, n-SPSA with n probes, one probe per example, FZOO with n probes) as
   ``step ÷ forward of its packed rows`` (target ≤ 1.05 for LOZO), milliseconds per probe, and peak memory ÷ the
   peak of that packed forward (target ≤ 1.05);
+- the ops each call dispatches (views aside) and its host syncs (``ops_syncs``), and ``step ÷ forward of its
+  packed rows`` in ops: device-independent, it is what a GPU pays at short prompts, where every op is a launch;
 - today's sequential steps on the same examples: MeZO (Gaussian and Rademacher z) and LOZO (rank r, given the
   model), in fp32; packed LOZO ÷ Gaussian MeZO (targets: ≤ 0.60 in fp32, ≤ 0.40 with a bf16 base).
 
@@ -37,7 +39,7 @@ from ..core import LowRank, ZOOptimizer
 from ..core.log import atomic_write_text
 from ..core.packed import PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
-from .speed import PeakMemory, load_bench_model, make_batch, timed
+from .speed import DispatchedOps, PeakMemory, load_bench_model, make_batch, timed
 
 SYNTHETIC = {"synthetic": (16, 64), "synthetic_64x256": (64, 256)}  # name: (rows, tokens)
 WORKLOADS = ("sst2", "trec", *SYNTHETIC)
@@ -187,6 +189,11 @@ def _measure(
             with PeakMemory(dev) as mem:
                 fn()
             peaks[k] = mem.peak
+        ops: dict[str, list[int]] = {}  # [ops, host syncs] of one call: the launches a GPU pays at short prompts
+        for k, fn in calls.items():
+            with DispatchedOps() as count:
+                fn()
+            ops[k] = [count.ops, count.syncs]
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(reps):
             state["batch"] = wl.batches[r % len(wl.batches)]
@@ -207,6 +214,7 @@ def _measure(
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "peak_bytes": peaks,
+        "ops_syncs": ops,
         "copies": copies,
         "ratios": {},
     }
@@ -217,6 +225,7 @@ def _measure(
         rat[f"{k}_ms_per_probe"] = 1e3 * statistics.median(times[k]) / n_probes
         rat[f"{k}_peak_over_inference_same_rows"] = peaks[k] / peaks[f"forward_x{c}"]
         rat[f"{k}_step_over_forward_b"] = per_round(k, "forward_b")
+        rat[f"{k}_ops_over_forward_same_rows"] = ops[k][0] / ops[f"forward_x{c}"][0]
     for k in seq:
         rat[f"{k}_step_over_2_forward_b"] = per_round(k, "forward_b", 2.0)
         rat[f"packed_lozo_over_{k}"] = per_round("packed_lozo", k)
@@ -305,12 +314,19 @@ def format_table(res: dict[str, Any]) -> str:
     for key, out in res["results"].items():
         r, m = out["ratios"], out["median_s"]
         lines.append(f"\n{key}: batch {out['batch']}, {out['tokens_per_row']} prompt tokens per row")
-        lines.append(f"  {'':26}{'step (s)':>10}{'÷ fwd same rows':>17}{'ms / probe':>12}{'peak ÷ inf':>12}")
+        ops = out.get("ops_syncs", {})
+        lines.append(
+            f"  {'':26}{'step (s)':>10}{'÷ fwd same rows':>17}{'ms / probe':>12}{'peak ÷ inf':>12}"
+            f"{'ops (syncs)':>14}{'ops ÷ fwd':>11}"
+        )
         lines.append(f"  {'forward, batch':26}{m['forward_b']:10.3f}")
         for k, c in out["copies"].items():
+            counted = f"{ops[k][0]} ({ops[k][1]})" if k in ops else "—"
+            ratio = f"{r[f'{k}_ops_over_forward_same_rows']:.2f}" if f"{k}_ops_over_forward_same_rows" in r else "—"
             lines.append(
                 f"  {k + f' ({c} copies)':26}{m[k]:10.3f}{r[f'{k}_step_over_forward_same_rows']:17.3f}"
                 f"{r[f'{k}_ms_per_probe']:12.1f}{r[f'{k}_peak_over_inference_same_rows']:12.3f}"
+                f"{counted:>14}{ratio:>11}"
             )
         for k in ("mezo_gaussian", "mezo_rademacher", "lozo"):
             if k in m:

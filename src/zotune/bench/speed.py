@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core import ZOOptimizer
 from ..core.log import atomic_write_text
@@ -85,6 +86,34 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ops a block dispatches that compute something (views and other metadata-only ops aside) and the
+    host syncs among them: a device-independent measure of launch overhead (on a GPU each op is a kernel launch
+    and each sync waits for the queue, which dominates a step at short prompts).
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(4, 3)
+        >>> with DispatchedOps() as c:
+        ...     y = (x.T @ x).sum(); _ = y.item()
+        >>> (c.ops, c.syncs)  # mm, sum, item (the transpose is a view)
+        (3, 1)
+    """
+
+    METADATA = {"view", "_unsafe_view", "select", "slice", "permute", "unsqueeze", "squeeze", "transpose", "t"}
+    METADATA |= {"expand", "detach", "alias", "lift_fresh", "split", "split_with_sizes", "as_strided"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        self.ops += name not in self.METADATA
+        self.syncs += name == "_local_scalar_dense"
+        return func(*args, **(kwargs or {}))
 
 
 # -------------------------------------------------------------------------------------- reference-style MeZO step

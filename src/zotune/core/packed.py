@@ -84,7 +84,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -289,6 +289,19 @@ class _Plan:
     groups: int  # g: rows grouped into g runs of n/g consecutive rows with one probe each
     group_probe: Tensor  # (g,) int64
     single: int | None  # the one probe every row carries (None: several)
+    coefs: dict[tuple[float, torch.device], Tensor] = field(default_factory=dict)
+
+    def coef(self, eps: float, device: torch.device) -> Tensor:
+        """(n,) the rows' coefficients sign·ε on ``device``, computed once per forward for every layer of the group."""
+        key = (eps, device)
+        if key not in self.coefs:
+            self.coefs[key] = self.sign.to(device) * eps
+        return self.coefs[key]
+
+    def rows_of(self, stacked: Tensor) -> Tensor:
+        """Each row's slice of a per-probe stack (P, ...): (n, ...); (1, ...), to broadcast, when one probe serves
+        every row."""
+        return stacked[self.single][None] if self.single is not None else stacked[self.probe.to(stacked.device)]
 
 
 def _plan(probe: Tensor, sign: Tensor, device: torch.device) -> _Plan:
@@ -368,6 +381,7 @@ class PackedEngine:
         self._eps: dict[str, float] = {}
         self._u: dict[str, Tensor] = {}  # low-rank: (P, m, r) U_p stacked, fp32
         self._vt: dict[str, Tensor] = {}  # low-rank: (r, n) Vᵀ, fp32
+        self._vt_kept: dict[str, tuple[Tensor, Tensor]] = {}  # name: (the sampler's V, its Vᵀ) for a refresh period
         self._z: dict[str, Tensor] = {}  # dense: (P, d) z_p stacked, fp32
         self._inv_gain: dict[str, Tensor | None] = {}  # norms: 1/g (None when g has a zero)
         self._forwards = 0
@@ -406,16 +420,36 @@ class PackedEngine:
                     continue
                 self._eps[e.name] = float(eps[e.group])
                 if s.is_lowrank(e):
-                    u = torch.stack([s.u(e, seed).float() for seed in seeds])  # (P, m, r)
+                    u = _stack([s.u(e, seed).float() for seed in seeds])  # (P, m, r)
                     self._u[e.name] = u
                     if e.param.dtype == torch.float32:  # the sampler's cache (the update reuses it) shares the stack
                         s.u_cache.update({(e.name, seed): u[p] for p, seed in enumerate(seeds)})
-                    self._vt[e.name] = s.current_v(e).float().T.contiguous()
+                    v = s.current_v(e)
+                    if e.name not in self._vt_kept or self._vt_kept[e.name][0] is not v:  # V was drawn again
+                        self._vt_kept[e.name] = (v, v.float().T.contiguous())
+                    self._vt[e.name] = self._vt_kept[e.name][1]
                 else:
-                    self._z[e.name] = torch.stack([s.dense.draw(e, seed).float().reshape(-1) for seed in seeds])
-            if layer.kind in ("layernorm", "rmsnorm") and layer.weight is not None:
-                g = layer.weight.param.detach().float()
-                self._inv_gain[layer.weight.name] = 1.0 / g if bool((g != 0).all()) else None
+                    self._z[e.name] = _stack([s.dense.draw(e, seed).float().reshape(-1) for seed in seeds])
+        self._inv_gain = self._inverse_gains()
+
+    def _inverse_gains(self) -> dict[str, Tensor | None]:
+        """1/g of every perturbed norm gain (None for a gain holding a zero), in a few ops for all norms at once:
+        each norm's 1/g is a slice of one reciprocal, and one host sync tells whether any gain has a zero."""
+        norms = [x.weight for x in self.layers if x.kind in ("layernorm", "rmsnorm") and x.weight is not None]
+        by_device: dict[torch.device, list[Entry]] = {}
+        for e in norms:
+            by_device.setdefault(e.param.device, []).append(e)
+        out: dict[str, Tensor | None] = {}
+        for entries in by_device.values():
+            flat = torch.cat([e.param.detach().float().reshape(-1) for e in entries])
+            if bool((flat == 0).any()):  # rare: decide per gain
+                out |= {
+                    e.name: (1.0 / e.param.detach().float() if bool((e.param != 0).all()) else None) for e in entries
+                }
+                continue
+            parts = flat.reciprocal().split([e.param.numel() for e in entries])
+            out |= {e.name: inv.view(e.param.shape) for e, inv in zip(entries, parts, strict=True)}
+        return out
 
     def _chunks(
         self, batch: PackedBatch, examples: list[Any], copies: int
@@ -503,6 +537,11 @@ class PackedEngine:
         return hook
 
 
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack`` without a copy for a single tensor (one probe: the common packed LOZO step)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 def _rows_view(t: Tensor, n: int, what: str) -> Tensor:
     """``t`` as (n rows, tokens, features); the rows must be t's leading elements (any flattening of (n, ..., d))."""
     if t.numel() % (n * t.shape[-1]):
@@ -528,12 +567,11 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         res = out.contiguous()
     y = _rows_view(res, n, what)  # (n, T, m), a view of res
     dt = y.dtype  # float32, or bf16 with outputs="base": the fp32 side-branch factors are rounded to it here
-    sign = plan.sign.to(res.device)
     w, b = layer.weight, layer.bias
     if layer.kind in ("linear", "conv1d") and w is not None:
         xr = _rows_view(x, n, what).float()  # (n, T, in)
         t = xr.shape[1]
-        coef = sign * engine._eps[w.name]
+        coef = plan.coef(engine._eps[w.name], res.device)
         vt = engine._vt[w.name]  # (r, n_w)
         r = vt.shape[0]
         if layer.kind == "linear":  # y += c (x V) U_pᵀ: x V for every row at once, then U_pᵀ per group
@@ -560,13 +598,13 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         if x.numel() % n:
             raise ValueError(f"an embedding of the packed forward saw {x.numel()} ids, not a multiple of its {n} rows")
         ids = x.reshape(n, -1)
-        coef = sign * engine._eps[w.name]
+        coef = plan.coef(engine._eps[w.name], res.device)
         u = engine._u[w.name]  # (P, vocab, r)
         ur = u[plan.single][ids] if plan.single is not None else u[plan.probe.to(ids.device)[:, None], ids]
         ur = (ur * coef[:, None, None]).to(dt)
         y.view(-1, y.shape[-1]).addmm_(ur.reshape(-1, ur.shape[-1]), engine._vt[w.name].to(dt))
     elif layer.kind in ("layernorm", "rmsnorm") and w is not None:  # y += c z_p ⊙ x̂  (g ⊙ x̂ = y [− b])
-        zw = engine._z[w.name][plan.probe.to(res.device)] * (sign * engine._eps[w.name])[:, None]  # (n, d)
+        zw = plan.rows_of(engine._z[w.name]) * plan.coef(engine._eps[w.name], res.device)[:, None]  # (n, d)
         inv = engine._inv_gain.get(w.name)
         if inv is not None:  # x̂ = (y − b)/g: one pass, y ← y ⊙ (1 + c z/g) − c z b/g
             zg = zw * inv
@@ -582,7 +620,7 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
                 xhat = _rms_hat(xr, layer.norm_eps).float()
             y.addcmul_(xhat.to(dt), zw.to(dt)[:, None, :])
     if b is not None:  # biases (Linear, Conv1D, LayerNorm): y += c z_p
-        zb = engine._z[b.name][plan.probe.to(res.device)] * (sign * engine._eps[b.name])[:, None]  # (n, m)
+        zb = plan.rows_of(engine._z[b.name]) * plan.coef(engine._eps[b.name], res.device)[:, None]  # (n, m)
         y.add_(zb.to(dt)[:, None, :])
     if res is out:
         return None
