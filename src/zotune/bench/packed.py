@@ -185,15 +185,11 @@ def _measure(
         for fn in calls.values():
             fn()  # warm-up: allocator, kernels, the sequential optimizers' closure check, LOZO's side choice
         peaks: dict[str, int] = {}
-        for k, fn in calls.items():
-            with PeakMemory(dev) as mem:
-                fn()
-            peaks[k] = mem.peak
         ops: dict[str, list[int]] = {}  # [ops, host syncs] of one call: the launches a GPU pays at short prompts
         for k, fn in calls.items():
-            with DispatchedOps() as count:
+            with PeakMemory(dev) as mem, DispatchedOps() as count:
                 fn()
-            ops[k] = [count.ops, count.syncs]
+            peaks[k], ops[k] = mem.peak, [count.ops, count.syncs]
         times: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(reps):
             state["batch"] = wl.batches[r % len(wl.batches)]
