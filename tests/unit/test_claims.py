@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,11 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     grid = cl.grid(cl.PROTOCOL, "cpu")
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
-    # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks;
-    # 3 seeds each; FO refs x 3 seeds
-    assert sum(c.phase == "scan" for c in grid) == 110 and sum(c.phase == "seeds" for c in grid) == 66
+    # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks, and
+    # FZOO's grid extended by two lrs above its top edge; 3 seeds each; FO refs x 3 seeds
+    assert sum(c.phase == "scan" for c in grid) == 114 and sum(c.phase == "seeds" for c in grid) == 66
+    fzoo = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == "sst2" and c.row.name == "fzoo")
+    assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3])
     assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
@@ -197,6 +200,16 @@ def test_pick_rule_on_hand_made_scans(tmp_path):
         results.rows[c.name]["best_dev"] = 0.6
     pick = cl.pick_lr(p, results, "sst2", mezo)
     assert pick["lr"] == 1.25e-5 and pick["edge"] is True and pick["beats_zero_shot"] is False
+    # a grid extended past its top edge: no pick until the extra lrs ran; then the edge is the extended grid's
+    wide = Protocol(tasks={"sst2": cl.TASKS["sst2"]}, rows=(replace(mezo, extra_factors=(8.0,)),))
+    for c in scan:
+        results.rows[c.name]["best_dev"] = 0.6 + c.factor / 100  # rising with lr: 4 x is the best of the 5
+    assert cl.pick_lr(wide, results, "sst2", wide.row("mezo")) is None
+    top = next(c for c in cl.grid(wide) if c.phase == "scan" and c.factor == 8.0)
+    assert top.name == "sst2-mezo-scan-lr0.0004"
+    results.rows[top.name] = {"cell": top.name, "best_dev": 0.6, "best_step": 10, "zero_shot_dev": 0.6}
+    pick = cl.pick_lr(wide, results, "sst2", wide.row("mezo"))
+    assert pick["lr"] == 2e-4 and pick["edge"] is False and len(pick["grid"]) == 6
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,8 @@ class Row:
             ``unavailable``.
         profiles: the profiles (:data:`PROFILES`) whose grid holds the row.
         label: the row's name in tables.
+        extra_factors: lr scan factors beyond the protocol's (an amendment, for a row whose pick lay on the grid's
+            edge with the best dev still rising towards it).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Row:
     needs: tuple[str, ...] = ()
     profiles: tuple[str, ...] = ("cpu", "gpu")
     label: str = ""
+    extra_factors: tuple[float, ...] = ()
 
     @property
     def scanned(self) -> bool:
@@ -138,8 +141,10 @@ ROWS: tuple[Row, ...] = (
         fwd_per_step=8.0, path="packed", label="n-SPSA (n = 4, packed)"),
     Row("per-example", "per_example", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
         label="one probe per example (packed)"),
+    # extended upwards after its pick sat on the top edge with dev rising with lr (its step is divided by the std of
+    # the probe losses, so its lr is on another scale than MeZO's)
     Row("fzoo", "fzoo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 8},
-        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)"),
+        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)", extra_factors=(8.0, 16.0)),
     Row("fo-lora", "adamw", {"lr": 5e-4}, fwd_per_step=1.0, model={"peft": "lora"}, kind="ref",
         label="FO-LoRA (AdamW)"),
     Row("fo-full", "adamw", {"lr": 1e-5}, fwd_per_step=1.0, kind="ref", label="FO full (AdamW)"),
@@ -239,6 +244,10 @@ class Protocol:
     recipe: str = "recipes/smollm2-sst2-mezo.yaml"
     fo_full_committed: Mapping[str, float] = field(default_factory=lambda: {"sst2": 0.869})
 
+    def factors(self, row: Row) -> tuple[float, ...]:
+        """The lr scan factors of ``row``: the protocol's, and the row's extra ones."""
+        return tuple(sorted(set(self.scan_factors) | set(row.extra_factors)))
+
     def row(self, name: str) -> Row:
         for r in self.rows:
             if r.name == name:
@@ -279,7 +288,7 @@ def grid(protocol: Protocol = PROTOCOL, profile: str | None = None) -> list[Cell
     rows = [r for r in protocol.rows if profile is None or profile in r.profiles]
     scans = [
         Cell(t, r, "scan", protocol.scan_seed, f) for t in protocol.tasks for r in rows if r.scanned
-        for f in protocol.scan_factors
+        for f in protocol.factors(r)
     ]  # fmt: skip
     refs = [Cell(t, r, "refs", s) for t in protocol.tasks for r in rows if r.kind == "ref" for s in protocol.seeds]
     seeds = [Cell(t, r, "seeds", s) for t in protocol.tasks for r in rows if r.scanned for s in protocol.seeds]
@@ -616,7 +625,7 @@ def statuses(
         elif cell.phase == "seeds" and lr is None:
             n = sum(1 for c in grid(protocol) if c.phase == "scan" and c.task == cell.task
                     and c.row.name == cell.row.name and c.name in results.rows)  # fmt: skip
-            out_list.append(Status(cell, "waiting", f"lr scan {n} of {len(protocol.scan_factors)} done"))
+            out_list.append(Status(cell, "waiting", f"lr scan {n} of {len(protocol.factors(cell.row))} done"))
         else:
             out_list.append(Status(cell, "missing"))
     return out_list, chosen
@@ -1527,6 +1536,9 @@ def _scan_lines(protocol: Protocol, chosen: dict) -> list[str]:
         cells = " · ".join((f"**{q['lr']:.3g}: {q['best_dev']:.3f}**" if q["lr"] == p["lr"]
                             else f"{q['lr']:.3g}: {q['best_dev']:.3f}") for q in p["grid"])  # fmt: skip
         notes = []
+        if protocol.row(row).extra_factors:
+            extra = ", ".join(f"{f:g}" for f in protocol.row(row).extra_factors)
+            notes.append(f"grid extended by × {{{extra}}} after a pick on its edge")
         if p["edge"]:
             notes.append("pick on the grid's edge: the best lr may lie outside it")
         if not p["beats_zero_shot"]:
@@ -1600,7 +1612,7 @@ def smoke_protocol(forwards: int = 20, row: str = "mezo", task: str = "sst2") ->
     data = {**TASKS[task], **({"n_dev": 50, "n_test": 100} if TASKS[task]["protocol"] == "mezo" else {"n_test": 100})}
     return Protocol(
         tasks={task: data},
-        rows=(PROTOCOL.row(row),),
+        rows=(replace(PROTOCOL.row(row), extra_factors=()),),
         comparisons=(),
         seeds=(0,),
         scan_factors=(1.0,),

@@ -179,6 +179,12 @@ def _measure(
         calls[f"forward_x{c}"] = lambda c=c: forward(c)
     for k, o in opts.items():
         calls[k] = lambda o=o: o.step(PackedBatch(wl.loss_rows, state["batch"]))
+    if "packed_lozo" in opts:  # its forward alone (hooks on, directions drawn, no update): step = this + update
+        lozo = opts["packed_lozo"]
+        table = lozo.estimator.table(size)
+        calls["packed_lozo_evaluate"] = lambda: lozo.engine.evaluate(
+            PackedBatch(wl.loss_rows, state["batch"]), table, seeds=[1], eps=[1e-3]
+        )
     for k, o in seq.items():
         calls[k] = lambda o=o: o.step(lambda: wl.loss(state["batch"]))
     try:
@@ -222,6 +228,15 @@ def _measure(
         rat[f"{k}_peak_over_inference_same_rows"] = peaks[k] / peaks[f"forward_x{c}"]
         rat[f"{k}_step_over_forward_b"] = per_round(k, "forward_b")
         rat[f"{k}_ops_over_forward_same_rows"] = ops[k][0] / ops[f"forward_x{c}"][0]
+    if "packed_lozo_evaluate" in times:  # where a packed LOZO step's time goes beyond the forward of its rows
+        c = copies["packed_lozo"]
+        rat["packed_lozo_evaluate_over_forward_same_rows"] = per_round("packed_lozo_evaluate", f"forward_x{c}")
+        rat["packed_lozo_update_over_forward_same_rows"] = statistics.median(
+            (s - e) / f
+            for s, e, f in zip(
+                times["packed_lozo"], times["packed_lozo_evaluate"], times[f"forward_x{c}"], strict=True
+            )
+        )
     for k in seq:
         rat[f"{k}_step_over_2_forward_b"] = per_round(k, "forward_b", 2.0)
         rat[f"packed_lozo_over_{k}"] = per_round("packed_lozo", k)
@@ -323,6 +338,12 @@ def format_table(res: dict[str, Any]) -> str:
                 f"  {k + f' ({c} copies)':26}{m[k]:10.3f}{r[f'{k}_step_over_forward_same_rows']:17.3f}"
                 f"{r[f'{k}_ms_per_probe']:12.1f}{r[f'{k}_peak_over_inference_same_rows']:12.3f}"
                 f"{counted:>14}{ratio:>11}"
+            )
+        if "packed_lozo_evaluate_over_forward_same_rows" in r:
+            lines.append(
+                f"  packed LOZO step ÷ forward = {r['packed_lozo_step_over_forward_same_rows']:.3f}: its forward with "
+                f"the side branches {r['packed_lozo_evaluate_over_forward_same_rows']:.3f} + the update and the rest "
+                f"{r['packed_lozo_update_over_forward_same_rows']:.3f}"
             )
         for k in ("mezo_gaussian", "mezo_rademacher", "lozo"):
             if k in m:
