@@ -103,6 +103,23 @@ def test_series_forwards_axis():
     assert _series(TRAIN + ev, x="forwards").dev_x == [7]
 
 
+def test_series_seconds_axis_sums_steps_and_evaluations():
+    rows = [
+        {"kind": "eval", "step": 0, "split": "dev", "accuracy": 0.5, "seconds": 2.0},
+        *[r | {"step_time": 1.5} for r in TRAIN[:2]],
+        EVAL[0] | {"seconds": 3.0},
+        *[r | {"step_time": 0.5} for r in TRAIN[2:]],
+        EVAL[1] | {"seconds": 3.0},
+        EVAL[2] | {"seconds": 7.0},
+    ]
+    s = _series(rows, x="seconds")
+    assert s.train_x == [3.5, 5.0, 8.5, 9.0]  # 2 s of the first evaluation, then the steps, then 3 s more
+    assert s.dev_x == [0.0, 5.0, 9.0] and s.dev_y == [0.5, 0.6, 0.7]
+    assert s.test == (12.0, 0.65)
+    with pytest.raises(ValueError, match=r"run-b: train line at step 1 has no 'step_time' field"):
+        _series(TRAIN, x="seconds", where="run-b")
+
+
 def test_series_forwards_missing_is_a_clear_error():
     rows = [{"kind": "train", "step": 1, "loss": 0.9}]
     with pytest.raises(ValueError, match=r"run-a: train line at step 1 has no 'forwards' field; plot with x='step'"):
@@ -180,7 +197,7 @@ def test_plot_bad_inputs(tmp_path):
     run = _run(tmp_path / "r", TRAIN)
     with pytest.raises(ValueError, match=r"no run directories"):
         plot_runs([])
-    with pytest.raises(ValueError, match=r"x must be one of step, forwards, got 'time'"):
+    with pytest.raises(ValueError, match=r"x must be one of step, forwards, seconds, got 'time'"):
         plot_runs([run], x="time")
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"smooth must be in \[0, 1\)"):

@@ -1,9 +1,9 @@
 """Plot the curves of one or several run directories into one PNG (``zotune plot RUN [RUN ...]``): training loss on
-the left (against steps or forward passes, optionally smoothed with an exponential moving average) and the dev metric
-on the right, with each run's test score as a star; every run keeps one colour in both panels and is labelled by its
-directory name. Only ``RUN/metrics.jsonl`` is read, so a run can be plotted while it is still training, and the PNG is
-written atomically so a viewer refreshing it never sees a half-written file. matplotlib (the ``plot`` extra) is
-imported only when a figure is drawn.
+the left (against steps, forward passes or wall-clock seconds, optionally smoothed with an exponential moving
+average) and the dev metric on the right, with each run's test score as a star; every run keeps one colour in both
+panels and is labelled by its directory name. Only ``RUN/metrics.jsonl`` is read, so a run can be plotted while it is
+still training, and the PNG is written atomically so a viewer refreshing it never sees a half-written file.
+matplotlib (the ``plot`` extra) is imported only when a figure is drawn.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-X_AXES = ("step", "forwards")
+X_AXES = ("step", "forwards", "seconds")
 METRICS = ("accuracy", "f1")  # first one present in an eval line wins; ``em`` is ignored
 
 
@@ -99,16 +99,29 @@ def _series(records: Sequence[dict], x: str = "step", smooth: float = 0.0, where
 
     ``where`` names the run in error messages. With ``x="forwards"`` every train line needs ``forwards``; an eval
     line without it takes the count of the latest train line at or before its step (the forwards spent so far).
+    With ``x="seconds"`` the axis is the wall-clock the run has spent, in file order: every train line's
+    ``step_time`` and every evaluation's ``seconds`` (an evaluation is drawn where it starts; a resumed run's lines
+    continue the sum).
     """
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     s = _Series()
     seen: list[tuple[float, float]] = []  # (step, forwards) of the train lines, for eval lines lacking forwards
+    clock = 0.0  # x="seconds": the wall-clock spent before this line
     for rec in records:
         kind = rec.get("kind")
         if kind == "train":
             if "step" not in rec or "loss" not in rec:
                 raise ValueError(f"{where}: train line without 'step' or 'loss': {json.dumps(rec)[:200]}")
+            if x == "seconds":
+                if rec.get("step_time") is None:
+                    raise ValueError(
+                        f"{where}: train line at step {rec['step']} has no 'step_time' field; plot with x='step'"
+                    )
+                clock += float(rec["step_time"])
+                s.train_x.append(clock)
+                s.train_y.append(_float(rec["loss"]))
+                continue
             if x == "forwards":
                 if rec.get("forwards") is None:
                     raise ValueError(
@@ -122,7 +135,10 @@ def _series(records: Sequence[dict], x: str = "step", smooth: float = 0.0, where
             split = rec.get("split", "dev")
             if name is None or split not in ("dev", "test") or "step" not in rec:
                 continue
-            if x == "step" or rec.get("forwards") is not None:
+            if x == "seconds":
+                at = clock
+                clock += float(rec.get("seconds") or 0.0)
+            elif x == "step" or rec.get("forwards") is not None:
                 at = float(rec[x])
             else:
                 earlier = [f for st, f in seen if st <= rec["step"]]
@@ -185,7 +201,8 @@ def plot_runs(
     Args:
         runs: run directories, each holding a ``metrics.jsonl``.
         out: the PNG to write; defaults to ``RUN/plot.png`` for a single run and is required for several.
-        x: the horizontal axis, ``"step"`` or ``"forwards"`` (forward passes spent, the ZO cost measure).
+        x: the horizontal axis, ``"step"``, ``"forwards"`` (forward passes spent, the ZO cost measure) or
+            ``"seconds"`` (wall-clock of the steps and evaluations).
         smooth: exponential-moving-average weight in ``[0, 1)`` for the loss; 0 draws the raw curve only, otherwise
             the raw curve is drawn faint under the smoothed one.
         title: a figure title.
@@ -299,14 +316,15 @@ def save_png(fig: Any, out: Path, dpi: int = 110) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zotune plot RUN [RUN ...] [--out PNG] [--x step|forwards] [--smooth 0.9] [--title T]``: the exit code."""
+    """``zotune plot RUN [RUN ...] [--out PNG] [--x step|forwards|seconds] [--smooth 0.9] [--title T]``: the exit
+    code."""
     p = argparse.ArgumentParser(
         prog="zotune plot",
         description="Plot training loss and dev metric of one or several run directories into one PNG.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with a metrics.jsonl)")
     p.add_argument("--out", default=None, metavar="PNG", help="output file (default RUN/plot.png for one run)")
-    p.add_argument("--x", default="step", help="horizontal axis: step or forwards (default step)")
+    p.add_argument("--x", default="step", help="horizontal axis: step, forwards or seconds (default step)")
     p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the loss (default 0: raw)")
     p.add_argument("--title", default=None, help="figure title")
     try:
