@@ -343,6 +343,95 @@ def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(name):
     assert len(resumed.update_log) == 4
 
 
+# ------------------------------------------------------------------------------------------------ deferred update
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("arch", ["tied-llama", "gpt2"])
+def test_a_deferred_update_is_the_same_run_and_writes_the_matrices_once_per_period(arch, name):
+    """defer=True: the packed forward adds each matrix's pending update (linear, tied embedding and head, Conv1D,
+    FZOO's unperturbed rows too), so every step measures what the run that writes W each step measures; the
+    matrices are written only when V is redrawn; another forward of the model settles them first."""
+    a, b = model_for(arch), model_for(arch)
+    momentum = name == "lozo"
+    eager = packed_run(a, ESTIMATORS[name](), 0, momentum=momentum)
+    lazy = packed_run(b, ESTIMATORS[name](), 0, momentum=momentum, defer=True)
+    params = dict(b.named_parameters())
+    mats = [n for n, q in params.items() if q.ndim == 2 and q.requires_grad]
+    start = snapshot(b)
+    for t in range(5):  # refresh_every 2: V redrawn (and the pending updates written) at steps 2 and 4
+        before = snapshot(b)
+        packed_run(a, None, 1, start=t, opt=eager)
+        packed_run(b, None, 1, start=t, opt=lazy)
+        assert lazy.last_estimate.losses == pytest.approx(eager.last_estimate.losses, rel=0, abs=2e-6), t
+        written = [n for n in mats if not torch.equal(before[n], params[n])]
+        assert written == (mats if t in (2, 4) else []), t
+    assert lazy.sampler.pending.keys() == set(mats)
+    x = tiny_batch(9, batch=2)["input_ids"]
+    with torch.no_grad():  # a plain forward: the pending updates go into the weights first
+        torch.testing.assert_close(b(input_ids=x).logits, a(input_ids=x).logits, rtol=0, atol=1e-4)
+    assert not lazy.sampler.pending and lazy.update_log.records[-1].fold
+    for n, q in a.named_parameters():
+        moved = float((q - start[n]).abs().max())
+        assert moved > 0 and float((params[n] - q).abs().max()) <= 1e-3 * moved, n
+
+
+def test_the_model_state_dict_holds_the_settled_weights():
+    model = tied_llama()
+    opt = packed_run(model, PackedTwoPoint(1), 1, defer=True)
+    w = model.model.embed_tokens.weight
+    unsettled = w.detach().clone()
+    expected = (
+        unsettled
+        + opt.sampler.pending["model.embed_tokens.weight"]
+        @ opt.sampler.current_v(next(e for e in opt.space if e.name == "model.embed_tokens.weight")).T
+    )
+    sd = model.state_dict()
+    assert not opt.sampler.pending and not torch.equal(sd["model.embed_tokens.weight"], unsettled)
+    torch.testing.assert_close(sd["model.embed_tokens.weight"], expected, rtol=0, atol=1e-7)
+
+
+def test_replay_folds_where_the_run_settled_bit_for_bit(tmp_path):
+    model = tied_llama()
+    base, unmarked = copy.deepcopy(model), copy.deepcopy(model)
+    opt = packed_run(model, PackedTwoPoint(1), 3, momentum=True, defer=True)  # steps 0-2; V redrawn at 2
+    opt.settle()  # mid-period (an evaluation): marked in the log
+    packed_run(model, None, 2, start=3, opt=opt)
+    opt.settle()
+    assert [r.fold for r in opt.update_log.records] == [False, False, True, False, True]
+    lines = opt.update_log.to_lines()
+    assert ['"fold"' in line for line in lines[1:]] == [False, False, True, False, True]  # written only when true
+    opt.update_log.save(tmp_path / "updates.jsonl")
+    assert replay(base, tmp_path / "updates.jsonl") == 5
+    for (n, p), q in zip(model.named_parameters(), base.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    # without the mark the replay folds steps 2 and 3 together at step 4's refresh: other floats
+    opt.update_log.records[2].fold = False
+    replay(unmarked, opt.update_log)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), unmarked.parameters(), strict=True))
+
+
+def test_a_state_saved_mid_period_resumes_bit_for_bit():
+    a, c, d = tied_llama(), tied_llama(), tied_llama()
+    straight = packed_run(a, PackedTwoPoint(1), 5, momentum=True, defer=True)
+    straight.settle()
+    first = packed_run(c, PackedTwoPoint(1), 3, momentum=True, defer=True)
+    assert first.sampler.pending  # step 2's update is pending
+    state = copy.deepcopy(first.state_dict())
+    with torch.no_grad():  # the weights as they are (W, without its pending P Vᵀ): the state carries P
+        for p, q in zip(d.parameters(), c.parameters(), strict=True):
+            p.copy_(q)
+    resumed = PackedZO(d, lr=1e-2, eps=1e-2, estimator=PackedTwoPoint(1), rank=2, refresh_every=2, seed=0,
+                       rule=LowRankMomentum(0.9), defer=True)  # fmt: skip
+    resumed.load_state_dict(state)
+    packed_run(d, None, 2, start=3, opt=resumed)
+    resumed.settle()
+    for (n, p), q in zip(a.named_parameters(), d.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    eager = PackedZO(tied_llama(), lr=1e-2, eps=1e-2, estimator=PackedTwoPoint(1), rank=2, refresh_every=2, seed=0,
+                     rule=LowRankMomentum(0.9))  # fmt: skip
+    with pytest.raises(ValueError, match=r"pending low-rank updates: load it into a LowRank\(defer=True\)"):
+        eager.load_state_dict(copy.deepcopy(state))
+
+
 def test_the_update_is_one_write_along_the_measured_directions():
     """ĝ = Σ_i c_i z_i with the estimator's coefficients: the weights move by exactly −η ĝ (matrices and vectors)."""
     model = tied_llama()

@@ -87,13 +87,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 @dataclass
 class UpdateRecord:
-    """One optimizer step. ``losses`` are the closure values in call order; ``lr`` is per param group."""
+    """One optimizer step. ``losses`` are the closure values in call order; ``lr`` is per param group. ``fold``:
+    the deferred low-rank updates were written into the weights after this step (a packed run settled its weights
+    for an evaluation or a checkpoint; replay folds there too). Written only when true."""
 
     step: int
     seeds: list[int]
     grads: list[float]
     lr: list[float]
     losses: list[float] = field(default_factory=list)
+    fold: bool = False
 
 
 def _link(previous: str, obj: dict[str, Any]) -> str:
@@ -122,6 +125,8 @@ class UpdateLog:
         lines = []
         for r in self.records:
             rec = asdict(r)
+            if not rec["fold"]:
+                del rec["fold"]  # the usual record: the same line (and checksum) as before the field existed
             link = _link(link, rec)
             lines.append(json.dumps(rec | {"chain": link}))
         return [json.dumps(head | {"records": len(self.records), "chain": link}), *lines]

@@ -80,8 +80,12 @@ class LowRank(DirectionSampler):
             applies; False: always in place; a list of names: those tensors are perturbed outside the weights
             (used by :func:`~zotune.core.optimizer.replay`, where the logged losses replace the forwards).
         workers: threads of the dense Gaussian sampler used for the other tensors.
+        defer: keep each matrix's update pending as a factor P (m×r, W's true value being W + P Vᵀ) and write it
+            into W only when V is redrawn or :meth:`fold` is called: one pass over the weights per refresh period
+            instead of one per step. Only for a forward that adds the pending term itself (the packed engine);
+            needs ``side_branch=False``.
 
-    Memory: n·r numbers per matrix for V, plus U (m·r) cached for the step's directions.
+    Memory: n·r numbers per matrix for V, plus U (m·r) cached for the step's directions (and P, m·r, with ``defer``).
     """
 
     name = "lowrank"
@@ -93,6 +97,7 @@ class LowRank(DirectionSampler):
         scale: str = "none",
         side_branch: bool | str | Sequence[str] = "auto",
         workers: int | None = None,
+        defer: bool = False,
     ):
         self.rank = _check_int("rank", rank)
         self.refresh_every = _check_int("refresh_every", refresh_every)
@@ -102,6 +107,10 @@ class LowRank(DirectionSampler):
         if isinstance(side_branch, str) and side_branch != "auto":
             raise ValueError(f"LowRank side_branch={side_branch!r}: use 'auto', True, False or a list of names")
         self.side_branch = side_branch if isinstance(side_branch, (bool, str)) else list(side_branch)
+        if defer and self.side_branch:  # False, or an empty list (a replayed packed run)
+            raise ValueError("LowRank defer=True needs side_branch=False (the deferred term is added by its caller)")
+        self.defer = bool(defer)
+        self.pending: dict[str, Tensor] = {}  # defer: name -> P (m, r) of the updates not yet written into W
         self.dense = Gaussian(workers)
         self.seed = 0
         self.period = -1
@@ -129,6 +138,7 @@ class LowRank(DirectionSampler):
                 )
             lowrank[e.name] = (m, n)
         self.lowrank, self.seed, self.period = lowrank, seed, -1
+        self.pending = {}
         self._entry = {e.name: e for e in space if e.name in lowrank}
         self.detach()
         if isinstance(self.side_branch, list):
@@ -189,6 +199,7 @@ class LowRank(DirectionSampler):
         self.u_cache.clear()
         period = step // self.refresh_every
         if period != self.period:  # a refresh step (t mod ν == 0, or the first step after a resume)
+            self.fold()  # the pending updates belong to the old V
             self.period = period
             self.V = {}  # drawn again on first use
 
@@ -246,28 +257,51 @@ class LowRank(DirectionSampler):
         if dense:
             self.dense.apply_(ParamSpace(dense), program)
 
+    def fold(self) -> None:
+        """Write the pending updates (``defer``) into the weights: W ← W + P Vᵀ, one rank-r ``addmm_`` each."""
+        for name, p in self.pending.items():
+            e = self._entry[name]
+            e.param.data.addmm_(p, self.current_v(e).T)
+        self.pending = {}
+
+    def _fold_entry(self, e: Entry) -> None:
+        p = self.pending.pop(e.name, None)
+        if p is not None:
+            e.param.data.addmm_(p, self.current_v(e).T)
+
     def _apply_lowrank(self, e: Entry, ops: list[Op]) -> None:
         W, V = e.param.data, self.current_v(e)
         side = e.name in self.side
         scale = self.update_scale(e)
         # W += (Σ coef·F) Vᵀ, pending: the Z ops (F = U(seed), one term per seed) and FactorFn ops between two
-        # writes of W become one rank-r addmm_ (LOZO: restore + update; LOZO-M: restore + momentum step)
+        # writes of W become one rank-r addmm_ (LOZO: restore + update; LOZO-M: restore + momentum step); with
+        # ``defer`` the sum is added to the factor P instead, and W is written at the next fold
         pend: dict[Any, list[Any]] = {}
 
         def flush() -> None:
             terms = [(f, c) for f, c in pend.values() if c]
-            if len(terms) == 1:
+            pend.clear()
+            if not terms:
+                return
+            if self.defer:
+                acc = self.pending.get(e.name)
+                if acc is None:
+                    acc = self.pending[e.name] = terms[0][0] * terms[0][1]
+                    terms = terms[1:]
+                for f, c in terms:
+                    acc.add_(f, alpha=c)
+            elif len(terms) == 1:
                 W.addmm_(terms[0][0], V.T, alpha=terms[0][1])
-            elif terms:
+            else:
                 acc = terms[0][0] * terms[0][1]
                 for f, c in terms[1:]:
                     acc.add_(f, alpha=c)
                 W.addmm_(acc, V.T)
-            pend.clear()
 
         for op in ops:
             if isinstance(op, Scale):
                 flush()
+                self._fold_entry(e)  # W is scaled: it must hold every update first
                 W.mul_(op.factor)
             elif isinstance(op, FactorFn):
                 pend[("factor", len(pend))] = [op.fn(W, None, V), 1.0]
@@ -286,6 +320,7 @@ class LowRank(DirectionSampler):
                 pend.setdefault(("z", op.seed), [self.u(e, op.seed), 0.0])[1] += coef
             else:
                 flush()
+                self._fold_entry(e)  # an op that reads or writes W sees its true value
                 op.fn(W, None if op.seed is None else self.u(e, op.seed), V)
         flush()
 
@@ -325,20 +360,30 @@ class LowRank(DirectionSampler):
         return hook
 
     def config(self) -> dict[str, Any]:
-        return {
+        out = {
             "rank": self.rank,
             "refresh_every": self.refresh_every,
             "scale": self.scale,
             "side_branch": sorted(self.side),
         }
+        return out | {"defer": True} if self.defer else out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"side": sorted(self.side)} if self.side_branch == "auto" and self._cost is None else {}
+        out: dict[str, Any] = {"side": sorted(self.side)} if self.side_branch == "auto" and self._cost is None else {}
+        if self.pending:  # saved mid-period: the weights are W, their value W + P Vᵀ
+            out["pending"] = {"period": self.period, "factors": {k: v.clone() for k, v in self.pending.items()}}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "side" in state and self.side_branch == "auto":  # a resumed run keeps the choice it logged
             self._cost = {(name, 0): 0 for name in state["side"]}
             self._choose()
+        if "pending" in state:  # the next prepare() of the same period keeps them; a new period folds them first
+            if not self.defer:
+                raise ValueError("this state holds pending low-rank updates: load it into a LowRank(defer=True)")
+            self.period = state["pending"]["period"]
+            self.V = {}
+            self.pending = {k: v.clone() for k, v in state["pending"]["factors"].items()}
 
 
 @dataclass(frozen=True, eq=False)

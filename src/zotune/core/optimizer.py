@@ -351,6 +351,9 @@ def replay(
                     f"step {rec.step}: the logged projected gradient {rec.grads} is not the one its losses give "
                     f"({opt.last_estimate.grads}): the log was edited or damaged (the weights are part-replayed)"
                 )
+            if rec.fold:  # the run wrote its deferred updates into the weights here: the same floats
+                opt.sampler.fold()
+        opt.sampler.fold()  # what is still deferred (a no-op for the other samplers)
     finally:
         for n, p in named.items():
             p.requires_grad_(saved[n])

@@ -379,7 +379,7 @@ class PackedEngine:
         self.outputs = outputs
         self._plan: _Plan | None = None
         self._eps: dict[str, float] = {}
-        self._u: dict[str, Tensor] = {}  # low-rank: (P, m, r) U_p stacked, fp32
+        self._u: dict[str, Tensor] = {}  # low-rank: (P, m, r) U_p stacked, fp32; (P, m, 2r) [U_p, P] when deferred
         self._vt: dict[str, Tensor] = {}  # low-rank: (r, n) Vᵀ, fp32
         self._vt_kept: dict[str, tuple[Tensor, Tensor]] = {}  # name: (the sampler's V, its Vᵀ) for a refresh period
         self._z: dict[str, Tensor] = {}  # dense: (P, d) z_p stacked, fp32
@@ -387,6 +387,11 @@ class PackedEngine:
         self._forwards = 0
 
     # ------------------------------------------------------------------------------------------------ public
+    @property
+    def evaluating(self) -> bool:
+        """Whether a packed forward is running (its hooks carry the perturbations and any deferred update)."""
+        return self._plan is not None
+
     @torch.no_grad()
     def evaluate(self, batch: PackedBatch, table: ProbeTable, seeds: Sequence[int], eps: Sequence[float]) -> Tensor:
         """Per-example losses (copies, B) of ``table`` on ``batch``: ``losses[c, b]`` is example b's loss under
@@ -421,9 +426,12 @@ class PackedEngine:
                 self._eps[e.name] = float(eps[e.group])
                 if s.is_lowrank(e):
                     u = _stack([s.u(e, seed).float() for seed in seeds])  # (P, m, r)
-                    self._u[e.name] = u
                     if e.param.dtype == torch.float32:  # the sampler's cache (the update reuses it) shares the stack
                         s.u_cache.update({(e.name, seed): u[p] for p, seed in enumerate(seeds)})
+                    pending = s.pending.get(e.name)
+                    if pending is not None:  # W's value is W + P Vᵀ: every row adds P in the probes' matmul
+                        u = torch.cat([u, pending.float()[None].expand(len(seeds), -1, -1)], dim=-1)  # (P, m, 2r)
+                    self._u[e.name] = u
                     v = s.current_v(e)
                     if e.name not in self._vt_kept or self._vt_kept[e.name][0] is not v:  # V was drawn again
                         self._vt_kept[e.name] = (v, v.float().T.contiguous())
@@ -574,35 +582,46 @@ def _apply(engine: PackedEngine, layer: _Layer, plan: _Plan, x: Tensor, out: Ten
         coef = plan.coef(engine._eps[w.name], res.device)
         vt = engine._vt[w.name]  # (r, n_w)
         r = vt.shape[0]
-        if layer.kind == "linear":  # y += c (x V) U_pᵀ: x V for every row at once, then U_pᵀ per group
-            xv = torch.mm(vt, xr.reshape(-1, xr.shape[-1]).T)  # (r, n·T): Vᵀ xᵀ is far faster than x V here
-            xv = (xv.view(r, n, t) * coef[None, :, None]).permute(1, 2, 0).to(dt)  # (n, T, r)
+        u = engine._u[w.name]  # (P, m, k): U_p (k = r), or [U_p, P] with a deferred update P (k = 2r)
+        k = u.shape[-1]
+        if layer.kind == "linear":  # y += c (x V) U_pᵀ [+ (x V) Pᵀ]: x V for every row at once, then per group
+            xv = torch.mm(vt, xr.reshape(-1, xr.shape[-1]).T).view(r, n, t)  # Vᵀ xᵀ is far faster than x V here
+            lhs = xv * coef[None, :, None]
+            if k > r:  # [c·x V, x V] against [U_p, P]: the pending update in the same matmul
+                lhs = torch.cat([lhs, xv])
+            lhs = lhs.permute(1, 2, 0).to(dt)  # (n, T, k)
             if plan.single is not None:
-                y.view(-1, y.shape[-1]).addmm_(xv.reshape(-1, r), engine._u[w.name][plan.single].T.to(dt))
+                y.view(-1, y.shape[-1]).addmm_(lhs.reshape(-1, k), u[plan.single].T.to(dt))
             else:
                 g = plan.groups
-                ut = engine._u[w.name][plan.group_probe.to(res.device)].transpose(1, 2)  # (g, r, m)
-                y.view(g, -1, y.shape[-1]).baddbmm_(xv.reshape(g, -1, r), ut.to(dt))
-        else:  # Conv1D, W (in, out): y += c (x U_p) Vᵀ
+                ut = u[plan.group_probe.to(res.device)].transpose(1, 2)  # (g, k, m)
+                y.view(g, -1, y.shape[-1]).baddbmm_(lhs.reshape(g, -1, k), ut.to(dt))
+        else:  # Conv1D, W (in, out): y += c (x U_p) Vᵀ [+ (x P) Vᵀ]
             if plan.single is not None:
-                xu = torch.mm(engine._u[w.name][plan.single].T, xr.reshape(-1, xr.shape[-1]).T).view(r, n, t)
-                xu = xu.permute(1, 2, 0)  # (n, T, r)
+                xu = torch.mm(u[plan.single].T, xr.reshape(-1, xr.shape[-1]).T).view(k, n, t)
+                xu = xu.permute(1, 2, 0)  # (n, T, k)
             else:
                 g = plan.groups
-                ut = engine._u[w.name][plan.group_probe.to(res.device)].transpose(1, 2)  # (g, r, in)
-                xu = torch.bmm(ut, xr.view(g, -1, xr.shape[-1]).transpose(1, 2))  # (g, r, L·T)
-                xu = xu.transpose(1, 2).reshape(n, t, r)
-            xu = (xu * coef[:, None, None]).to(dt)
-            y.view(-1, y.shape[-1]).addmm_(xu.reshape(-1, r), vt.to(dt))
+                ut = u[plan.group_probe.to(res.device)].transpose(1, 2)  # (g, k, in)
+                xu = torch.bmm(ut, xr.view(g, -1, xr.shape[-1]).transpose(1, 2))  # (g, k, L·T)
+                xu = xu.transpose(1, 2).reshape(n, t, k)
+            xs = xu[..., :r] * coef[:, None, None]
+            if k > r:
+                xs = xs + xu[..., r:]
+            y.view(-1, y.shape[-1]).addmm_(xs.to(dt).reshape(-1, r), vt.to(dt))
     elif layer.kind == "embedding" and w is not None:  # y += c U_p[ids] Vᵀ
         if x.numel() % n:
             raise ValueError(f"an embedding of the packed forward saw {x.numel()} ids, not a multiple of its {n} rows")
         ids = x.reshape(n, -1)
         coef = plan.coef(engine._eps[w.name], res.device)
-        u = engine._u[w.name]  # (P, vocab, r)
+        vt = engine._vt[w.name]  # (r, d)
+        r = vt.shape[0]
+        u = engine._u[w.name]  # (P, vocab, k): U_p, or [U_p, P] with a deferred update (W + P Vᵀ)
         ur = u[plan.single][ids] if plan.single is not None else u[plan.probe.to(ids.device)[:, None], ids]
-        ur = (ur * coef[:, None, None]).to(dt)
-        y.view(-1, y.shape[-1]).addmm_(ur.reshape(-1, ur.shape[-1]), engine._vt[w.name].to(dt))
+        us = ur[..., :r] * coef[:, None, None]  # (n, T, r)
+        if u.shape[-1] > r:
+            us = us + ur[..., r:]
+        y.view(-1, y.shape[-1]).addmm_(us.to(dt).reshape(-1, r), vt.to(dt))
     elif layer.kind in ("layernorm", "rmsnorm") and w is not None:  # y += c z_p ⊙ x̂  (g ⊙ x̂ = y [− b])
         zw = plan.rows_of(engine._z[w.name]) * plan.coef(engine._eps[w.name], res.device)[:, None]  # (n, d)
         inv = engine._inv_gain.get(w.name)

@@ -301,6 +301,14 @@ class PackedZO(ZOOptimizer):
         base_dtype: ``"float32"``, or ``"bfloat16"`` for the base matmuls under autocast (side branch, loss and
             update in fp32).
         outputs: with a bf16 base, where the perturbation is added (see :class:`~zotune.core.packed.PackedEngine`).
+        defer: keep each matrix's update as a pending rank-r factor P (W's value is W + P Vᵀ; the packed forward
+            adds (x V) Pᵀ in the same matmul as the probes') and write it into the weights once per refresh period
+            of V instead of once per step (:class:`~zotune.core.lowrank.LowRank` ``defer``). The weights hold their
+            value after :meth:`settle`, before any other forward of the model and before ``model.state_dict()``;
+            read them directly only after :meth:`settle`. Replay folds where the run settled (the update log marks
+            those steps), so it stays bit for bit; a run stopped and continued past its stop settled there and
+            matches an uninterrupted one to float rounding, bit for bit when the uninterrupted one also settled
+            there (a checkpoint or evaluation step).
     """
 
     def __init__(
@@ -320,6 +328,7 @@ class PackedZO(ZOOptimizer):
         max_rows: int | None = None,
         base_dtype: str = "float32",
         outputs: str = "float32",
+        defer: bool = False,
         method: str = "packed",
     ):
         if not isinstance(model, torch.nn.Module):
@@ -328,7 +337,7 @@ class PackedZO(ZOOptimizer):
             raise ValueError(
                 f"PackedZO needs a packed estimator (PackedTwoPoint, PerExample, FZOO), got {type(estimator).__name__}"
             )
-        sampler = LowRank(rank, refresh_every, scale, side_branch=False)
+        sampler = LowRank(rank, refresh_every, scale, side_branch=False, defer=defer)
         super().__init__(
             model,
             lr,
@@ -351,6 +360,30 @@ class PackedZO(ZOOptimizer):
             "outputs": outputs,
             "max_rows": max_rows,
         }
+        self._handles: list[Any] = []
+        if defer:  # any other forward, and the model's state dict, see the weights' value
+            self._handles = [
+                model.register_forward_pre_hook(self._settle_before_forward),
+                model.register_state_dict_pre_hook(lambda *_: self.settle()),
+            ]
+
+    def close(self) -> None:
+        """Settle the weights and take this optimizer's hooks off the model (when it is done training it)."""
+        self.settle()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def settle(self) -> None:
+        """Write the deferred updates into the weights (``defer``), and mark the step in the update log."""
+        if self.sampler.pending:  # type: ignore[attr-defined]
+            if self.update_log.records:
+                self.update_log.records[-1].fold = True
+            self.sampler.fold()
+
+    def _settle_before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if not self.engine.evaluating:
+            self.settle()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor:  # type: ignore[override]

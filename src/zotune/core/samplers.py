@@ -139,6 +139,9 @@ class DirectionSampler(ABC):
     def prepare(self, step: int) -> None:  # noqa: B027 (stateless by default)
         """Called at the start of every step, before any forward (LowRank refreshes V here)."""
 
+    def fold(self) -> None:  # noqa: B027 (nothing deferred by default)
+        """Write any update kept pending (LowRank with ``defer``) into the weights."""
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so that a logged run can rebuild the same sampler."""
         return {}

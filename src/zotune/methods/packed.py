@@ -1,4 +1,4 @@
-"""Packed methods: every probe of a step inside one batched forward, the weights written once per step.
+"""Packed methods: every probe of a step inside one batched forward, the weights written once per period of V.
 
 Each method is a :class:`~zotune.core.packed_estimators.PackedZO` with LOZO's low-rank directions (U Vᵀ on
 matrices, V kept for ``refresh_every`` steps; dense z on 1-D tensors) applied per row by forward hooks
@@ -13,6 +13,10 @@ method           estimator                            rows per step (B examples)
 ``per_example``  one ± probe per example              2·B                           GRZO, arXiv:2606.02857
 ``fzoo``         n one-sided probes, step ÷ σ(losses)  (n + 1)·B                     FZOO, arXiv:2506.09034
 ================ ==================================== ============================= ==============================
+
+A step writes no weight matrix (``defer_update``, default true): each matrix's update stays a pending rank-r factor
+P that the packed forward adds with its probes, written into the weights when V is redrawn and before every
+evaluation and checkpoint (the update log marks those steps, so replay is bit for bit).
 
 They train on the classification objective (the loss has a per-example ``loss_rows`` form,
 :class:`~zotune.tasks.rows.ClassificationRows`), in full fine-tuning and the PEFT modes ``lora``, ``prefix`` and
@@ -79,6 +83,9 @@ class PackedConfig(ZOConfig):
             perturbation) or "base" (added into the bf16 output: faster, lighter, rounded to bf16).
         max_rows: the most rows one forward may hold (the memory cap; None: all of a step's rows at once). The
             losses do not depend on it.
+        defer_update: keep each matrix's update as a rank-r factor that the packed forward adds, and write it into
+            the weights once per refresh period of V (and before every evaluation and checkpoint) instead of once
+            per step: a step then writes no weight matrix (see :class:`~zotune.core.packed_estimators.PackedZO`).
     """
 
     name: ClassVar[str] = "packed_lozo"  # the registered method (its update log records it)
@@ -88,6 +95,7 @@ class PackedConfig(ZOConfig):
     base_dtype: str = "float32"
     outputs: str = "float32"
     max_rows: int | None = None
+    defer_update: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -196,6 +204,7 @@ def build(model: Any, config: PackedConfig, *, decay: DecayMask = None) -> Packe
         max_rows=config.max_rows,
         base_dtype=config.base_dtype,
         outputs=config.outputs,
+        defer=config.defer_update,
         method=config.name,
     )
 
@@ -236,6 +245,10 @@ class PackedStepper(ZOStepper):
     def cost(self) -> int:
         assert isinstance(self.opt, PackedZO)
         return self.opt.rows_per_step(self.ctx.batch_size * self.ctx.grad_accum) // self.ctx.batch_size
+
+    def settle(self) -> None:
+        assert isinstance(self.opt, PackedZO)
+        self.opt.settle()
 
     def step(self, t: int) -> StepResult:
         res = super().step(t)

@@ -165,6 +165,10 @@ class Stepper(Protocol):
     def export_model(self) -> torch.nn.Module:
         """The fine-tuned model to export once training is over."""
 
+    def settle(self) -> None:
+        """Make the weights hold their value (a packed method's deferred updates), before they are evaluated or
+        saved; on every rank."""
+
 
 def _trainable(model: torch.nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -188,6 +192,9 @@ class Batched:
 
     def data_sizes(self) -> dict[str, int]:
         return {}
+
+    def settle(self) -> None:
+        """Nothing is deferred: the weights always hold their value."""
 
     def export_model(self) -> torch.nn.Module:
         return self.ctx.model

@@ -445,6 +445,9 @@ class BilevelStepper:
     def update_log(self):
         return self.opt.update_log
 
+    def settle(self) -> None:
+        """Nothing is deferred: the weights always hold their value."""
+
     def export_model(self) -> torch.nn.Module:
         return self.opt.merged()  # the base (moved by ZO) with the upper adapter merged in
 

@@ -167,6 +167,7 @@ def steps(run: Session) -> str | None:
                 stopped = f"{received}: stopped at step {state.step}"
                 break
         state.seconds += time.perf_counter() - began
+        stepper.settle()  # every rank; before the best weights are loaded back for the test
         if stopped and not stopped.startswith("watchdog") and saved != state.step:
             run.save_checkpoint()  # a budget or signal stop keeps its work; a watchdog stop keeps only what was saved
     if received:
@@ -192,6 +193,7 @@ def time_budget_reached(tc: TrainConfig, elapsed: float) -> str:
 def evaluate_dev(run: Session, last: bool) -> str | None:
     """Dev evaluation: keep the weights when they are the best so far; returns a reason to stop early, if any."""
     state, tc, metric = run.state, run.train_cfg, run.evaluator.metric
+    run.stepper.settle()  # the weights evaluated (and saved as the best) hold every update
     rec = run.evaluator.run("dev", state.step, state.forwards)
     if rec[metric] > state.best_metric:
         state.best_metric, state.best_step = rec[metric], state.step

@@ -133,6 +133,7 @@ class Session:
         checkpoint's own copy of the log (:func:`~zotune.train.checkpoint.sync_update_log`): the checkpoint is the
         unit published atomically, and a resume re-derives the file again, so a kill between the two writes cannot
         leave the log short of the weights for good."""
+        self.stepper.settle()  # every rank: a packed method's deferred updates go into the weights here
         if not self.main:
             return
         blobs = {
