@@ -77,10 +77,10 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
     # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks, and
-    # FZOO's grid extended by two lrs above its top edge; 3 seeds each; FO refs x 3 seeds
-    assert sum(c.phase == "scan" for c in grid) == 114 and sum(c.phase == "seeds" for c in grid) == 66
+    # FZOO's grid extended by four lrs above its top edge; 3 seeds each; FO refs x 3 seeds
+    assert sum(c.phase == "scan" for c in grid) == 118 and sum(c.phase == "seeds" for c in grid) == 66
     fzoo = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == "sst2" and c.row.name == "fzoo")
-    assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3])
+    assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3])
     assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
