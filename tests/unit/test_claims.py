@@ -210,6 +210,13 @@ def test_pick_rule_on_hand_made_scans(tmp_path):
     results.rows[top.name] = {"cell": top.name, "best_dev": 0.6, "best_step": 10, "zero_shot_dev": 0.6}
     pick = cl.pick_lr(wide, results, "sst2", wide.row("mezo"))
     assert pick["lr"] == 2e-4 and pick["edge"] is False and len(pick["grid"]) == 6
+    # the pick file follows the protocol: written when the scan is whole, removed when the grid grows past it
+    cl.write_picks(wide, results)
+    path = tmp_path / "lr" / "sst2-mezo.json"
+    assert json.loads(path.read_text())["lr"] == 2e-4
+    wider = Protocol(tasks={"sst2": cl.TASKS["sst2"]}, rows=(replace(mezo, extra_factors=(8.0, 16.0)),))
+    cl.write_picks(wider, results)
+    assert not path.exists()
 
 
 @pytest.fixture(scope="module")

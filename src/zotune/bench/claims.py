@@ -708,11 +708,20 @@ def summarize_finished(
 
 
 def write_picks(protocol: Protocol, results: Results) -> None:
-    for (task, row), pick in picks(protocol, results).items():
-        path = results.folder / "lr" / f"{task}-{row}.json"
-        text = json.dumps(pick, indent=1) + "\n"
-        if not path.is_file() or path.read_text() != text:
-            atomic_write_text(path, text)
+    """``RESULTS/lr/TASK-ROW.json`` for every finished scan; a pick whose scan the protocol has since extended (its
+    new lrs not run yet) is removed, not left standing."""
+    chosen = picks(protocol, results)
+    for task in protocol.tasks:
+        for row in protocol.rows:
+            path = results.folder / "lr" / f"{task}-{row.name}.json"
+            pick = chosen.get((task, row.name))
+            if pick is None:
+                if row.scanned and path.is_file():
+                    path.unlink()
+                continue
+            text = json.dumps(pick, indent=1) + "\n"
+            if not path.is_file() or path.read_text() != text:
+                atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------------------------------------
