@@ -216,7 +216,7 @@ def _measure(
 
     out: dict[str, Any] = {
         "batch": size,
-        "refresh_every": opts["packed_lozo"].sampler.refresh_every if "packed_lozo" in opts else None,  # type: ignore[attr-defined]
+        "refresh_every": opts["packed_lozo"].sampler.refresh_every if "packed_lozo" in opts else None,  # type: ignore
         "batches": len(wl.batches),
         "tokens_per_row": round(wl.tokens, 1),
         "median_s": {k: statistics.median(v) for k, v in times.items()},
@@ -234,12 +234,15 @@ def _measure(
         rat[f"{k}_peak_over_inference_same_rows"] = peaks[k] / peaks[f"forward_x{c}"]
         rat[f"{k}_step_over_forward_b"] = per_round(k, "forward_b")
         rat[f"{k}_ops_over_forward_same_rows"] = ops[k][0] / ops[f"forward_x{c}"][0]
-    if "packed_lozo_fold" in times:  # a deferred step plus its share of the write at each refresh of V
-        c, nu = copies["packed_lozo"], opts["packed_lozo"].sampler.refresh_every  # type: ignore[attr-defined]
-        rat["packed_lozo_amortized_over_forward_same_rows"] = statistics.median(
-            (s + w / nu) / f
-            for s, w, f in zip(times["packed_lozo"], times["packed_lozo_fold"], times[f"forward_x{c}"], strict=True)
-        )
+    nu = out["refresh_every"]
+
+    def amortized(b: str) -> float:  # per round: (a deferred step + its share of the write at each refresh of V) ÷ b
+        pairs = zip(times["packed_lozo"], times["packed_lozo_fold"], times[b], strict=True)
+        return statistics.median((s + w / nu) / x for s, w, x in pairs)
+
+    if "packed_lozo_fold" in times:
+        c = copies["packed_lozo"]
+        rat["packed_lozo_amortized_over_forward_same_rows"] = amortized(f"forward_x{c}")
         rat["packed_lozo_fold_over_forward_same_rows"] = per_round("packed_lozo_fold", f"forward_x{c}")
     if "packed_lozo_evaluate" in times:  # where a packed LOZO step's time goes beyond the forward of its rows
         c = copies["packed_lozo"]
@@ -254,11 +257,7 @@ def _measure(
         rat[f"{k}_step_over_2_forward_b"] = per_round(k, "forward_b", 2.0)
         rat[f"packed_lozo_over_{k}"] = per_round("packed_lozo", k)
         if "packed_lozo_fold" in times:
-            nu = opts["packed_lozo"].sampler.refresh_every  # type: ignore[attr-defined]
-            rat[f"packed_lozo_amortized_over_{k}"] = statistics.median(
-                (s + w / nu) / x
-                for s, w, x in zip(times["packed_lozo"], times["packed_lozo_fold"], times[k], strict=True)
-            )
+            rat[f"packed_lozo_amortized_over_{k}"] = amortized(k)
     return out
 
 

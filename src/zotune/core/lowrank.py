@@ -259,10 +259,8 @@ class LowRank(DirectionSampler):
 
     def fold(self) -> None:
         """Write the pending updates (``defer``) into the weights: W ← W + P Vᵀ, one rank-r ``addmm_`` each."""
-        for name, p in self.pending.items():
-            e = self._entry[name]
-            e.param.data.addmm_(p, self.current_v(e).T)
-        self.pending = {}
+        for name in list(self.pending):
+            self._fold_entry(self._entry[name])
 
     def _fold_entry(self, e: Entry) -> None:
         p = self.pending.pop(e.name, None)
