@@ -76,9 +76,14 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     grid = cl.grid(cl.PROTOCOL, "cpu")
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
-    # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs x 2 tasks, and
-    # FZOO's grid extended by four lrs above its top edge; 3 seeds each; FO refs x 3 seeds
-    assert sum(c.phase == "scan" for c in grid) == 118 and sum(c.phase == "seeds" for c in grid) == 66
+    # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs on SST-2, and
+    # FZOO's grid extended by four lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
+    # rows and the paper-settings SVRG run on SST-2 only); 3 seeds each; FO refs x 3 seeds x 2 tasks
+    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 4 + 6 * 5 == 89
+    assert sum(c.phase == "seeds" for c in grid) == (11 + 6) * 3
+    sst2_only = {"packed-lozo", "nspsa4", "per-example", "fzoo", "mezo-svrg-paper"}
+    on_cpu = {r.name for r in cl.ROWS if "cpu" in r.profiles}
+    assert {c.row.name for c in grid if c.task == "trec"} == on_cpu - sst2_only
     fzoo = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == "sst2" and c.row.name == "fzoo")
     assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3])
     assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
@@ -491,6 +496,36 @@ def test_reach_counts_a_run_stopped_early_at_its_full_budget(tmp_path):
     # 2000 / 400 = 5 times MeZO's forwards (not 80 / 400 = 0.2, which would have read as 'holds')
     assert res["x"] == pytest.approx([0.25 - 5.0] * 3) and res["verdict"] == "does not hold at this scale"
     assert res["shown"][0].startswith("2000 forwards (3 not reached")
+
+
+def test_a_row_on_one_task_only_has_no_cells_pick_or_claim_on_the_others(tmp_path):
+    p, results = hand_made(tmp_path, {"mezo": [0.70, 0.72, 0.71], "nspsa4": [0.60, 0.61, 0.62]})
+    p = replace(p, tasks=cl.TASKS)  # SST-2 and TREC; n-SPSA runs on SST-2 only
+    assert p.row("nspsa4").tasks == ("sst2",) and not p.row("mezo").tasks
+    cells = cl.grid(p)
+    assert {c.task for c in cells if c.row.name == "nspsa4"} == {"sst2"}
+    assert {c.task for c in cells if c.row.name == "mezo"} == {"sst2", "trec"}
+    assert ("sst2", "nspsa4") in cl.picks(p, results) and ("trec", "nspsa4") not in cl.picks(p, results)
+    text = cl.table(results.folder, p)
+    trec = text.split("#### trec")[1].split("###")[0]
+    assert "| MeZO |" in trec and "n-SPSA" not in trec
+    assert "| 6a | sst2 |" in text and "| 6a | trec |" not in text  # no comparison of a row that does not run there
+    assert "| 1a | trec |" in text  # the papers' rows are compared on both tasks
+
+
+def test_plan_gives_the_cell_time_left_at_each_devices_measured_rates(tmp_path):
+    p, results = hand_made(tmp_path, {"mezo": [0.70, 0.72, 0.71]})
+    for name, row in results.rows.items():  # MeZO at 0.5 s per forward on the CPU
+        row |= {"seconds": 0.5 * cl.budget_of(cell_named(p, name), p), "forward_equivalents": cl.budget_of(
+            cell_named(p, name), p), "device": "cpu"}  # fmt: skip
+    sts, chosen = cl.statuses(p, tmp_path / "runs", results)
+    sts = [st for st in sts if st.cell.row.name in ("mezo", "lozo")]
+    # LOZO has no finished cell: charged the slowest measured rate (MeZO's); 5 scan lrs of 500, 3 seeds of 2000
+    assert cl.cell_time_left(sts, p, results, "cpu") == pytest.approx({"scan": 0.5 * 5 * 500, "seeds": 0.5 * 3 * 2000})
+    assert cl.cell_time_left(sts, p, results, "cuda") == {}  # nothing measured there
+    plan = cl.format_plan(sts, chosen, p, results)
+    assert "cell time left on cpu at its measured rates: 1.2 h (scan 0.3 h, seeds 0.8 h)" in plan
+    assert "on cuda" not in plan
 
 
 def test_methods_table_shows_no_seconds_or_memory_across_devices(tmp_path):

@@ -96,6 +96,7 @@ class Row:
         label: the row's name in tables.
         extra_factors: lr scan factors beyond the protocol's (an amendment, for a row whose pick lay on the grid's
             edge with the best dev still rising towards it).
+        tasks: the tasks whose grid holds the row (empty: every task of the protocol).
     """
 
     name: str
@@ -111,10 +112,14 @@ class Row:
     profiles: tuple[str, ...] = ("cpu", "gpu")
     label: str = ""
     extra_factors: tuple[float, ...] = ()
+    tasks: tuple[str, ...] = ()
 
     @property
     def scanned(self) -> bool:
         return self.kind in ("zo", "hybrid")
+
+    def runs_on(self, task: str) -> bool:
+        return not self.tasks or task in self.tasks
 
 
 # fmt: off
@@ -124,9 +129,11 @@ ROWS: tuple[Row, ...] = (
     Row("lozo-m", "lozo_m", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50, "beta": 0.9}, label="LOZO-M"),
     Row("mezo-svrg", "mezo_svrg", {"lr": 5e-5, "anchor_lr": 1e-4, "eps": 1e-3, "q": 4, "anchor_size": 64},
         fwd_per_step=5.0, scale=("lr", "anchor_lr"), label="MeZO-SVRG"),
-    # added after 2a/2b failed at the row above: the paper's q, loss-triggered annealing and η₁ = 10 η₂
+    # added after 2a/2b failed at the row above: the paper's q, loss-triggered annealing and η₁ = 10 η₂ (a diagnosis
+    # of the SST-2 verdict, so SST-2 only)
     Row("mezo-svrg-paper", "mezo_svrg", {"lr": 1e-5, "anchor_lr": 1e-4, "eps": 1e-3, "q": 2, "anchor_size": 64,
-        "anneal": 4.0}, fwd_per_step=6.0, scale=("lr", "anchor_lr"), label="MeZO-SVRG (paper's q 2, anneal 4)"),
+        "anneal": 4.0}, fwd_per_step=6.0, scale=("lr", "anchor_lr"), label="MeZO-SVRG (paper's q 2, anneal 4)",
+        tasks=("sst2",)),
     Row("senszoq", "mezo", {"lr": 1e-4, "eps": 1e-3}, model={**SPARSE, "quantize": "nf4"}, needs=("bitsandbytes",),
         profiles=("cpu",), label="SensZOQ (0.1 % Fisher, NF4 base)"),
     Row("senszoq-fp32base", "mezo", {"lr": 1e-4, "eps": 1e-3}, model={**SPARSE, "quantize": "none"},
@@ -134,17 +141,19 @@ ROWS: tuple[Row, ...] = (
     Row("zofo", "zofo", {"lr": 5e-5, "eps": 1e-3, "lr_lower": 1e-3, "lr_upper": 1e-3, "lam": 1.0, "inner_steps": 3},
         fwd_per_step=11.0, model={"peft": "lora"}, scale=("lr", "lr_lower", "lr_upper"), kind="hybrid",
         label="Bilevel ZOFO"),
-    # packed probes (every probe of a step in one batched forward; rows ÷ batch counted as forwards)
+    # packed probes (every probe of a step in one batched forward; rows ÷ batch counted as forwards). Their
+    # accuracy-per-compute comparison is on SST-2 (the main job's task), so they run there only.
     Row("packed-lozo", "packed_lozo", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
-        label="LOZO, packed ± pair"),
+        label="LOZO, packed ± pair", tasks=("sst2",)),
     Row("nspsa4", "packed_lozo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 4},
-        fwd_per_step=8.0, path="packed", label="n-SPSA (n = 4, packed)"),
+        fwd_per_step=8.0, path="packed", label="n-SPSA (n = 4, packed)", tasks=("sst2",)),
     Row("per-example", "per_example", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
-        label="one probe per example (packed)"),
+        label="one probe per example (packed)", tasks=("sst2",)),
     # extended upwards after its pick sat on the top edge with dev rising with lr (its step is divided by the std of
     # the probe losses, so its lr is on another scale than MeZO's): × 8, 16, then × 32, 64 when 16 was still best
     Row("fzoo", "fzoo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 8},
-        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)", extra_factors=(8.0, 16.0, 32.0, 64.0)),
+        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)", extra_factors=(8.0, 16.0, 32.0, 64.0),
+        tasks=("sst2",)),
     Row("fo-lora", "adamw", {"lr": 5e-4}, fwd_per_step=1.0, model={"peft": "lora"}, kind="ref",
         label="FO-LoRA (AdamW)"),
     Row("fo-full", "adamw", {"lr": 1e-5}, fwd_per_step=1.0, kind="ref", label="FO full (AdamW)"),
@@ -287,11 +296,17 @@ def grid(protocol: Protocol = PROTOCOL, profile: str | None = None) -> list[Cell
     """Every cell, in launch order: the scans, then the references, then the seeds (each by task, then row)."""
     rows = [r for r in protocol.rows if profile is None or profile in r.profiles]
     scans = [
-        Cell(t, r, "scan", protocol.scan_seed, f) for t in protocol.tasks for r in rows if r.scanned
+        Cell(t, r, "scan", protocol.scan_seed, f) for t in protocol.tasks for r in rows if r.scanned and r.runs_on(t)
         for f in protocol.factors(r)
     ]  # fmt: skip
-    refs = [Cell(t, r, "refs", s) for t in protocol.tasks for r in rows if r.kind == "ref" for s in protocol.seeds]
-    seeds = [Cell(t, r, "seeds", s) for t in protocol.tasks for r in rows if r.scanned for s in protocol.seeds]
+    refs = [
+        Cell(t, r, "refs", s) for t in protocol.tasks for r in rows if r.kind == "ref" and r.runs_on(t)
+        for s in protocol.seeds
+    ]  # fmt: skip
+    seeds = [
+        Cell(t, r, "seeds", s) for t in protocol.tasks for r in rows if r.scanned and r.runs_on(t)
+        for s in protocol.seeds
+    ]  # fmt: skip
     return scans + refs + seeds
 
 
@@ -1104,7 +1119,29 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_plan(sts: Sequence[Status], chosen: dict[tuple[str, str], dict[str, Any]], protocol: Protocol) -> str:
+def cell_time_left(sts: Sequence[Status], protocol: Protocol, results: Results, device: str) -> dict[str, float]:
+    """Seconds of cell time the unfinished cells still need on ``device``, by phase, at the measured rates of the
+    finished cells there (:func:`_estimate`); divide by the lanes for wall-clock. Empty when nothing finished there.
+
+    >>> cell_time_left([], PROTOCOL, Results(Path("no-results")), "cpu")
+    {}
+    """
+    left: dict[str, float] = {}
+    for st in sts:
+        if st.state in ("missing", "unfinished", "waiting"):
+            est = _estimate(st.cell, st, protocol, results, device)
+            if est is None:
+                return {}
+            left[st.cell.phase] = left.get(st.cell.phase, 0.0) + est
+    return left
+
+
+def format_plan(
+    sts: Sequence[Status],
+    chosen: dict[tuple[str, str], dict[str, Any]],
+    protocol: Protocol,
+    results: Results | None = None,
+) -> str:
     lines = [f"{'cell':36} {'phase':6} {'lr':>9} {'seed':>4} {'forwards':>8}  {'status':11} detail"]
     left = 0
     for st in sts:
@@ -1124,6 +1161,14 @@ def format_plan(sts: Sequence[Status], chosen: dict[tuple[str, str], dict[str, A
         counts[st.state] = counts.get(st.state, 0) + 1
     lines.append("")
     lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; {left:,} forwards to run")
+    for device in ("cpu", "cuda") if results is not None else ():
+        # a row with no finished cell on the device is charged the slowest measured rate there
+        if times := cell_time_left(sts, protocol, results, device):
+            parts = ", ".join(f"{phase} {sec / 3600:.1f} h" for phase, sec in sorted(times.items()))
+            lines.append(
+                f"cell time left on {device} at its measured rates: {sum(times.values()) / 3600:.1f} h ({parts}); "
+                "÷ lanes for wall-clock"
+            )
     for (task, row), p in sorted(chosen.items()):
         notes = [
             " on the grid's edge" if p["edge"] else "",
@@ -1271,7 +1316,9 @@ def _best_zo(protocol: Protocol, results: Results, task: str) -> str | None:
     full = {
         r.name: statistics.fmean(x["test"] for x in rows.values())
         for r in protocol.rows
-        if r.kind == "zo" and len(rows := _seeds_rows(protocol, results, task, r.name)) == len(protocol.seeds)
+        if r.kind == "zo"
+        and r.runs_on(task)
+        and len(rows := _seeds_rows(protocol, results, task, r.name)) == len(protocol.seeds)
     }
     return max(full, key=full.get) if full else None
 
@@ -1396,7 +1443,7 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
         "seconds to MeZO's peak dev | s/step (median) | peak MiB | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in protocol.rows:
+    for row in (r for r in protocol.rows if r.runs_on(task)):
         rows = _seeds_rows(protocol, results, task, row.name)
         if row.scanned:
             p = chosen.get((task, row.name))
@@ -1478,6 +1525,7 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
             lines += [f"Dev accuracy of every seed against forwards and against wall-clock: "
                       f"[curves-{task}.png]({link(fig)})", ""]  # fmt: skip
     lines += [f"{h}# Claims", ""]
+    by_name = {r.name: r for r in protocol.rows}
     for claim in sorted({c.claim for c in protocol.comparisons}, key=lambda c: (c == 0, c)):
         comps = [c for c in protocol.comparisons if c.claim == claim]
         title = CLAIMS.get(claim, f"claim {claim}")
@@ -1486,6 +1534,8 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for comp in comps:
             for task in protocol.tasks:
+                if any(n in by_name and not by_name[n].runs_on(task) for n in (comp.a, comp.b)):
+                    continue  # a row the protocol runs on other tasks only
                 res = compare(comp, protocol, results, task)
                 text = comp.text
                 if comp.a == BEST_ZO or comp.b == BEST_ZO:
@@ -1708,7 +1758,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "plan":
         sts, chosen = statuses(protocol, out, Results.load(a.results), profile)
         sts = [st for st in sts if _selected(st, a.only, a.phase)]
-        print(format_plan(sts, chosen, protocol))
+        print(format_plan(sts, chosen, protocol, Results.load(a.results)))
         return 0
     if a.command == "run":
         if a.lanes < 1:
