@@ -77,15 +77,15 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
     # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs on SST-2, and
-    # FZOO's grid extended by four lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
+    # FZOO's grid extended by six lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
     # rows and the paper-settings SVRG run on SST-2 only); 3 seeds each; FO refs x 3 seeds x 2 tasks
-    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 4 + 6 * 5 == 89
+    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 5 == 91
     assert sum(c.phase == "seeds" for c in grid) == (11 + 6) * 3
     sst2_only = {"packed-lozo", "nspsa4", "per-example", "fzoo", "mezo-svrg-paper"}
     on_cpu = {r.name for r in cl.ROWS if "cpu" in r.profiles}
     assert {c.row.name for c in grid if c.task == "trec"} == on_cpu - sst2_only
     fzoo = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == "sst2" and c.row.name == "fzoo")
-    assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3])
+    assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2, 2.56e-2])
     assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names

@@ -150,9 +150,11 @@ ROWS: tuple[Row, ...] = (
     Row("per-example", "per_example", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, path="packed",
         label="one probe per example (packed)", tasks=("sst2",)),
     # extended upwards after its pick sat on the top edge with dev rising with lr (its step is divided by the std of
-    # the probe losses, so its lr is on another scale than MeZO's): × 8, 16, then × 32, 64 when 16 was still best
+    # the probe losses, so its lr is on another scale than MeZO's): × 8, 16, then × 32, 64 when 16 was still best,
+    # then × 128, 256 when 64 was
     Row("fzoo", "fzoo", {"lr": 1e-4, "eps": 1e-3, "rank": 2, "refresh_every": 50, "num_directions": 8},
-        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)", extra_factors=(8.0, 16.0, 32.0, 64.0),
+        fwd_per_step=9.0, path="packed", label="FZOO rule (n = 8, packed)",
+        extra_factors=(8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
         tasks=("sst2",)),
     Row("fo-lora", "adamw", {"lr": 5e-4}, fwd_per_step=1.0, model={"peft": "lora"}, kind="ref",
         label="FO-LoRA (AdamW)"),
