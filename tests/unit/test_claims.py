@@ -592,3 +592,51 @@ def test_report_page_gets_the_claims_section(tmp_path):
     page = report([suite], [], tmp_path / "docs" / "results.md", claims=results.folder, claims_protocol=p)
     assert "## Do the papers' claims hold? (SmolLM2-135M, seeds 0, 1, 2)" in page
     assert "| 1a | sst2 | LOZO > MeZO (test) |" in page and "](../res/runs.jsonl)" in page
+
+
+def test_stability_rule_sets_aside_diverged_seeds_and_moves_the_pick_below(tmp_path):
+    tests = {"mezo": [0.70, 0.71, 0.69], "fo-full": [0.87, 0.86, 0.88]}
+    p, results = hand_made(tmp_path, tests)
+    scan = {c.factor: c.name for c in cl.grid(p) if c.phase == "scan" and c.row.name == "mezo"}
+    results.rows[scan[0.5]]["best_dev"] = 0.65  # the best lr below the scan's pick (5e-5): 2.5e-5
+    for s in (0, 1, 2):
+        results.rows[f"sst2-mezo-s{s}"] |= {"lr": 5e-5, "stopped": "forward-pass budget reached"}
+    results.rows["sst2-mezo-s1"]["stopped"] = "watchdog: the loss 31.1 stayed above 10"
+    results.save([c.name for c in cl.grid(p)])
+    out = tmp_path / "runs"
+    for name in ("sst2-mezo-s2", "sst2-mezo-s0"):  # an old unfinished folder; a running one (busy below)
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(yaml.safe_dump(cl.expected_config(cell_named(p, name), p, 5e-5)))
+    assert cl.pick_lr(p, results, "sst2", p.row("mezo"))["lr"] == 2.5e-5  # the pick moves at once
+    moved = cl.set_aside_unstable(p, results, out, busy=["sst2-mezo-s0"])
+    assert sorted(moved) == ["sst2-mezo-s0", "sst2-mezo-s1", "sst2-mezo-s2"]  # every seed at 5e-5, not only s1
+    on_disk = Results.load(results.folder)  # runs.jsonl lost them (not taken back by the merge on save)
+    seeds = {"sst2-mezo-s0", "sst2-mezo-s1", "sst2-mezo-s2"}
+    assert not seeds & set(on_disk.rows) and "sst2-fo-full-s0" in on_disk.rows and scan[1.0] in on_disk.rows
+    assert sorted(r["cell"] for r in on_disk.superseded) == ["sst2-mezo-s0", "sst2-mezo-s1", "sst2-mezo-s2"]
+    assert (results.folder / "configs" / "superseded" / "sst2-mezo-s1-lr5e-05.yaml").is_file()
+    assert not results.config_path("sst2-mezo-s1").exists()
+    assert (out / "superseded" / "sst2-mezo-s2-lr5e-05" / "config.yaml").is_file() and not (
+        out / "sst2-mezo-s2"
+    ).exists()
+    assert (out / "sst2-mezo-s0" / "config.yaml").is_file()  # busy: left alone
+    assert cl.set_aside_unstable(p, on_disk, None) == [] and len(on_disk.superseded) == 3  # idempotent
+    sts = {s.cell.name: s for s in cl.statuses(p, tmp_path / "none", on_disk)[0]}
+    assert sts["sst2-mezo-s1"].state == "missing"
+    assert cl.cell_hparams(cell_named(p, "sst2-mezo-s1"), 2.5e-5)["lr"] == 2.5e-5
+    text = cl.table(results.folder, p)
+    assert "| MeZO | sequential | 2.5e-05 (diverged at 5e-05) | missing (0 of 3 seeds)" in text
+    assert "Seed runs set aside by the stability rule" in text
+    assert "| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | watchdog: the loss 31.1 stayed above 10 |" in text
+    # a set-aside row without its config is refused, as any row is
+    (results.folder / "configs" / "superseded" / "sst2-mezo-s0-lr5e-05.yaml").unlink()
+    with pytest.raises(ValueError, match=r"sst2-mezo-s0 \(set aside\): its config is not kept"):
+        cl.table(results.folder, p)
+    # the new pick diverges too: down again; once every lr has, no pick, and the seeds say why
+    on_disk.superseded.append({**on_disk.superseded[1], "lr": 2.5e-5})
+    assert cl.pick_lr(p, on_disk, "sst2", p.row("mezo"))["lr"] == 1.25e-5
+    on_disk.superseded.append({**on_disk.superseded[1], "lr": 1.25e-5})
+    pick = cl.pick_lr(p, on_disk, "sst2", p.row("mezo"))
+    assert pick["lr"] is None and pick["unstable"] == [1.25e-5, 2.5e-5, 5e-5]
+    sts = {s.cell.name: s for s in cl.statuses(p, tmp_path / "none", on_disk)[0]}
+    assert sts["sst2-mezo-s0"].state == "waiting" and "no stable lr" in sts["sst2-mezo-s0"].detail

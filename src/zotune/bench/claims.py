@@ -6,7 +6,9 @@ claim tested) and the budgets of :class:`Protocol`. Every grid cell is one ``zot
 
 * ``scan`` cells: each scanned method's lr × {1/4, 1/2, 1, 2, 4} on seed 0 with a short budget; the best dev
   accuracy picks the lr (ties to the smaller lr), recorded in ``RESULTS/lr/TASK-ROW.json`` with the scan's numbers;
-* ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget;
+* ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget. Stability rule: where the watchdog stopped a
+  seed run (its loss diverged), that lr and every larger one leave the pick; the row's seed runs at them are set
+  aside (``RESULTS/superseded.jsonl``, kept and shown) and its seeds run again at the new pick;
 * ``refs`` cells: FO-LoRA and FO full (AdamW) at their usual budget and lr, the same seeds.
 
 A cell runs as ``python -m zotune.bench.claims cell CONFIG.yaml``: the config is built with
@@ -452,40 +454,67 @@ class Results:
 
     folder: Path
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    superseded: list[dict[str, Any]] = field(default_factory=list)  # seed rows set aside by the stability rule
 
     @classmethod
     def load(cls, folder: str | Path) -> Results:
         folder = Path(folder)
-        rows: dict[str, dict[str, Any]] = {}
-        path = folder / "runs.jsonl"
-        if path.is_file():
-            for n, line in enumerate(path.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not JSON ({err.msg})") from None
-                rows[row.get("cell") or row["run"]] = row
-        return cls(folder, rows)
+        rows = {row.get("cell") or row["run"]: row for row in _read_jsonl(folder / "runs.jsonl")}
+        return cls(folder, rows, _read_jsonl(folder / "superseded.jsonl"))
 
     def config_path(self, cell: str) -> Path:
         return self.folder / "configs" / f"{cell}.yaml"
 
-    def save(self, order: Sequence[str]) -> None:
+    def superseded_config_path(self, row: dict[str, Any]) -> Path:
+        return self.folder / "configs" / "superseded" / f"{row['cell']}-lr{row['lr']:g}.yaml"
+
+    def save(self, order: Sequence[str], drop: Sequence[str] = ()) -> None:
         """Write ``runs.jsonl``, keeping the rows another process added to it since this one was loaded (a
-        ``summarize`` or ``unpack`` beside a running driver); a row held here wins over the file's."""
+        ``summarize`` or ``unpack`` beside a running driver); a row held here wins over the file's. ``drop``: rows
+        removed on purpose (set aside), not taken back from the file."""
         for name, row in Results.load(self.folder).rows.items():
-            self.rows.setdefault(name, row)
+            if name not in drop:
+                self.rows.setdefault(name, row)
         rank = {name: i for i, name in enumerate(order)}
         rows = sorted(self.rows.values(), key=lambda r: (rank.get(r["cell"], len(rank)), r["cell"]))
         atomic_write_text(self.folder / "runs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {n}: not JSON ({err.msg})") from None
+    return rows
+
+
+def _diverged(row: dict[str, Any]) -> bool:
+    return str(row.get("stopped") or "").startswith("watchdog")
+
+
+def unstable_lrs(results: Results, task: str, row: str) -> list[float]:
+    """The lrs at which the watchdog stopped a seed run of (task, row), kept or set aside (the stability rule)."""
+    found = [*results.rows.values(), *results.superseded]
+    return sorted({r["lr"] for r in found if r.get("task") == task and r.get("row") == row
+                   and r.get("phase") == "seeds" and r.get("lr") is not None and _diverged(r)})  # fmt: skip
+
+
+def _at_or_above(lr: float, ceiling: float) -> bool:
+    return lr >= ceiling * (1 - 1e-9)  # lrs are products of floats: a relative tolerance
+
+
 def pick_lr(protocol: Protocol, results: Results, task: str, row: Row) -> dict[str, Any] | None:
     """The lr scan's pick for (task, row) once every scan cell has a row: the best best-dev accuracy, ties to the
     smaller lr. None while the scan is unfinished. The record says whether the pick lies on the grid's edge (the
-    best lr may then lie outside the grid) and whether any lr beat the zero-shot dev accuracy."""
+    best lr may then lie outside the grid) and whether any lr beat the zero-shot dev accuracy.
+
+    Stability rule: the lrs at or above one where the watchdog stopped a seed run (:func:`unstable_lrs`; the
+    500-forward scan is too short to show a divergence that 2,000 forwards do) are left out of the pick and listed
+    under ``unstable``; ``lr`` is None when no lr of the scan is left."""
     scan = [c for c in grid(protocol) if c.task == task and c.row.name == row.name and c.phase == "scan"]
     found = [results.rows.get(c.name) for c in scan]
     if not scan or any(r is None for r in found):
@@ -493,20 +522,27 @@ def pick_lr(protocol: Protocol, results: Results, task: str, row: Row) -> dict[s
     points = sorted(({"lr": c.scan_lr, "factor": c.factor, "cell": c.name, "best_dev": r["best_dev"],
                       "best_step": r["best_step"], "test": r.get("test")} for c, r in zip(scan, found, strict=True)),
                     key=lambda p: p["lr"])  # fmt: skip
-    best = max(points, key=lambda p: (p["best_dev"], -p["lr"]))
+    unstable = unstable_lrs(results, task, row.name)
+    stable = [p for p in points if not unstable or not _at_or_above(p["lr"], unstable[0])]
+    best = max(stable, key=lambda p: (p["best_dev"], -p["lr"])) if stable else None
     zero_shot = found[0].get("zero_shot_dev")
-    return {
+    pick = {
         "task": task,
         "row": row.name,
         "key": row.scale[0],
-        "lr": best["lr"],
+        "lr": best and best["lr"],
         "rule": "highest best dev accuracy of the scan (seed 0); ties go to the smaller lr",
         "scan_budget": protocol.scan_budget,
         "grid": points,
-        "edge": best is points[0] or best is points[-1],
+        "edge": best is not None and (best is points[0] or best is points[-1]),
         "zero_shot_dev": zero_shot,
-        "beats_zero_shot": zero_shot is None or best["best_dev"] > zero_shot,
+        "beats_zero_shot": best is not None and (zero_shot is None or best["best_dev"] > zero_shot),
     }
+    if unstable:
+        pick["rule"] += (f"; stability rule: lrs from {unstable[0]:.3g} up are left out (the watchdog stopped a "
+                         "seed run there)")  # fmt: skip
+        pick["unstable"] = unstable
+    return pick
 
 
 def picks(protocol: Protocol, results: Results) -> dict[tuple[str, str], dict[str, Any]]:
@@ -640,17 +676,25 @@ def statuses(
         if need:
             out_list.append(Status(cell, "unavailable", f"needs {', '.join(need)}, not installed here"))
         elif cell.phase == "seeds" and lr is None:
-            n = sum(1 for c in grid(protocol) if c.phase == "scan" and c.task == cell.task
-                    and c.row.name == cell.row.name and c.name in results.rows)  # fmt: skip
-            out_list.append(Status(cell, "waiting", f"lr scan {n} of {len(protocol.factors(cell.row))} done"))
+            if (pick := chosen.get((cell.task, cell.row.name))) is not None:
+                detail = f"no stable lr: the watchdog stopped seed runs at every lr of the scan ({_lrs(pick)})"
+            else:
+                n = sum(1 for c in grid(protocol) if c.phase == "scan" and c.task == cell.task
+                        and c.row.name == cell.row.name and c.name in results.rows)  # fmt: skip
+                detail = f"lr scan {n} of {len(protocol.factors(cell.row))} done"
+            out_list.append(Status(cell, "waiting", detail))
         else:
             out_list.append(Status(cell, "missing"))
     return out_list, chosen
 
 
+def _lrs(pick: dict[str, Any]) -> str:
+    return ", ".join(f"{v:.3g}" for v in pick.get("unstable", ()))
+
+
 def _done_detail(row: dict[str, Any]) -> str:
     text = f"best dev {row['best_dev']:.3f}, test {row['test']:.3f}" if row.get("test") is not None else "finished"
-    if row.get("stopped") and str(row["stopped"]).startswith("watchdog"):
+    if _diverged(row):
         text += " (stopped by the watchdog)"
     return text
 
@@ -717,11 +761,55 @@ def summarize_finished(
             break
         added += new
         results.save([c.name for c in grid(protocol)])
+    for name in set_aside_unstable(protocol, results, out):
+        log(f"set aside (stability rule): {name}; its seed runs again at the new pick")
+    sts = statuses(protocol, out, results, profile)[0]
     for st in sts:
         if st.state == "conflict":
             log(f"not summarized: {st.cell.name}: {st.detail}")
     write_picks(protocol, results)
     return added
+
+
+def set_aside_unstable(protocol: Protocol, results: Results, out: Path | None, busy: Sequence[str] = ()) -> list[str]:
+    """The stability rule's moves: every seed row at an lr at or above one where the watchdog stopped a seed run of
+    its (task, row) goes from ``runs.jsonl`` to ``superseded.jsonl`` (its config to ``configs/superseded/``), and
+    every such seed cell's run folder in ``out`` (finished or not; ``busy`` cells, running now, are left alone) to
+    ``out/superseded/CELL-lrLR``, so the cell runs again, fresh, at the new pick. Returns the cells moved."""
+    moved: list[str] = []
+    seed_cells = {c.name: c for c in grid(protocol) if c.phase == "seeds"}
+    for name, row in list(results.rows.items()):
+        cell = seed_cells.get(name)
+        unstable = unstable_lrs(results, row.get("task"), row.get("row")) if cell else []
+        if not unstable or row.get("lr") is None or not _at_or_above(row["lr"], unstable[0]):
+            continue
+        kept, dest = results.config_path(name), results.superseded_config_path(row)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if kept.is_file():
+            os.replace(kept, dest)
+        if not any(r["cell"] == name and r["lr"] == row["lr"] for r in results.superseded):
+            results.superseded.append(row)
+        del results.rows[name]
+        moved.append(name)
+    if moved:  # superseded.jsonl first: a crash in between leaves a row in both files, never in neither
+        text = "".join(json.dumps(r) + "\n" for r in results.superseded)
+        atomic_write_text(results.folder / "superseded.jsonl", text)
+        results.save([c.name for c in grid(protocol)], drop=moved)
+    for name, cell in seed_cells.items() if out is not None else ():
+        run = out / name
+        if name in busy or not (run / "config.yaml").is_file():
+            continue
+        lr = read_yaml(run / "config.yaml").get(cell.row.method, {}).get(cell.row.scale[0])
+        unstable = unstable_lrs(results, cell.task, cell.row.name)
+        if lr is not None and unstable and _at_or_above(lr, unstable[0]):
+            aside = out / "superseded" / f"{name}-lr{lr:g}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(run, aside)
+            if name not in moved:
+                moved.append(name)
+    return moved
 
 
 def write_picks(protocol: Protocol, results: Results) -> None:
@@ -988,6 +1076,9 @@ def run_grid(
                 outcome, failed = _reap(lane, rc, protocol, out, results, order, prune)
                 outcomes[name], failures, changed = outcome, failures + failed, True
                 log(f"[{time.monotonic() - began:7.0f} s] {name}: {outcome}")
+                for moved in set_aside_unstable(protocol, results, out, busy=list(running)):
+                    attempted.discard(moved)
+                    log(f"[{time.monotonic() - began:7.0f} s] set aside (stability rule): {moved}")
             now = time.monotonic() - began
             if stopping is None and (flag.get("signal") or (deadline is not None and now >= deadline)):
                 stopping = f"{flag['signal']} to the driver" if flag.get("signal") else f"deadline ({deadline:g} s)"
@@ -1151,7 +1242,8 @@ def format_plan(
         if c.phase == "scan":
             lr = f"{c.scan_lr:.3g}"
         elif c.phase == "seeds":
-            lr = f"{chosen[(c.task, c.row.name)]['lr']:.3g}" if (c.task, c.row.name) in chosen else "(scan)"
+            picked = chosen.get((c.task, c.row.name), {}).get("lr")
+            lr = "(scan)" if (c.task, c.row.name) not in chosen else "(none)" if picked is None else f"{picked:.3g}"
         else:
             lr = f"{c.row.hparams[c.row.scale[0]]:.3g}"
         budget = budget_of(c, protocol)
@@ -1174,10 +1266,12 @@ def format_plan(
     for (task, row), p in sorted(chosen.items()):
         notes = [
             " on the grid's edge" if p["edge"] else "",
-            "" if p["beats_zero_shot"] else ", no lr beat zero-shot dev",
+            "" if p["beats_zero_shot"] or p["lr"] is None else ", no lr beat zero-shot dev",
+            f", diverged in a seed run at {_lrs(p)} (stability rule)" if p.get("unstable") else "",
         ]
         devs = " ".join(f"{q['lr']:.3g}:{q['best_dev']:.3f}" for q in p["grid"])
-        lines.append(f"lr pick {task}-{row}: {p['lr']:.3g}{''.join(notes)} (best dev by lr: {devs})")
+        lr = "none" if p["lr"] is None else f"{p['lr']:.3g}"
+        lines.append(f"lr pick {task}-{row}: {lr}{''.join(notes)} (best dev by lr: {devs})")
     return "\n".join(lines)
 
 
@@ -1344,6 +1438,10 @@ def check_results(protocol: Protocol, results: Results) -> None:
         diff = check_cell_config(cell, protocol, read_yaml(kept), lr)
         if diff:
             problems.append(f"{name}: config differs from the protocol: {'; '.join(diff)}")
+    for row in results.superseded:
+        if not results.superseded_config_path(row).is_file():
+            problems.append(f"{row['cell']} (set aside): its config is not kept "
+                            f"({results.superseded_config_path(row)} is missing)")  # fmt: skip
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -1449,7 +1547,13 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
         rows = _seeds_rows(protocol, results, task, row.name)
         if row.scanned:
             p = chosen.get((task, row.name))
-            lr = "scan unfinished" if p is None else f"{p['lr']:.3g}" + (" (grid edge)" if p["edge"] else "")
+            if p is None:
+                lr = "scan unfinished"
+            elif p["lr"] is None:
+                lr = f"none stable (diverged at {_lrs(p)})"
+            else:
+                lr = f"{p['lr']:.3g}" + (" (grid edge)" if p["edge"] else "")
+                lr += f" (diverged at {_lrs(p)})" if p.get("unstable") else ""
         else:
             lr = f"{row.hparams[row.scale[0]]:.3g}"
         per = " / ".join(f"{rows[s]['test']:.3f}" if s in rows else "missing" for s in protocol.seeds)
@@ -1550,8 +1654,26 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
                 lines.append(f"| {comp.id} | {task} | {text} | {a} | {b} | {d} | {res['mean']:+.3f} ± {res['sd']:.3f} "
                              f"| **{res['verdict']}** | {reason} |")  # fmt: skip
         lines.append("")
-    lines += _fo_gap_lines(protocol, results) + _scan_lines(protocol, chosen)
+    lines += _fo_gap_lines(protocol, results) + _scan_lines(protocol, chosen) + _superseded_lines(results)
     return lines
+
+
+def _superseded_lines(results: Results) -> list[str]:
+    """The seed runs the stability rule set aside: kept, shown, and left out of every comparison."""
+    if not results.superseded:
+        return []
+    lines = [
+        "Seed runs set aside by the stability rule (the watchdog stopped a seed run of the row at this lr or a "
+        "smaller one; the row's seeds run again at the next pick below; left out of every comparison):",
+        "",
+        "| cell | lr | best dev | test | forwards | stopped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results.superseded, key=lambda r: (r["cell"], r["lr"])):
+        test = f"{r['test']:.3f}" if r.get("test") is not None else "—"
+        lines.append(f"| {r['cell']} | {r['lr']:.3g} | {r['best_dev']:.3f} | {test} | {r.get('forwards', '—')} | "
+                     f"{r.get('stopped') or '—'} |")  # fmt: skip
+    return lines + [""]
 
 
 def _fo_gap_lines(protocol: Protocol, results: Results) -> list[str]:
@@ -1602,7 +1724,9 @@ def _scan_lines(protocol: Protocol, chosen: dict) -> list[str]:
             notes.append(f"grid extended by × {{{extra}}} after a pick on its edge")
         if p["edge"]:
             notes.append("pick on the grid's edge: the best lr may lie outside it")
-        if not p["beats_zero_shot"]:
+        if p.get("unstable"):
+            notes.append(f"diverged in a seed run at {_lrs(p)}: the pick is the best lr below (stability rule)")
+        if p["lr"] is not None and not p["beats_zero_shot"]:
             notes.append(f"no lr beat zero-shot dev ({p['zero_shot_dev']:.3f})")
         lines.append(f"| {task} | {protocol.row(row).label} | {cells} | {'; '.join(notes) or '—'} |")
     return lines + [""]
