@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import zotune
 from zotune.bench.speed import DispatchedOps
 from zotune.core import LowRank, LowRankMomentum, ParamSpace, Z, replay
-from zotune.core.packed import PackedBatch, PackedEngine, ProbeTable
+from zotune.core.packed import PackedBatch, PackedEngine, ProbeTable, cpu_has_bf16_matmuls
 from zotune.core.packed_estimators import (
     FZOO,
     CollapsedDifferenceError,
@@ -361,7 +362,8 @@ def test_a_deferred_update_is_the_same_run_and_writes_the_matrices_once_per_peri
         before = snapshot(b)
         packed_run(a, None, 1, start=t, opt=eager)
         packed_run(b, None, 1, start=t, opt=lazy)
-        assert lazy.last_estimate.losses == pytest.approx(eager.last_estimate.losses, rel=0, abs=2e-6), t
+        # W + P Vᵀ summed in another order: ulps apart (differs by CPU); a missing P moves the losses by ~1e-3
+        assert lazy.last_estimate.losses == pytest.approx(eager.last_estimate.losses, rel=3e-6, abs=0), t
         written = [n for n in mats if not torch.equal(before[n], params[n])]
         assert written == (mats if t in (2, 4) else []), t
     assert lazy.sampler.pending.keys() == set(mats)
@@ -653,6 +655,16 @@ def test_bf16_where_unsupported_and_unknown_precisions_are_refused():
         PackedZO(meta, estimator=PackedTwoPoint(1), base_dtype="bfloat16")
     with pytest.raises(ValueError, match="autocasts an fp32 model"):
         PackedZO(tiny_model("llama", dtype=torch.bfloat16), estimator=PackedTwoPoint(1), base_dtype="bfloat16")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_matmuls_warns_and_runs():
+    """Without AVX512-BF16/AMX autocast emulates bf16 (same rounding, slower): a warning, not a refusal."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt = PackedZO(tiny_model("llama"), estimator=PackedTwoPoint(1), base_dtype="bfloat16")
+    slow = [w for w in seen if issubclass(w.category, RuntimeWarning) and "no native bf16 matmuls" in str(w.message)]
+    assert len(slow) == (0 if cpu_has_bf16_matmuls() else 1)
+    assert opt.engine.autocast is torch.bfloat16
 
 
 def test_a_model_without_a_packable_layer_names_the_layers_it_found():

@@ -78,7 +78,8 @@ class PackedConfig(ZOConfig):
         refresh_every: ν, steps between redraws of V (LOZO: 50 or 100).
         scale: "none" (update g·UVᵀ) or "1/r".
         base_dtype: "float32", or "bfloat16": the base matmuls under autocast, the side branch, the loss and the
-            update in fp32 (needs a device with bf16 matmuls).
+            update in fp32 (a CUDA device with bf16 support, or a CPU; a CPU without AVX512-BF16 or AMX emulates
+            them, slower than fp32, and the run warns).
         outputs: with a bf16 base, "float32" (a perturbed layer's output is an fp32 copy holding the exact
             perturbation) or "base" (added into the bf16 output: faster, lighter, rounded to bf16).
         max_rows: the most rows one forward may hold (the memory cap; None: all of a step's rows at once). The
