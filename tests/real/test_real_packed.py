@@ -64,13 +64,14 @@ def test_bf16_base_keeps_the_loss_difference_within_bounds_of_fp32(bound, sst2_r
     # ε = 1e-2: differences ~10 × bf16's row-to-row rounding. (At ε = 1e-3 the error was 17 % to 113 % of the
     # largest difference depending on the CPU's bf16 kernels: a bf16 base needs the larger ε.)
     d32, m32 = diffs(1e-2)
+    # emulate_bf16: a CPU without native bf16 matmuls runs the same bf16 rounding, only slower
     for outputs in ("float32", "base"):
-        d16, m16 = diffs(1e-2, base_dtype="bfloat16", outputs=outputs)
+        d16, m16 = diffs(1e-2, base_dtype="bfloat16", outputs=outputs, emulate_bf16=True)
         assert (d16 - d32).abs().max() <= 0.35 * d32.abs().max(), (outputs, d16, d32)
         assert (m16 - m32).abs().max() < 0.2
         assert check_difference(d16.tolist(), m16.tolist(), 1e-2, "bfloat16") is None
     # ε = 1e-5: the true differences (~4e-4) sit under bf16's row-to-row rounding (~1e-2): the check says so
-    d16, m16 = diffs(1e-5, base_dtype="bfloat16", outputs="base")
+    d16, m16 = diffs(1e-5, base_dtype="bfloat16", outputs="base", emulate_bf16=True)
     msg = check_difference(d16.tolist(), m16.tolist(), 1e-5, "bfloat16")
     assert msg is not None and "raise eps or run the base in float32" in msg
     d32, m32 = diffs(1e-5)  # in fp32 the same ε still carries signal

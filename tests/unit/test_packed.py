@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -587,9 +586,8 @@ def test_bf16_base_stays_close_to_fp32(outputs):
         finally:
             h.remove()
 
-    bf16 = PackedEngine(model, space, sampler, base_dtype="bfloat16", outputs=outputs).evaluate(
-        PackedBatch(watched, list(range(B))), table, [1, 2], [1e-2]
-    )
+    engine = PackedEngine(model, space, sampler, base_dtype="bfloat16", outputs=outputs, emulate_bf16=True)
+    bf16 = engine.evaluate(PackedBatch(watched, list(range(B))), table, [1, 2], [1e-2])
     assert seen == [torch.float32 if outputs == "float32" else torch.bfloat16]
     assert bf16.dtype == torch.float32
     assert not torch.equal(bf16, fp32)  # the base ran in bf16
@@ -654,17 +652,24 @@ def test_bf16_where_unsupported_and_unknown_precisions_are_refused():
     with pytest.raises(ValueError, match="this meta device has no bf16 matmul support; use base_dtype='float32'"):
         PackedZO(meta, estimator=PackedTwoPoint(1), base_dtype="bfloat16")
     with pytest.raises(ValueError, match="autocasts an fp32 model"):
-        PackedZO(tiny_model("llama", dtype=torch.bfloat16), estimator=PackedTwoPoint(1), base_dtype="bfloat16")
+        bf16_model = tiny_model("llama", dtype=torch.bfloat16)
+        PackedZO(bf16_model, estimator=PackedTwoPoint(1), base_dtype="bfloat16", emulate_bf16=True)
 
 
-def test_bf16_on_a_cpu_without_native_bf16_matmuls_warns_and_runs():
-    """Without AVX512-BF16/AMX autocast emulates bf16 (same rounding, slower): a warning, not a refusal."""
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        opt = PackedZO(tiny_model("llama"), estimator=PackedTwoPoint(1), base_dtype="bfloat16")
-    slow = [w for w in seen if issubclass(w.category, RuntimeWarning) and "no native bf16 matmuls" in str(w.message)]
-    assert len(slow) == (0 if cpu_has_bf16_matmuls() else 1)
-    assert opt.engine.autocast is torch.bfloat16
+def test_bf16_on_a_cpu_without_native_bf16_matmuls_is_refused_unless_emulation_is_asked():
+    """Without AVX512-BF16/AMX autocast only emulates bf16 (same rounding, several times slower): refused."""
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if cpu_has_bf16_matmuls():
+        assert PackedZO(model, estimator=PackedTwoPoint(1), base_dtype="bfloat16").engine.autocast is torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match=r"no native bf16 matmuls.*base_dtype='float32' \(or emulate_bf16=True"):
+            PackedZO(model, estimator=PackedTwoPoint(1), base_dtype="bfloat16")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    opt = PackedZO(model, estimator=PackedTwoPoint(1), base_dtype="bfloat16", emulate_bf16=True)
+    assert opt.engine.autocast is torch.bfloat16 and opt.engine.base_dtype == "bfloat16"
+    config = zotune.methods.packed.PackedLOZOConfig(base_dtype="bfloat16", emulate_bf16=True)
+    assert zotune.methods.packed.build(tiny_model("llama"), config).engine.autocast is torch.bfloat16
 
 
 def test_a_model_without_a_packable_layer_names_the_layers_it_found():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from zotune.cli import main as cli
 from zotune.core.log import UpdateLog
+from zotune.core.packed import cpu_has_bf16_matmuls
 from zotune.train import ConfigError, run_config_from_dict, train
 from zotune.train import checkpoint as ckpt
 
@@ -155,6 +156,21 @@ def test_bad_configs_are_refused_before_a_run_folder_exists(workdir, tmp_path, c
     with pytest.raises((ConfigError, ValueError), match=message):
         train(run_config_from_dict(tree))
     assert not out.exists()
+
+
+def test_a_bf16_base_on_a_cpu_without_bf16_matmuls_is_refused_before_a_run_folder_exists_unless_emulated(
+    workdir, tmp_path
+):
+    out = tmp_path / "run"
+    tree = config(workdir, out, steps=2, hp={"base_dtype": "bfloat16"})
+    if not cpu_has_bf16_matmuls():
+        with pytest.raises(ValueError, match=r"this CPU has no native bf16 matmuls.*emulate_bf16=True"):
+            train(run_config_from_dict(tree))
+        assert not out.exists()
+    tree["packed_lozo"]["emulate_bf16"] = True
+    train(run_config_from_dict(tree))
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert UpdateLog.load(out / "updates.jsonl").header["packed"]["base_dtype"] == "bfloat16"
 
 
 def test_a_cap_below_one_example_s_rows_is_refused_before_a_run_folder_exists(workdir, tmp_path):

@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,7 +264,7 @@ def cpu_has_bf16_matmuls() -> bool:
         return False
 
 
-def _check_base_dtype(base_dtype: str, device: torch.device) -> torch.dtype | None:
+def _check_base_dtype(base_dtype: str, device: torch.device, emulate: bool = False) -> torch.dtype | None:
     if base_dtype not in BASE_DTYPES:
         raise ValueError(f"base_dtype={base_dtype!r}; choose 'float32' or 'bfloat16'")
     dtype = BASE_DTYPES[base_dtype]
@@ -277,14 +276,13 @@ def _check_base_dtype(base_dtype: str, device: torch.device) -> torch.dtype | No
         raise ValueError(
             f"base_dtype=bfloat16: this {device.type} device has no bf16 matmul support; use base_dtype='float32'"
         )
-    if device.type == "cpu" and not cpu_has_bf16_matmuls():
-        # Same bf16 rounding, so the run is valid; only the speed-up is gone (a 208 x 576 by 576 x 1536 matmul:
-        # 6 x the fp32 time on an AMD EPYC core without AVX512).
-        warnings.warn(
-            "base_dtype=bfloat16: this CPU has no native bf16 matmuls (no AVX512-BF16 or AMX); autocast emulates "
-            "them, several times slower than float32: use base_dtype='float32' on this machine for speed",
-            RuntimeWarning,
-            stacklevel=3,
+    if device.type == "cpu" and not emulate and not cpu_has_bf16_matmuls():
+        # autocast would still run (same bf16 rounding) but emulated: 6 x the fp32 time for a 208 x 576 by
+        # 576 x 1536 matmul on an AMD EPYC core without AVX512. Opting in keeps e.g. a bf16 run replayable here.
+        raise ValueError(
+            "base_dtype=bfloat16: this CPU has no native bf16 matmuls (no AVX512-BF16 or AMX), so autocast would "
+            "emulate them, several times slower than float32; use base_dtype='float32' (or emulate_bf16=True to "
+            "run the same bf16 rounding anyway, e.g. to replay a bf16 run)"
         )
     return dtype
 
@@ -337,10 +335,13 @@ class PackedEngine:
         max_rows: the most rows one forward may hold (None: no cap); activation memory is linear in it. Beside
             the activations, a step holds every probe's U factors, P·Σ m·r floats (1.6 MB per probe for
             SmolLM2-135M at r = 2, shared with the sampler's cache that the update reuses).
-        base_dtype: ``"float32"`` or ``"bfloat16"`` (the base matmuls under ``torch.autocast``).
+        base_dtype: ``"float32"`` or ``"bfloat16"`` (the base matmuls under ``torch.autocast``; a CUDA device
+            with bf16 support or a CPU with native bf16 matmuls, see :func:`cpu_has_bf16_matmuls`).
         outputs: with a bf16 base, ``"float32"`` (default): a perturbed layer's output is returned in fp32 with the
             perturbation added exactly; ``"base"``: the fp32 side branch is added into the bf16 output in place
             (no fp32 copy of the outputs: faster, less memory, the perturbation rounded to the output's bf16).
+        emulate_bf16: run a bf16 base on a CPU without native bf16 matmuls (refused otherwise: several times
+            slower than fp32 there, though the same rounding).
     """
 
     def __init__(
@@ -352,6 +353,7 @@ class PackedEngine:
         max_rows: int | None = None,
         base_dtype: str = "float32",
         outputs: str = "float32",
+        emulate_bf16: bool = False,
     ):
         if outputs not in ("float32", "base"):
             raise ValueError(f"outputs={outputs!r}; choose 'float32' or 'base'")
@@ -362,7 +364,7 @@ class PackedEngine:
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1 (or None: no cap)")
         device = space.entries[0].param.device
-        self.autocast = _check_base_dtype(base_dtype, device)
+        self.autocast = _check_base_dtype(base_dtype, device, emulate_bf16)
         if self.autocast is not None and any(e.param.dtype != torch.float32 for e in space):
             raise ValueError("base_dtype=bfloat16 autocasts an fp32 model; this model's trained tensors are not fp32")
         layers, bad = packable(model, space, sampler)

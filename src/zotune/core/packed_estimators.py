@@ -301,6 +301,7 @@ class PackedZO(ZOOptimizer):
         base_dtype: ``"float32"``, or ``"bfloat16"`` for the base matmuls under autocast (side branch, loss and
             update in fp32).
         outputs: with a bf16 base, where the perturbation is added (see :class:`~zotune.core.packed.PackedEngine`).
+        emulate_bf16: allow a bf16 base on a CPU without native bf16 matmuls (see the engine).
         defer: keep each matrix's update as a pending rank-r factor P (W's value is W + P Vᵀ; the packed forward
             adds (x V) Pᵀ in the same matmul as the probes') and write it into the weights once per refresh period
             of V instead of once per step (:class:`~zotune.core.lowrank.LowRank` ``defer``). The weights hold their
@@ -328,6 +329,7 @@ class PackedZO(ZOOptimizer):
         max_rows: int | None = None,
         base_dtype: str = "float32",
         outputs: str = "float32",
+        emulate_bf16: bool = False,
         defer: bool = False,
         method: str = "packed",
     ):
@@ -352,7 +354,13 @@ class PackedZO(ZOOptimizer):
         )
         # validates every trained tensor and the precision before any step (ValueError, nothing modified)
         estimator.engine = PackedEngine(
-            model, self.space, sampler, max_rows=max_rows, base_dtype=base_dtype, outputs=outputs
+            model,
+            self.space,
+            sampler,
+            max_rows=max_rows,
+            base_dtype=base_dtype,
+            outputs=outputs,
+            emulate_bf16=emulate_bf16,
         )
         self.engine = estimator.engine
         self.update_log.header["packed"] = {

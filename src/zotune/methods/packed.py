@@ -78,10 +78,11 @@ class PackedConfig(ZOConfig):
         refresh_every: ν, steps between redraws of V (LOZO: 50 or 100).
         scale: "none" (update g·UVᵀ) or "1/r".
         base_dtype: "float32", or "bfloat16": the base matmuls under autocast, the side branch, the loss and the
-            update in fp32 (a CUDA device with bf16 support, or a CPU; a CPU without AVX512-BF16 or AMX emulates
-            them, slower than fp32, and the run warns).
+            update in fp32 (a CUDA device with bf16 support or a CPU with AVX512-BF16 or AMX).
         outputs: with a bf16 base, "float32" (a perturbed layer's output is an fp32 copy holding the exact
             perturbation) or "base" (added into the bf16 output: faster, lighter, rounded to bf16).
+        emulate_bf16: run a bf16 base on a CPU without native bf16 matmuls anyway (same rounding, several times
+            slower than fp32; refused without it), e.g. to replay a bf16 run on such a machine.
         max_rows: the most rows one forward may hold (the memory cap; None: all of a step's rows at once). The
             losses do not depend on it.
         defer_update: keep each matrix's update as a rank-r factor that the packed forward adds, and write it into
@@ -95,6 +96,7 @@ class PackedConfig(ZOConfig):
     scale: str = "none"
     base_dtype: str = "float32"
     outputs: str = "float32"
+    emulate_bf16: bool = False
     max_rows: int | None = None
     defer_update: bool = True
 
@@ -205,6 +207,7 @@ def build(model: Any, config: PackedConfig, *, decay: DecayMask = None) -> Packe
         max_rows=config.max_rows,
         base_dtype=config.base_dtype,
         outputs=config.outputs,
+        emulate_bf16=config.emulate_bf16,
         defer=config.defer_update,
         method=config.name,
     )
