@@ -651,8 +651,8 @@ def test_bf16_where_unsupported_and_unknown_precisions_are_refused():
     meta = tiny_model("llama").to("meta")
     with pytest.raises(ValueError, match="this meta device has no bf16 matmul support; use base_dtype='float32'"):
         PackedZO(meta, estimator=PackedTwoPoint(1), base_dtype="bfloat16")
+    bf16_model = tiny_model("llama", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="autocasts an fp32 model"):
-        bf16_model = tiny_model("llama", dtype=torch.bfloat16)
         PackedZO(bf16_model, estimator=PackedTwoPoint(1), base_dtype="bfloat16", emulate_bf16=True)
 
 

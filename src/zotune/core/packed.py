@@ -270,9 +270,7 @@ def _check_base_dtype(base_dtype: str, device: torch.device, emulate: bool = Fal
     dtype = BASE_DTYPES[base_dtype]
     if dtype is None:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("base_dtype=bfloat16: this cuda device has no bf16 matmul support; use base_dtype='float32'")
-    if device.type not in ("cuda", "cpu"):
+    if device.type != "cpu" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise ValueError(
             f"base_dtype=bfloat16: this {device.type} device has no bf16 matmul support; use base_dtype='float32'"
         )
