@@ -78,15 +78,28 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     assert len(names) == len(set(names))
     # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs on SST-2, and
     # FZOO's grid extended by six lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
-    # rows and the paper-settings SVRG run on SST-2 only); 3 seeds each; FO refs x 3 seeds x 2 tasks
-    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 5 == 91
+    # rows and the paper-settings SVRG run on SST-2 only) x 3 lrs; 3 seeds each; FO refs x 3 seeds x 2 tasks
+    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 3 == 79
     assert sum(c.phase == "seeds" for c in grid) == (11 + 6) * 3
     sst2_only = {"packed-lozo", "nspsa4", "per-example", "fzoo", "mezo-svrg-paper"}
     on_cpu = {r.name for r in cl.ROWS if "cpu" in r.profiles}
     assert {c.row.name for c in grid if c.task == "trec"} == on_cpu - sst2_only
     fzoo = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == "sst2" and c.row.name == "fzoo")
     assert fzoo == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2, 2.56e-2])
-    assert {c.row.name for c in grid if c.row.path == "packed"} == {"packed-lozo", "nspsa4", "per-example", "fzoo"}
+    assert {c.row.name for c in grid if c.path == "packed" and c.task == "sst2"} == {
+        "packed-lozo", "nspsa4", "per-example", "fzoo"}  # fmt: skip
+    # on TREC: LOZO and LOZO-M through their packed twins, the scans at x {1/4, 1/2, 1} of the row's lr
+    assert {c.row.name for c in grid if c.path == "packed" and c.task == "trec"} == {"lozo", "lozo-m"}
+    assert {c.scan_lr for c in grid if c.phase == "scan" and c.name.startswith("trec-mezo-")} == {
+        1.25e-5, 2.5e-5, 5e-5}  # fmt: skip
+    for name, method, lr in (("trec-lozo-m-scan-lr2.5e-05", "packed_lozo_m", None), ("trec-lozo-s1", "packed_lozo",
+                             1e-5), ("sst2-lozo-m-s0", "lozo_m", 1e-5), ("trec-mezo-s0", "mezo", 1e-5)):  # fmt: skip
+        tree = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, name), cl.PROTOCOL, out=Path("o"), device="cpu",
+                                        lr=lr))  # fmt: skip
+        lozo = {"eps": 1e-3, "rank": 2, "refresh_every": 50} if "lozo" in name else {"eps": 1e-3}
+        want = {"lr": lr or 2.5e-5, **lozo, **({"beta": 0.9} if "lozo-m" in name else {})}
+        assert tree["method"] == method and {k: tree[method][k] for k in want} == want, name
+        assert tree[method]["num_directions"] == 1 and tree["train"]["eval_every"] == 100
     assert sum(c.phase == "refs" for c in grid) == 12
     assert "sst2-senszoq-s0" in names and "sst2-senszoq-fp32base-s0" not in names
     assert "trec-senszoq-fp32base-s2" in [c.name for c in cl.grid(cl.PROTOCOL, "gpu")]
@@ -626,8 +639,11 @@ def test_stability_rule_sets_aside_diverged_seeds_and_moves_the_pick_below(tmp_p
     assert cl.cell_hparams(cell_named(p, "sst2-mezo-s1"), 2.5e-5)["lr"] == 2.5e-5
     text = cl.table(results.folder, p)
     assert "| MeZO | sequential | 2.5e-05 (diverged at 5e-05) | missing (0 of 3 seeds)" in text
-    assert "Seed runs set aside by the stability rule" in text
-    assert "| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | watchdog: the loss 31.1 stayed above 10 |" in text
+    assert "Runs set aside (left out of every comparison" in text
+    assert (
+        "| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | watchdog: the loss 31.1 stayed above 10 | stability rule |"
+        in text
+    )
     # a set-aside row without its config is refused, as any row is
     (results.folder / "configs" / "superseded" / "sst2-mezo-s0-lr5e-05.yaml").unlink()
     with pytest.raises(ValueError, match=r"sst2-mezo-s0 \(set aside\): its config is not kept"):
@@ -640,3 +656,38 @@ def test_stability_rule_sets_aside_diverged_seeds_and_moves_the_pick_below(tmp_p
     assert pick["lr"] is None and pick["unstable"] == [1.25e-5, 2.5e-5, 5e-5]
     sts = {s.cell.name: s for s in cl.statuses(p, tmp_path / "none", on_disk)[0]}
     assert sts["sst2-mezo-s0"].state == "waiting" and "no stable lr" in sts["sst2-mezo-s0"].detail
+
+
+def test_set_aside_by_hand_moves_a_row_its_config_and_its_run_and_the_cell_runs_again(tmp_path):
+    p, results = hand_made(tmp_path, {"mezo": [None] * 3, "fo-full": [0.87, 0.86, 0.88]})  # MeZO's scan only
+    scan = {c.factor: c.name for c in cl.grid(p) if c.phase == "scan" and c.row.name == "mezo"}
+    out = tmp_path / "runs"
+    (out / scan[1.0]).mkdir(parents=True)
+    (out / scan[1.0] / "config.yaml").write_text("method: lozo\n")  # the row's run as it ran before an amendment
+    before = (results.folder / "runs.jsonl").read_text()
+    for bad, why, match in (("sst2-mezo-scan-lr1", "x", "not a cell of the protocol's grid"),
+                            ("sst2-lozo-s0", "x", "no row in"), (scan[1.0], "  ", "say why")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            cl.set_aside(p, results, out, bad, why)
+    assert (results.folder / "runs.jsonl").read_text() == before and not (results.folder / "superseded.jsonl").exists()
+    assert cl.pick_lr(p, results, "sst2", p.row("mezo"))["lr"] == 5e-5
+    row = cl.set_aside(p, results, out, scan[1.0], "ran the sequential path before the amendment")
+    assert row["why"] == "ran the sequential path before the amendment" and row["lr"] == pytest.approx(5e-5)
+    on_disk = Results.load(results.folder)
+    assert scan[1.0] not in on_disk.rows and [r["cell"] for r in on_disk.superseded] == [scan[1.0]]
+    assert scan[0.5] in on_disk.rows and "sst2-fo-full-s0" in on_disk.rows
+    assert (results.folder / "configs" / "superseded" / f"{scan[1.0]}-lr5e-05.yaml").is_file()
+    assert not results.config_path(scan[1.0]).exists()
+    assert (out / "superseded" / f"{scan[1.0]}-lr5e-05" / "config.yaml").read_text() == "method: lozo\n"
+    assert not (out / scan[1.0]).exists()
+    # the scan is unfinished again: no pick, the cell is missing, the pick file is gone
+    assert cl.pick_lr(p, on_disk, "sst2", p.row("mezo")) is None
+    assert not (results.folder / "lr" / "sst2-mezo.json").exists()
+    sts = {s.cell.name: s for s in cl.statuses(p, out, on_disk)[0]}
+    assert sts[scan[1.0]].state == "missing" and sts["sst2-mezo-s0"].detail == "lr scan 4 of 5 done"
+    text = cl.table(results.folder, p)
+    assert f"| {scan[1.0]} | 5e-05 | 0.700 | — | — | — | ran the sequential path before the amendment |" in text
+    # through the command line, with the same refusals
+    args = ["set-aside", scan[0.5], "--results", str(results.folder), "--out", str(out), "--why", "test"]
+    assert cl.main(args) == 0 and scan[0.5] not in Results.load(results.folder).rows
+    assert cl.main(args) == 2  # no row any more

@@ -4,12 +4,16 @@ The protocol (written out in ``benchmarks/README.md``, section "Claims grid: pro
 :data:`TASKS`, :data:`ROWS` (one line per method, with its fixed hyperparameters), :data:`COMPARISONS` (one line per
 claim tested) and the budgets of :class:`Protocol`. Every grid cell is one ``zotune train`` run:
 
-* ``scan`` cells: each scanned method's lr × {1/4, 1/2, 1, 2, 4} on seed 0 with a short budget; the best dev
-  accuracy picks the lr (ties to the smaller lr), recorded in ``RESULTS/lr/TASK-ROW.json`` with the scan's numbers;
+* ``scan`` cells: each scanned method's lr × {1/4, 1/2, 1, 2, 4} (TREC: × {1/4, 1/2, 1}) on seed 0 with a short
+  budget; the best dev accuracy picks the lr (ties to the smaller lr), recorded in ``RESULTS/lr/TASK-ROW.json``
+  with the scan's numbers;
 * ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget. Stability rule: where the watchdog stopped a
   seed run (its loss diverged), that lr and every larger one leave the pick; the row's seed runs at them are set
   aside (``RESULTS/superseded.jsonl``, kept and shown) and its seeds run again at the new pick;
 * ``refs`` cells: FO-LoRA and FO full (AdamW) at their usual budget and lr, the same seeds.
+
+A finished row an amendment has since changed is set aside by hand with its reason (``set-aside``): kept, listed in
+the table, in no comparison; its cell runs again under the protocol.
 
 A cell runs as ``python -m zotune.bench.claims cell CONFIG.yaml``: the config is built with
 :func:`zotune.train.run_config_from_dict` from the recipe YAML and an overrides dict, so a cell needs neither an
@@ -25,6 +29,7 @@ Commands (``bash benchmarks/claims.sh ...`` runs the same with the checkout's ``
     python -m zotune.bench.claims pack --out /tmp/claims claims.tar.gz     # finished cells without weights
     python -m zotune.bench.claims unpack claims.tar.gz          # into --out, then summarized into --results
     python -m zotune.bench.claims table                         # RESULTS/claims.md (the results page section)
+    python -m zotune.bench.claims set-aside CELL --why "..."    # a finished row out of the comparisons, kept
 
 Papers: MeZO (Malladi et al., NeurIPS 2023), LOZO (Chen et al., ICLR 2025), MeZO-SVRG (Gautam et al., ICML 2024),
 SensZOQ (Guo et al., ICLR 2025), Bilevel ZOFO (Shirkavand et al., 2025).
@@ -99,6 +104,9 @@ class Row:
         extra_factors: lr scan factors beyond the protocol's (an amendment, for a row whose pick lay on the grid's
             edge with the best dev still rising towards it).
         tasks: the tasks whose grid holds the row (empty: every task of the protocol).
+        packed_on: task → the packed method that runs the row on that task instead of ``method``: the same estimator
+            step for step, tested equal to the sequential path to float tolerance, at fewer seconds per forward (an
+            amendment; the tables show the path per task).
     """
 
     name: str
@@ -115,6 +123,7 @@ class Row:
     label: str = ""
     extra_factors: tuple[float, ...] = ()
     tasks: tuple[str, ...] = ()
+    packed_on: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def scanned(self) -> bool:
@@ -123,12 +132,23 @@ class Row:
     def runs_on(self, task: str) -> bool:
         return not self.tasks or task in self.tasks
 
+    def method_on(self, task: str) -> str:
+        """The registered method that runs the row on ``task``."""
+        return self.packed_on.get(task, self.method)
+
+    def path_on(self, task: str) -> str:
+        """The evaluation path the row runs on ``task`` (``sequential`` or ``packed``)."""
+        return "packed" if task in self.packed_on else self.path
+
 
 # fmt: off
 ROWS: tuple[Row, ...] = (
     Row("mezo", "mezo", {"lr": 5e-5, "eps": 1e-3}, label="MeZO"),
-    Row("lozo", "lozo", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, label="LOZO"),
-    Row("lozo-m", "lozo_m", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50, "beta": 0.9}, label="LOZO-M"),
+    # on TREC through the packed ± pair (the same estimator; an amendment sizing the grid to the CPU time there is)
+    Row("lozo", "lozo", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50}, label="LOZO",
+        packed_on={"trec": "packed_lozo"}),
+    Row("lozo-m", "lozo_m", {"lr": 5e-5, "eps": 1e-3, "rank": 2, "refresh_every": 50, "beta": 0.9}, label="LOZO-M",
+        packed_on={"trec": "packed_lozo_m"}),
     Row("mezo-svrg", "mezo_svrg", {"lr": 5e-5, "anchor_lr": 1e-4, "eps": 1e-3, "q": 4, "anchor_size": 64},
         fwd_per_step=5.0, scale=("lr", "anchor_lr"), label="MeZO-SVRG"),
     # added after 2a/2b failed at the row above: the paper's q, loss-triggered annealing and η₁ = 10 η₂ (a diagnosis
@@ -248,6 +268,9 @@ class Protocol:
     seeds: tuple[int, ...] = (0, 1, 2)
     scan_seed: int = 0
     scan_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    # per task, a scan grid other than scan_factors (an amendment: on SST-2 every sequential row's pick lay at × 1/4
+    # or × 1/2; the one best dev above × 1, MeZO-SVRG's at × 2, diverged in a seed run)
+    task_factors: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: {"trec": (0.25, 0.5, 1.0)})
     budget: int = 2000  # forwards of batch_size rows per seed cell (ZO and hybrid)
     scan_budget: int = 500
     ref_budget: int = 200  # FO references: forward + backward passes
@@ -257,9 +280,10 @@ class Protocol:
     recipe: str = "recipes/smollm2-sst2-mezo.yaml"
     fo_full_committed: Mapping[str, float] = field(default_factory=lambda: {"sst2": 0.869})
 
-    def factors(self, row: Row) -> tuple[float, ...]:
-        """The lr scan factors of ``row``: the protocol's, and the row's extra ones."""
-        return tuple(sorted(set(self.scan_factors) | set(row.extra_factors)))
+    def factors(self, row: Row, task: str) -> tuple[float, ...]:
+        """The lr scan factors of ``row`` on ``task``: the protocol's (the task's own grid where it has one), and
+        the row's extra ones."""
+        return tuple(sorted(set(self.task_factors.get(task, self.scan_factors)) | set(row.extra_factors)))
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -295,13 +319,21 @@ class Cell:
         assert self.factor is not None
         return self.row.hparams[self.row.scale[0]] * self.factor
 
+    @property
+    def method(self) -> str:
+        return self.row.method_on(self.task)
+
+    @property
+    def path(self) -> str:
+        return self.row.path_on(self.task)
+
 
 def grid(protocol: Protocol = PROTOCOL, profile: str | None = None) -> list[Cell]:
     """Every cell, in launch order: the scans, then the references, then the seeds (each by task, then row)."""
     rows = [r for r in protocol.rows if profile is None or profile in r.profiles]
     scans = [
         Cell(t, r, "scan", protocol.scan_seed, f) for t in protocol.tasks for r in rows if r.scanned and r.runs_on(t)
-        for f in protocol.factors(r)
+        for f in protocol.factors(r, t)
     ]  # fmt: skip
     refs = [
         Cell(t, r, "refs", s) for t in protocol.tasks for r in rows if r.kind == "ref" and r.runs_on(t)
@@ -360,7 +392,7 @@ def cell_tree(
 
     tree = yaml.safe_load(recipe_path(protocol).read_text())
     for name in list(tree):  # the recipe's own method section (mezo) is not the cell's
-        if name in METHODS and name != cell.row.method:
+        if name in METHODS and name != cell.method:
             del tree[name]
     every = eval_every(cell, protocol)
     tree["model"] = {**tree.get("model", {}), "name": model or protocol.model, "dtype": "float32", "device": device}
@@ -381,8 +413,8 @@ def cell_tree(
         "progress": False,
         "tensorboard": False,
     }
-    tree["method"] = cell.row.method
-    tree[cell.row.method] = cell_hparams(cell, lr)
+    tree["method"] = cell.method
+    tree[cell.method] = cell_hparams(cell, lr)
     tree["seed"] = cell.seed
     tree["out"] = str(out / cell.name)
     for key in ("resume", "overwrite", "allow_config_change"):
@@ -467,6 +499,15 @@ class Results:
 
     def superseded_config_path(self, row: dict[str, Any]) -> Path:
         return self.folder / "configs" / "superseded" / f"{row['cell']}-lr{row['lr']:g}.yaml"
+
+    def set_aside(self, names: Sequence[str], order: Sequence[str]) -> None:
+        """Write the rows ``names`` (added to ``superseded`` already) out of ``runs.jsonl``: ``superseded.jsonl``
+        first, so that a crash in between leaves a row in both files, never in neither."""
+        text = "".join(json.dumps(r) + "\n" for r in self.superseded)
+        atomic_write_text(self.folder / "superseded.jsonl", text)
+        for name in names:
+            self.rows.pop(name, None)
+        self.save(order, drop=names)
 
     def save(self, order: Sequence[str], drop: Sequence[str] = ()) -> None:
         """Write ``runs.jsonl``, keeping the rows another process added to it since this one was loaded (a
@@ -681,7 +722,7 @@ def statuses(
             else:
                 n = sum(1 for c in grid(protocol) if c.phase == "scan" and c.task == cell.task
                         and c.row.name == cell.row.name and c.name in results.rows)  # fmt: skip
-                detail = f"lr scan {n} of {len(protocol.factors(cell.row))} done"
+                detail = f"lr scan {n} of {len(protocol.factors(cell.row, cell.task))} done"
             out_list.append(Status(cell, "waiting", detail))
         else:
             out_list.append(Status(cell, "missing"))
@@ -714,13 +755,13 @@ def summarize_cell(run: Path, cell: Cell) -> dict[str, Any]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     res = json.loads((run / "results.json").read_text())
     env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
-    section = cfg.get(cell.row.method, {})
+    section = cfg.get(cell.method, {})
     row.update(
         cell=cell.name,
         phase=cell.phase,
         row=cell.row.name,
         kind=cell.row.kind,
-        path=cell.row.path,
+        path=cell.path,
         seed=cfg["seed"],
         lr=section.get(cell.row.scale[0]),
         device=env.get("device") or cfg["model"].get("device"),
@@ -789,27 +830,62 @@ def set_aside_unstable(protocol: Protocol, results: Results, out: Path | None, b
             os.replace(kept, dest)
         if not any(r["cell"] == name and r["lr"] == row["lr"] for r in results.superseded):
             results.superseded.append(row)
-        del results.rows[name]
         moved.append(name)
-    if moved:  # superseded.jsonl first: a crash in between leaves a row in both files, never in neither
-        text = "".join(json.dumps(r) + "\n" for r in results.superseded)
-        atomic_write_text(results.folder / "superseded.jsonl", text)
-        results.save([c.name for c in grid(protocol)], drop=moved)
+    if moved:
+        results.set_aside(moved, [c.name for c in grid(protocol)])
     for name, cell in seed_cells.items() if out is not None else ():
         run = out / name
         if name in busy or not (run / "config.yaml").is_file():
             continue
-        lr = read_yaml(run / "config.yaml").get(cell.row.method, {}).get(cell.row.scale[0])
+        lr = read_yaml(run / "config.yaml").get(cell.method, {}).get(cell.row.scale[0])
         unstable = unstable_lrs(results, cell.task, cell.row.name)
         if lr is not None and unstable and _at_or_above(lr, unstable[0]):
-            aside = out / "superseded" / f"{name}-lr{lr:g}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(run, aside)
+            _move_run_aside(out, name, lr)
             if name not in moved:
                 moved.append(name)
     return moved
+
+
+def _move_run_aside(out: Path, name: str, lr: float) -> None:
+    """``out/CELL`` → ``out/superseded/CELL-lrLR`` (replacing an older one there), so the cell starts fresh."""
+    aside = out / "superseded" / f"{name}-lr{lr:g}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(out / name, aside)
+
+
+def set_aside(protocol: Protocol, results: Results, out: Path | None, name: str, why: str) -> dict[str, Any]:
+    """Set a finished cell's row aside by hand, with the reason: for a row whose cell an amendment changed after it
+    ran (e.g. the path the row takes on a task). Its row goes from ``runs.jsonl`` to ``superseded.jsonl`` with
+    ``why``, its config to ``configs/superseded/``, its run folder in ``out`` to ``out/superseded/CELL-lrLR``; the
+    cell is then missing and runs again under the protocol. The row stays shown, in no comparison. ValueError (and
+    nothing moved) for an empty reason, a cell that is not the grid's or has no row.
+
+    Example: ``python -m zotune.bench.claims set-aside trec-lozo-scan-lr5e-05 --why "ran sequential"``."""
+    if not why.strip():
+        raise ValueError(f"{name}: say why it is set aside (--why)")
+    cell = next((c for c in grid(protocol) if c.name == name), None)
+    if cell is None:
+        raise ValueError(f"{name}: not a cell of the protocol's grid")
+    row = results.rows.get(name)
+    if row is None:
+        raise ValueError(f"{name}: no row in {results.folder / 'runs.jsonl'} to set aside")
+    lr = row.get("lr") if row.get("lr") is not None else (cell.scan_lr if cell.phase == "scan" else None)
+    if lr is None:
+        raise ValueError(f"{name}: its row records no lr (the set-aside rows are kept by cell and lr)")
+    row = {**row, "lr": lr, "why": why.strip()}
+    kept, dest = results.config_path(name), results.superseded_config_path(row)
+    if not kept.is_file():
+        raise ValueError(f"{name}: its config is not kept ({kept} is missing)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(kept, dest)
+    results.superseded = [r for r in results.superseded if not (r["cell"] == name and r["lr"] == row["lr"])] + [row]
+    results.set_aside([name], [c.name for c in grid(protocol)])
+    if out is not None and (out / name).is_dir():
+        _move_run_aside(out, name, row["lr"])
+    write_picks(protocol, results)
+    return row
 
 
 def write_picks(protocol: Protocol, results: Results) -> None:
@@ -1558,7 +1634,8 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
             lr = f"{row.hparams[row.scale[0]]:.3g}"
         per = " / ".join(f"{rows[s]['test']:.3f}" if s in rows else "missing" for s in protocol.seeds)
         if not rows:
-            lines.append(f"| {row.label} | {row.path} | {lr} | missing (0 of {n} seeds) | — | — | — | — | — | — | — |")
+            lines.append(f"| {row.label} | {row.path_on(task)} | {lr} | missing (0 of {n} seeds) | "
+                         "— | — | — | — | — | — | — |")  # fmt: skip
             continue
         done = len(rows) == n
         test = _mean_sd([r["test"] for r in rows.values()]) if done else f"missing ({len(rows)} of {n} seeds)"
@@ -1582,7 +1659,7 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
             step = peak = "— (mixed devices)"
             reach_s = "—" if reach_s[:1].isdigit() else reach_s
             devices = ", ".join(f"s{s}: {rows[s].get('device')}" for s in protocol.seeds if s in rows)
-        lines.append(f"| {row.label} | {row.path} | {lr} | {test} | {per} | {dev} | {reach_f} | {reach_s} | "
+        lines.append(f"| {row.label} | {row.path_on(task)} | {lr} | {test} | {per} | {dev} | {reach_f} | {reach_s} | "
                      f"{step} | {peak} | {devices} |")  # fmt: skip
     return lines + [""]
 
@@ -1659,20 +1736,22 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
 
 
 def _superseded_lines(results: Results) -> list[str]:
-    """The seed runs the stability rule set aside: kept, shown, and left out of every comparison."""
+    """The runs set aside (by the stability rule, or by hand with a reason): kept, shown, and left out of every
+    comparison."""
     if not results.superseded:
         return []
     lines = [
-        "Seed runs set aside by the stability rule (the watchdog stopped a seed run of the row at this lr or a "
-        "smaller one; the row's seeds run again at the next pick below; left out of every comparison):",
+        "Runs set aside (left out of every comparison; each cell runs again under the protocol). Stability rule: "
+        "the watchdog stopped a seed run of the row at this lr or a smaller one, and the row's seeds run again at "
+        "the next pick below:",
         "",
-        "| cell | lr | best dev | test | forwards | stopped |",
-        "|---|---|---|---|---|---|",
+        "| cell | lr | best dev | test | forwards | stopped | why |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results.superseded, key=lambda r: (r["cell"], r["lr"])):
         test = f"{r['test']:.3f}" if r.get("test") is not None else "—"
         lines.append(f"| {r['cell']} | {r['lr']:.3g} | {r['best_dev']:.3f} | {test} | {r.get('forwards', '—')} | "
-                     f"{r.get('stopped') or '—'} |")  # fmt: skip
+                     f"{r.get('stopped') or '—'} | {r.get('why') or 'stability rule'} |")  # fmt: skip
     return lines + [""]
 
 
@@ -1704,9 +1783,14 @@ def _fo_gap_lines(protocol: Protocol, results: Results) -> list[str]:
 def _scan_lines(protocol: Protocol, chosen: dict) -> list[str]:
     if not chosen:
         return []
-    factors = ", ".join(f"{f:g}" for f in protocol.scan_factors)
+
+    def grid_text(factors: Sequence[float]) -> str:
+        return "{" + ", ".join(f"{f:g}" for f in factors) + "}"
+
+    own = [f"{t}: × {grid_text(f)}" for t, f in protocol.task_factors.items() if t in protocol.tasks]
+    factors = grid_text(protocol.scan_factors) + (f" ({'; '.join(own)})" if own else "")
     lines = [
-        f"LR scans (seed {protocol.scan_seed}, {protocol.scan_budget} forwards, lr × {{{factors}}}; best dev per lr; "
+        f"LR scans (seed {protocol.scan_seed}, {protocol.scan_budget} forwards, lr × {factors}; best dev per lr; "
         "the pick is bold):",
         "",
         "| task | method | best dev by lr | note |",
@@ -1801,6 +1885,7 @@ def smoke_protocol(forwards: int = 20, row: str = "mezo", task: str = "sst2") ->
         comparisons=(),
         seeds=(0,),
         scan_factors=(1.0,),
+        task_factors={},
         budget=forwards,
         scan_budget=forwards,
         eval_forwards=max(1, forwards // 2),
@@ -1846,6 +1931,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("unpack", parents=[common], help="unpack a tarball into --out and summarize it")
     up.add_argument("tarball")
     sub.add_parser("table", parents=[common], help="the claims section: RESULTS/claims.md")
+    sa = sub.add_parser("set-aside", parents=[common], help="set a finished cell's row aside, with the reason")
+    sa.add_argument("cell")
+    sa.add_argument("--why", required=True, help="why (shown in the table's set-aside list)")
     ck = sub.add_parser("check", parents=[common], help="rerun a committed row's first forwards from its config")
     ck.add_argument("cell")
     ck.add_argument("--forwards", type=int, default=20)
@@ -1860,6 +1948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sm.add_argument("--model", help="the model's name or path")
     sm.add_argument("--forwards", type=int, default=20)
     sm.add_argument("--row", default="mezo", help="a row of the protocol (default mezo)")
+    sm.add_argument("--task", default="sst2", choices=sorted(TASKS), help="a task of the protocol (default sst2)")
     a = p.parse_args(argv)
     try:
         return _dispatch(a)
@@ -1872,7 +1961,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     protocol = PROTOCOL
     out = Path(a.out)
     if a.command == "smoke":
-        smoke = smoke_protocol(a.forwards, a.row)
+        smoke = smoke_protocol(a.forwards, a.row, a.task)
         summary = run_grid(smoke, out, out / "results", device=a.device, lanes=1, model=a.model, poll=0.5)
         for row in Results.load(out / "results").rows.values():
             print(f"{row['cell']}: {row['forwards']} forwards, {row['steps']} steps, best dev {row['best_dev']:.3f} "
@@ -1908,6 +1997,10 @@ def _dispatch(a: argparse.Namespace) -> int:
         info = unpack(a.tarball, out, a.results, protocol)
         print(f"unpacked {len(info['unpacked'])} cell(s), kept {len(info['kept_local'])} local, "
               f"summarized {len(info['summarized'])}")  # fmt: skip
+        return 0
+    if a.command == "set-aside":
+        row = set_aside(protocol, Results.load(a.results), out, a.cell, a.why)
+        print(f"set aside {a.cell} (lr {row['lr']:g}): it runs again under the protocol")
         return 0
     if a.command == "check":
         import tempfile
