@@ -691,3 +691,66 @@ def test_set_aside_by_hand_moves_a_row_its_config_and_its_run_and_the_cell_runs_
     args = ["set-aside", scan[0.5], "--results", str(results.folder), "--out", str(out), "--why", "test"]
     assert cl.main(args) == 0 and scan[0.5] not in Results.load(results.folder).rows
     assert cl.main(args) == 2  # no row any more
+
+
+def test_reach_reruns_a_seed_cells_first_forwards_with_dev_more_often(ran):
+    p = replace(ran["p"], reach_rows=("mezo",), reach_task="reviews", reach_forwards=5, reach_every=2, reach_target=4)
+    res, out = ran["res"], ran["root"] / "reach-runs"
+    said: list[str] = []
+    assert cl.run_reach(p, res, out, log=said.append) == ["reviews-mezo-s0-first5"]
+    (row,) = Results.load(res).reach.values()
+    seed = Results.load(res).rows["reviews-mezo-s0"]
+    # dev at every step (2 forwards) where the grid's seed run had it every 2 steps; the same run up to there: the
+    # losses of the grid's seed run, to its 6 logged decimals
+    assert [f for f, _ in row["dev"]] == [0, 3, 5] and [f for f, _ in seed["curves"]["dev"]] == [0, 5, 7]
+    assert row["dev"][0][1] == seed["curves"]["dev"][0][1] and row["dev"][2][1] == seed["curves"]["dev"][1][1]
+    assert row["grid_loss_diff"] is not None and row["grid_loss_diff"] <= 1e-6 and row["lr"] == seed["lr"]
+    kept = yaml.safe_load((res / "configs" / "reach" / "reviews-mezo-s0-first5.yaml").read_text())
+    assert kept["train"]["max_forwards"] == 5 and kept["train"]["eval_every"] == 1 and kept["seed"] == 0
+    assert cl.run_reach(p, res, out, log=said.append) == [] and "recorded at lr" in said[-1]  # nothing left to do
+    x = cl.reach_summary(p, Results.load(res), "mezo")
+    assert x["seeds"][0]["target"] == (5, seed["curves"]["dev"][1][1])  # MeZO's last dev at <= 4 + 1 forwards
+    lines = cl._reach_lines(p, Results.load(res))  # (the table needs 2 seeds for its verdicts; this grid has 1)
+    assert lines[0].startswith("Sample efficiency at fine resolution") and lines[4].startswith(
+        f"| MeZO | {seed['lr']:g} | "
+    )
+    cl.check_results(p, Results.load(res))
+    # a row without its kept config is refused, as any row is
+    (res / "configs" / "reach" / "reviews-mezo-s0-first5.yaml").unlink()
+    with pytest.raises(ValueError, match="reviews-mezo-s0-first5 \\(reach\\): its config is not kept"):
+        cl.check_results(p, Results.load(res))
+    with pytest.raises(KeyError, match="no row 'nope'"):
+        cl.run_reach(p, res, out, rows=["nope"])
+
+
+def test_reach_verdict_from_the_interval_between_two_evaluations(tmp_path):
+    assert cl.reach_interval([[0, 0.5], [25, 0.6], [50, 0.7]], 0.7) == (25, 50)
+    assert cl.reach_interval([[50, 0.7], [0, 0.5], [25, 0.6]], 0.65) == (25, 50)  # any order
+    assert cl.reach_interval([[0, 0.5], [25, 0.6]], 0.7) == (25, float("inf"))
+    assert cl.reach_interval([[0, 0.75]], 0.7) == (0, 0)
+    mezo_dev = [[0, 0.585], [201, 0.63], [401, 0.675], [601, 0.70], [2001, 0.70]]
+    p, results = hand_made(tmp_path, {"mezo": [0.70] * 3, "fzoo": [0.7] * 3}, dev={"mezo": mezo_dev})
+    lr = cl.picks(p, results)[("sst2", "fzoo")]["lr"]
+
+    def reach(*curves):
+        results.reach = {f"sst2-fzoo-s{s}-first100": {"run": f"sst2-fzoo-s{s}-first100", "cell": f"sst2-fzoo-s{s}",
+                         "task": "sst2", "row": "fzoo", "seed": s, "lr": lr, "forwards": 100, "dev": c}
+                         for s, c in enumerate(curves)}  # fmt: skip
+        return cl.reach_summary(p, results, "fzoo")
+
+    early, late, never = [[0, 0.585], [25, 0.6], [50, 0.68]], [[0, 0.585], [100, 0.66]], [[0, 0.585], [100, 0.6]]
+    x = reach(early, early, early)  # (25, 50] on every seed: at most 50 <= 100
+    assert x["mean"] == (25, 50) and x["verdict"] == "holds" and x["seeds"][0]["target"] == (401, 0.675)
+    # not reached in the first 100: the grid's seed run (same lr) says where after; without it, never
+    assert reach(early, early, never)["verdict"] == "inconclusive (between two evaluations)"  # mean in (50, inf]
+    for s in (0, 1, 2):
+        results.rows[f"sst2-fzoo-s{s}"] |= {"lr": lr, "curves": {"dev": [[0, 0.585], [200, 0.7], [400, 0.7]]}}
+    x = reach(early, early, never)  # s2 reaches in (100, 200]: mean in (50, 100]
+    assert x["seeds"][2]["interval"] == (100, 200) and x["mean"] == (50, 100) and x["verdict"] == "holds"
+    assert reach(late, late, never)["verdict"] == "does not hold at this scale"  # mean in (100, 200]
+    # a run at an lr that is no longer the pick does not count
+    reach(early, early, early)
+    results.reach["sst2-fzoo-s1-first100"]["lr"] = lr * 2
+    x = cl.reach_summary(p, results, "fzoo")
+    assert "verdict" not in x and x["missing"] == [f"s1: ran at {lr * 2:g}, pick now {lr:g}"]
+    assert cl.reach_summary(p, results, "nspsa4") is None

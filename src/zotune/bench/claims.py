@@ -30,6 +30,7 @@ Commands (``bash benchmarks/claims.sh ...`` runs the same with the checkout's ``
     python -m zotune.bench.claims unpack claims.tar.gz          # into --out, then summarized into --results
     python -m zotune.bench.claims table                         # RESULTS/claims.md (the results page section)
     python -m zotune.bench.claims set-aside CELL --why "..."    # a finished row out of the comparisons, kept
+    python -m zotune.bench.claims reach --rows fzoo --seeds 0   # a packed row's first 100 forwards, dev every 25
 
 Papers: MeZO (Malladi et al., NeurIPS 2023), LOZO (Chen et al., ICLR 2025), MeZO-SVRG (Gautam et al., ICML 2024),
 SensZOQ (Guo et al., ICLR 2025), Bilevel ZOFO (Shirkavand et al., 2025).
@@ -279,6 +280,13 @@ class Protocol:
     batch_size: int = 16
     recipe: str = "recipes/smollm2-sst2-mezo.yaml"
     fo_full_committed: Mapping[str, float] = field(default_factory=lambda: {"sst2": 0.869})
+    # sample efficiency at fine resolution (:func:`run_reach`): the packed rows' first reach_forwards with dev every
+    # reach_every forwards, against MeZO's dev after reach_target forwards (200 steps); the target is a quarter of it
+    reach_rows: tuple[str, ...] = ("packed-lozo", "nspsa4", "per-example", "fzoo")
+    reach_task: str = "sst2"
+    reach_forwards: int = 100
+    reach_every: int = 25
+    reach_target: int = 400
 
     def factors(self, row: Row, task: str) -> tuple[float, ...]:
         """The lr scan factors of ``row`` on ``task``: the protocol's (the task's own grid where it has one), and
@@ -487,12 +495,14 @@ class Results:
     folder: Path
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     superseded: list[dict[str, Any]] = field(default_factory=list)  # seed rows set aside by the stability rule
+    reach: dict[str, dict[str, Any]] = field(default_factory=dict)  # RESULTS/reach.jsonl, by run name
 
     @classmethod
     def load(cls, folder: str | Path) -> Results:
         folder = Path(folder)
         rows = {row.get("cell") or row["run"]: row for row in _read_jsonl(folder / "runs.jsonl")}
-        return cls(folder, rows, _read_jsonl(folder / "superseded.jsonl"))
+        reach = {row["run"]: row for row in _read_jsonl(folder / "reach.jsonl")}
+        return cls(folder, rows, _read_jsonl(folder / "superseded.jsonl"), reach)
 
     def config_path(self, cell: str) -> Path:
         return self.folder / "configs" / f"{cell}.yaml"
@@ -1009,6 +1019,207 @@ def check_cell(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# sample efficiency at fine resolution
+
+
+def reach_cells(protocol: Protocol, results: Results, rows: Sequence[str] | None = None) -> list[tuple[Cell, float]]:
+    """The seed cells of the reach rows on the reach task, each with its picked lr (rows without a pick left out)."""
+    chosen = picks(protocol, results)
+    wanted = protocol.reach_rows if rows is None else tuple(rows)
+    for name in wanted:
+        protocol.row(name)  # KeyError naming the rows for an unknown one
+    out = []
+    for cell in grid(protocol):
+        if cell.phase == "seeds" and cell.task == protocol.reach_task and cell.row.name in wanted:
+            lr = chosen.get((cell.task, cell.row.name), {}).get("lr")
+            if lr is not None:
+                out.append((cell, lr))
+    return out
+
+
+def reach_name(cell: Cell, protocol: Protocol) -> str:
+    return f"{cell.name}-first{protocol.reach_forwards}"
+
+
+def reach_tree(
+    cell: Cell, protocol: Protocol, *, out: Path, device: str, lr: float, model: str | None = None
+) -> dict[str, Any]:
+    """The seed cell's config cut to its first ``reach_forwards`` forwards with dev every ``reach_every`` forwards
+    (no test, no checkpoints): the same run as the grid's seed cell up to there (the same seed, batches and
+    directions; evaluating does not move the run), seen more often."""
+    tree = cell_tree(cell, protocol, out=out, device=device, lr=lr, model=model)
+    every = max(1, round(protocol.reach_every / (cell.row.fwd_per_step * cell.row.rows)))
+    budget = protocol.reach_forwards // cell.row.rows  # steps: a bound (a step is at least one forward)
+    tree["train"] |= {"steps": budget, "max_forwards": budget, "eval_every": every, "checkpoint_every": budget + 1,
+                      "test": False, "test_at_start": False}  # fmt: skip
+    tree["out"] = str(out / reach_name(cell, protocol))
+    return tree
+
+
+def run_reach(
+    protocol: Protocol,
+    results_dir: str | Path,
+    out: str | Path,
+    *,
+    rows: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: str = "cpu",
+    model: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run the reach rows' seed cells for their first ``reach_forwards`` forwards with dev every ``reach_every``
+    (:func:`reach_tree`), one after another in this process, and record each in ``RESULTS/reach.jsonl`` (its
+    config in ``RESULTS/configs/reach/``). A run recorded at its row's current pick is skipped; an unfinished run
+    folder starts again (the runs keep no checkpoints). Returns the runs recorded.
+
+    Example: ``python -m zotune.bench.claims reach --rows fzoo --seeds 0``"""
+    from ..train import run_config_from_dict, train
+    from ..train.plot import read_metrics
+    from .accuracy import save_config
+
+    results, out = Results.load(results_dir), Path(out) / "reach"
+    done = []
+    for cell, lr in reach_cells(protocol, results, rows):
+        if seeds is not None and cell.seed not in seeds:
+            continue
+        name = reach_name(cell, protocol)
+        old = results.reach.get(name)
+        if old is not None and math.isclose(old["lr"], lr, rel_tol=1e-9):
+            log(f"{name}: recorded at lr {lr:g}, skipped")
+            continue
+        tree = reach_tree(cell, protocol, out=out, device=device, lr=lr, model=model)
+        run = Path(tree["out"])
+        if not (run / "results.json").is_file():
+            if run.exists():
+                shutil.rmtree(run)
+            log(f"{name}: {protocol.reach_forwards} forwards at lr {lr:g}, dev every {tree['train']['eval_every']} "
+                "steps")  # fmt: skip
+            train(run_config_from_dict(tree), argv=["python", "-m", "zotune.bench.claims", "reach", name])
+        records = read_metrics(run)
+        env = json.loads((run / "env.json").read_text()) if (run / "env.json").is_file() else {}
+        res = json.loads((run / "results.json").read_text())
+        losses = {r["forwards"]: r["loss"] for r in records if r.get("kind") == "train" and "loss" in r}
+        row = {
+            "run": name, "cell": cell.name, "task": cell.task, "row": cell.row.name, "seed": cell.seed, "lr": lr,
+            "forwards": res["forwards"] * cell.row.rows, "seconds": res.get("seconds"),
+            "device": env.get("device") or device,
+            "dev": [[r["forwards"] * cell.row.rows, r["accuracy"]] for r in records
+                    if r.get("kind") == "eval" and r.get("split") == "dev"],
+            "loss": sorted([f, v] for f, v in losses.items()),
+        }  # fmt: skip
+        seed_row = results.rows.get(cell.name)  # the grid's run of the same cell: the same losses up to here
+        if (seed_row is not None and seed_row.get("device") == row["device"]
+                and math.isclose(seed_row.get("lr") or 0.0, lr, rel_tol=1e-9)):  # fmt: skip
+            logged = {int(f): v for f, v in seed_row["curves"]["loss"]}
+            common = [abs(v - logged[f]) for f, v in losses.items() if f in logged]
+            row["grid_loss_diff"] = max(common) if common else None
+        save_config(run, results.folder / "configs" / "reach" / f"{name}.yaml")
+        results = Results.load(results_dir)  # another process may have added rows since
+        results.reach[name] = row
+        text = "".join(json.dumps(r) + "\n" for _, r in sorted(results.reach.items()))
+        atomic_write_text(results.folder / "reach.jsonl", text)
+        done.append(name)
+        log(f"{name}: dev {' '.join(f'{f}:{a:.3f}' for f, a in row['dev'])}")
+    return done
+
+
+def mezo_dev_at(protocol: Protocol, results: Results, seed: int) -> tuple[int, float] | None:
+    """MeZO's last dev evaluation at or before ``reach_target`` forwards (+ 1: the first step's check forward) on
+    the reach task's seed run: (forwards, accuracy)."""
+    row = _seeds_rows(protocol, results, protocol.reach_task, "mezo").get(seed)
+    points = [(f, a) for f, a in (row or {}).get("curves", {}).get("dev", []) if 0 < f <= protocol.reach_target + 1]
+    return max(points) if points else None
+
+
+def reach_interval(points: Sequence[Sequence[float]], target: float) -> tuple[int, float]:
+    """Where dev first reaches ``target`` along ``points`` ([forwards, accuracy], any order): (lo, hi) with the
+    reach in (lo, hi]: hi the first evaluation at or above it, lo the one before; (last, inf) when never.
+
+    >>> reach_interval([[0, 0.5], [25, 0.6], [50, 0.7], [75, 0.65]], 0.68)
+    (25, 50)
+    """
+    lo = 0
+    for f, acc in sorted(points):
+        if acc >= target - 1e-12:
+            return lo, f
+        lo = f
+    return lo, math.inf
+
+
+def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, Any] | None:
+    """The row's reach of MeZO's 200-step dev, per seed and on average, and the verdict against a quarter of MeZO's
+    forwards. Per seed the fine-resolution run's dev points (its first ``reach_forwards``) are followed by the
+    grid's seed run's later ones, where that run exists at the same lr. The mean reach lies in (mean lo, mean hi]:
+    *holds* when mean hi ≤ target ÷ 4, *does not hold at this scale* when mean lo ≥ target ÷ 4, else
+    *inconclusive (between two evaluations)*. None when the row has no reach run; ``missing`` names what is."""
+    chosen = picks(protocol, results).get((protocol.reach_task, row), {}).get("lr")
+    runs = {r["seed"]: r for r in results.reach.values() if r["row"] == row and r["task"] == protocol.reach_task}
+    if not runs:
+        return None
+    grid_rows = _seeds_rows(protocol, results, protocol.reach_task, row)
+    per, missing = {}, []
+    for s in protocol.seeds:
+        run, target = runs.get(s), mezo_dev_at(protocol, results, s)
+        if run is None or chosen is None or not math.isclose(run["lr"], chosen, rel_tol=1e-9):
+            missing.append(f"s{s}: no run at the pick" if run is None else f"s{s}: ran at {run['lr']:g}, pick now "
+                           f"{chosen if chosen is None else format(chosen, 'g')}")  # fmt: skip
+            continue
+        if target is None:
+            missing.append(f"s{s}: MeZO's seed run")
+            continue
+        points = list(run["dev"])
+        later = grid_rows.get(s)
+        if later is not None and math.isclose(later.get("lr") or 0.0, run["lr"], rel_tol=1e-9):
+            k = later.get("rows_per_forward", 1)
+            points += [[f * k, a] for f, a in later["curves"]["dev"] if f * k > run["forwards"]]
+        per[s] = {"target": target, "interval": reach_interval(points, target[1])}
+    out: dict[str, Any] = {"row": row, "lr": chosen, "seeds": per}
+    if missing:
+        out["missing"] = missing
+        return out
+    lo = statistics.fmean(v["interval"][0] for v in per.values())
+    hi = statistics.fmean(v["interval"][1] for v in per.values())
+    quarter = protocol.reach_target / 4
+    out |= {"mean": (lo, hi), "quarter": quarter}
+    out["verdict"] = ("holds" if hi <= quarter else "does not hold at this scale" if lo >= quarter
+                      else "inconclusive (between two evaluations)")  # fmt: skip
+    return out
+
+
+def _reach_lines(protocol: Protocol, results: Results) -> list[str]:
+    sums = [x for r in protocol.rows if (x := reach_summary(protocol, results, r.name)) is not None]
+    if not sums:
+        return []
+    q = protocol.reach_target // 4
+    lines = [
+        f"Sample efficiency at fine resolution: forwards each packed estimator needs to reach MeZO's dev accuracy "
+        f"after {protocol.reach_target // 2} steps ({protocol.reach_target} forwards), same seed; the target is "
+        f"≤ {q} (a quarter). Dev every {protocol.reach_every} forwards over the first {protocol.reach_forwards} "
+        f"([reach.jsonl](reach.jsonl): the seed run's first forwards, rerun), then the grid's seed run's (every "
+        f"{protocol.eval_forwards}); a reach in (a, b] lies between two evaluations:",
+        "",
+        "| method | lr | MeZO's dev per seed | forwards to reach it, per seed | mean | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in sums:
+        label = protocol.row(x["row"]).label
+        mezo = " / ".join(f"{v['target'][1]:.3f}" for v in x["seeds"].values()) or "—"
+
+        def span(iv: tuple[float, float]) -> str:
+            if iv[1] == 0:
+                return "0 (before training)"
+            return f"({iv[0]:g}, {iv[1]:g}]" if math.isfinite(iv[1]) else f"> {iv[0]:g}"
+
+        per = " / ".join(f"s{s} {span(v['interval'])}" for s, v in x["seeds"].items())
+        if "missing" in x:
+            lines.append(f"| {label} | {x['lr'] or '—'} | {mezo} | {per or '—'} | — | missing: "
+                         f"{'; '.join(x['missing'])} |")  # fmt: skip
+            continue
+        lines.append(f"| {label} | {x['lr']:g} | {mezo} | {per} | {span(x['mean'])} | **{x['verdict']}** |")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # the driver
 
 
@@ -1514,6 +1725,9 @@ def check_results(protocol: Protocol, results: Results) -> None:
         diff = check_cell_config(cell, protocol, read_yaml(kept), lr)
         if diff:
             problems.append(f"{name}: config differs from the protocol: {'; '.join(diff)}")
+    for name in results.reach:
+        if not (results.folder / "configs" / "reach" / f"{name}.yaml").is_file():
+            problems.append(f"{name} (reach): its config is not kept (configs/reach/{name}.yaml is missing)")
     for row in results.superseded:
         if not results.superseded_config_path(row).is_file():
             problems.append(f"{row['cell']} (set aside): its config is not kept "
@@ -1731,8 +1945,8 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
                 lines.append(f"| {comp.id} | {task} | {text} | {a} | {b} | {d} | {res['mean']:+.3f} ± {res['sd']:.3f} "
                              f"| **{res['verdict']}** | {reason} |")  # fmt: skip
         lines.append("")
-    lines += _fo_gap_lines(protocol, results) + _scan_lines(protocol, chosen) + _superseded_lines(results)
-    return lines
+    lines += _fo_gap_lines(protocol, results) + _reach_lines(protocol, results) + _scan_lines(protocol, chosen)
+    return lines + _superseded_lines(results)
 
 
 def _superseded_lines(results: Results) -> list[str]:
@@ -1931,6 +2145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("unpack", parents=[common], help="unpack a tarball into --out and summarize it")
     up.add_argument("tarball")
     sub.add_parser("table", parents=[common], help="the claims section: RESULTS/claims.md")
+    rc = sub.add_parser("reach", parents=[common], help="the packed rows' first forwards, dev at fine resolution")
+    rc.add_argument("--rows", help="comma-separated rows (default: the protocol's reach rows)")
+    rc.add_argument("--seeds", help="comma-separated seeds (default: the protocol's)")
+    rc.add_argument("--device", default="cpu")
+    rc.add_argument("--model", help="the model's name or path")
     sa = sub.add_parser("set-aside", parents=[common], help="set a finished cell's row aside, with the reason")
     sa.add_argument("cell")
     sa.add_argument("--why", required=True, help="why (shown in the table's set-aside list)")
@@ -1997,6 +2216,12 @@ def _dispatch(a: argparse.Namespace) -> int:
         info = unpack(a.tarball, out, a.results, protocol)
         print(f"unpacked {len(info['unpacked'])} cell(s), kept {len(info['kept_local'])} local, "
               f"summarized {len(info['summarized'])}")  # fmt: skip
+        return 0
+    if a.command == "reach":
+        rows = a.rows.split(",") if a.rows else None
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+        done = run_reach(protocol, a.results, out, rows=rows, seeds=seeds, device=a.device, model=a.model)
+        print(f"recorded {len(done)} run(s) in {Path(a.results) / 'reach.jsonl'}")
         return 0
     if a.command == "set-aside":
         row = set_aside(protocol, Results.load(a.results), out, a.cell, a.why)
