@@ -35,6 +35,7 @@ MODULES = [
     "zotune.train.checkpoint",
     "zotune.train.safety",
     "zotune.train.plot",
+    "zotune.bench.claims",
 ]
 
 
