@@ -359,6 +359,16 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     cfg.write_text(cfg.read_text().replace("lr: 0.01", "lr: 0.02", 1))
     bad = cl.check_cell(res, name, tmp_path / "check2", forwards=6)
     assert not bad["ok"] and bad["max_abs_loss_diff"] > 1e-5, bad
+    # a row from another device: the zero-shot dev and the first step judged (to 1e-2), the rest reported
+    cfg.write_text(cfg.read_text().replace("lr: 0.02", "lr: 0.01", 1))
+    results = Results.load(res)
+    results.rows[name]["device"] = "cuda:0"
+    results.save([name])
+    other = cl.check_cell(res, name, tmp_path / "check4", forwards=6)
+    assert not other["same_device"] and (other["steps_judged"], other["tolerance"]) == (1, 1e-2) and other["ok"]
+    results.rows[name]["zero_shot_dev"] += 0.1  # another model or data: caught by the zero-shot dev
+    results.save([name])
+    assert not cl.check_cell(res, name, tmp_path / "check5", forwards=6)["ok"]
     with pytest.raises(ValueError, match="not empty"):
         cl.check_cell(res, name, tmp_path / "check", forwards=4)
     with pytest.raises(ValueError, match="no row 'reviews-mezo-s9'"):

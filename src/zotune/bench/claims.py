@@ -971,8 +971,11 @@ def check_cell(
     step's loss with the row's curves (stored to 6 decimals).
 
     On the row's own device the run is deterministic: every loss must agree to 1e-5 (``ok``). On another device the
-    directions come from that device's generator, so only the zero-shot dev and the first step's loss (whose ±ε
-    perturbation barely moves it) are compared, to 1e-3; later steps are reported, not judged.
+    directions come from that device's generator, so only the zero-shot dev (exactly) and the first step's loss are
+    judged, the latter to 1e-2: it is the mean of ℓ(θ ± εz), which differs from ℓ(θ) by about ε² zᵀHz / 2 and so
+    with the direction (3.7e-3 between a CUDA and a CPU draw of LOZO's first step, 2.2e-3 of MeZO-SVRG's, at
+    ε = 1e-3); later steps are reported, not judged. "The same device" includes the instruction set where a
+    library picks its kernels by it (bitsandbytes' NF4 on CPUs with and without AVX512: 2.8e-4).
 
     Example: ``python -m zotune.bench.claims check sst2-lozo-m-scan-lr1.25e-05 --forwards 20``
     """
@@ -1007,12 +1010,12 @@ def check_cell(
         raise ValueError(f"{cell}: no step of the check matches a logged step of the row (forwards {losses[:3]} ...)")
     same = str(row.get("device", "cpu")).split(":")[0] == str(ran_on).split(":")[0]
     judged = pairs if same else pairs[:1]
-    tol = 1e-5 if same else 1e-3
+    tol = 1e-5 if same else 1e-2
     worst = max(abs(a - b) for _, a, b in judged)
     dev_ok = zero_dev is not None and abs(zero_dev - row["zero_shot_dev"]) < 1e-9
     return {
         "cell": cell, "device": ran_on, "row_device": row.get("device"), "same_device": same,
-        "steps_compared": len(pairs), "steps_judged": len(judged), "max_abs_loss_diff": worst,
+        "steps_compared": len(pairs), "steps_judged": len(judged), "tolerance": tol, "max_abs_loss_diff": worst,
         "max_abs_loss_diff_all": max(abs(a - b) for _, a, b in pairs), "zero_shot_dev": zero_dev,
         "row_zero_shot_dev": row["zero_shot_dev"], "ok": bool(dev_ok and worst <= tol),
     }  # fmt: skip
