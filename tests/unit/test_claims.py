@@ -752,6 +752,13 @@ def test_reach_verdict_from_the_interval_between_two_evaluations(tmp_path):
     x = reach(early, early, early)  # (25, 50] on every seed: at most 50 <= 100
     assert x["mean"] == (25, 50) and x["verdict"] == "holds" and x["seeds"][0]["target"] == (401, 0.675)
     # not reached in the first 100: the grid's seed run (same lr) says where after; without it, never
+    # seed 0 without its seed run: the scan at the pick (the same run up to 500 forwards) says where after
+    assert reach(never, early, early)["seeds"][0]["interval"] == (100, float("inf"))  # the scan's dev: 0.7 at 100
+    scan = next(c.name for c in cl.grid(p) if c.phase == "scan" and c.row.name == "fzoo" and c.scan_lr == lr)
+    results.rows[scan]["curves"] = {"dev": [[0, 0.585], [198, 0.68], [396, 0.7]]}
+    fzoo_s0 = results.rows.pop("sst2-fzoo-s0")
+    assert reach(never, early, early)["seeds"][0]["interval"] == (100, 198)
+    results.rows["sst2-fzoo-s0"] = fzoo_s0
     assert reach(early, early, never)["verdict"] == "inconclusive (between two evaluations)"  # mean in (50, inf]
     for s in (0, 1, 2):
         results.rows[f"sst2-fzoo-s{s}"] |= {"lr": lr, "curves": {"dev": [[0, 0.585], [200, 0.7], [400, 0.7]]}}

@@ -1154,7 +1154,9 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
     forwards. Per seed the fine-resolution run's dev points (its first ``reach_forwards``) are followed by the
     grid's seed run's later ones, where that run exists at the same lr. The mean reach lies in (mean lo, mean hi]:
     *holds* when mean hi ≤ target ÷ 4, *does not hold at this scale* when mean lo ≥ target ÷ 4, else
-    *inconclusive (between two evaluations)*. None when the row has no reach run; ``missing`` names what is."""
+    *inconclusive (between two evaluations)*. Where the seed run is not done yet, seed 0 takes the lr scan's run at
+    the pick instead: the same run (same seed, constant lr) for its first ``scan_budget`` forwards. None when the
+    row has no reach run; ``missing`` names what is."""
     chosen = picks(protocol, results).get((protocol.reach_task, row), {}).get("lr")
     runs = {r["seed"]: r for r in results.reach.values() if r["row"] == row and r["task"] == protocol.reach_task}
     if not runs:
@@ -1172,9 +1174,22 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
             continue
         points = list(run["dev"])
         later = grid_rows.get(s)
+        if later is None and s == protocol.scan_seed:  # the scan at the pick: the seed run's first scan_budget
+            later = next(
+                (
+                    results.rows.get(c.name)
+                    for c in grid(protocol)
+                    if c.phase == "scan"
+                    and c.row.name == row
+                    and c.task == protocol.reach_task
+                    and math.isclose(c.scan_lr, run["lr"], rel_tol=1e-9)
+                ),
+                None,
+            )
+            later = later and {**later, "lr": run["lr"]}  # a scan row's lr is its cell's
         if later is not None and math.isclose(later.get("lr") or 0.0, run["lr"], rel_tol=1e-9):
             k = later.get("rows_per_forward", 1)
-            points += [[f * k, a] for f, a in later["curves"]["dev"] if f * k > run["forwards"]]
+            points += [[f * k, a] for f, a in later.get("curves", {}).get("dev", []) if f * k > run["forwards"]]
         per[s] = {"target": target, "interval": reach_interval(points, target[1])}
     out: dict[str, Any] = {"row": row, "lr": chosen, "seeds": per}
     if missing:
