@@ -765,6 +765,12 @@ def test_reach_verdict_from_the_interval_between_two_evaluations(tmp_path):
     x = reach(early, early, never)  # s2 reaches in (100, 200]: mean in (50, 100]
     assert x["seeds"][2]["interval"] == (100, 200) and x["mean"] == (50, 100) and x["verdict"] == "holds"
     assert reach(late, late, never)["verdict"] == "does not hold at this scale"  # mean in (100, 200]
+    # a run whose steps end short of the budget (9 forwards a step: 99 of 100): not reached there is not reached by
+    # 100 either, so (100, 198] and not (99, 198]
+    short = [[0, 0.585], [99, 0.66]]
+    results.reach["sst2-fzoo-s0-first100"] |= {"dev": short, "forwards": 99}
+    x = cl.reach_summary(p, results, "fzoo")
+    assert x["seeds"][0]["interval"] == (100, 200) and x["verdict"] == "does not hold at this scale"
     # a run at an lr that is no longer the pick does not count
     reach(early, early, early)
     results.reach["sst2-fzoo-s1-first100"]["lr"] = lr * 2

@@ -1190,7 +1190,10 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
         if later is not None and math.isclose(later.get("lr") or 0.0, run["lr"], rel_tol=1e-9):
             k = later.get("rows_per_forward", 1)
             points += [[f * k, a] for f, a in later.get("curves", {}).get("dev", []) if f * k > run["forwards"]]
-        per[s] = {"target": target, "interval": reach_interval(points, target[1])}
+        lo, hi = reach_interval(points, target[1])
+        if lo >= run["forwards"]:  # not reached by the fine run, which stopped where its next step would pass the
+            lo = max(lo, protocol.reach_forwards)  # budget: no state up to the budget reached it
+        per[s] = {"target": target, "interval": (lo, hi)}
     out: dict[str, Any] = {"row": row, "lr": chosen, "seeds": per}
     if missing:
         out["missing"] = missing
@@ -1204,7 +1207,7 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
     return out
 
 
-def _reach_lines(protocol: Protocol, results: Results) -> list[str]:
+def _reach_lines(protocol: Protocol, results: Results, href: str = "reach.jsonl") -> list[str]:
     sums = [x for r in protocol.rows if (x := reach_summary(protocol, results, r.name)) is not None]
     if not sums:
         return []
@@ -1213,7 +1216,7 @@ def _reach_lines(protocol: Protocol, results: Results) -> list[str]:
         f"Sample efficiency at fine resolution: forwards each packed estimator needs to reach MeZO's dev accuracy "
         f"after {protocol.reach_target // 2} steps ({protocol.reach_target} forwards), same seed; the target is "
         f"≤ {q} (a quarter). Dev every {protocol.reach_every} forwards over the first {protocol.reach_forwards} "
-        f"([reach.jsonl](reach.jsonl): the seed run's first forwards, rerun), then the grid's seed run's (every "
+        f"([reach.jsonl]({href}): the seed run's first forwards, rerun), then the grid's seed run's (every "
         f"{protocol.eval_forwards}); a reach in (a, b] lies between two evaluations:",
         "",
         "| method | lr | MeZO's dev per seed | forwards to reach it, per seed | mean | verdict |",
@@ -1963,7 +1966,8 @@ def claims_section(protocol: Protocol, results: Results, base: str | Path, *, le
                 lines.append(f"| {comp.id} | {task} | {text} | {a} | {b} | {d} | {res['mean']:+.3f} ± {res['sd']:.3f} "
                              f"| **{res['verdict']}** | {reason} |")  # fmt: skip
         lines.append("")
-    lines += _fo_gap_lines(protocol, results) + _reach_lines(protocol, results) + _scan_lines(protocol, chosen)
+    lines += _fo_gap_lines(protocol, results) + _reach_lines(protocol, results, link(results.folder / "reach.jsonl"))
+    lines += _scan_lines(protocol, chosen)
     return lines + _superseded_lines(results)
 
 
