@@ -1229,7 +1229,7 @@ def _reach_lines(protocol: Protocol, results: Results, href: str = "reach.jsonl"
         def span(iv: tuple[float, float]) -> str:
             if iv[1] == 0:
                 return "0 (before training)"
-            return f"({iv[0]:g}, {iv[1]:g}]" if math.isfinite(iv[1]) else f"> {iv[0]:g}"
+            return f"({iv[0]:.0f}, {iv[1]:.0f}]" if math.isfinite(iv[1]) else f"> {iv[0]:.0f}"
 
         per = " / ".join(f"s{s} {span(v['interval'])}" for s, v in x["seeds"].items())
         if "missing" in x:
