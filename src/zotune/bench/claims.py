@@ -1149,7 +1149,9 @@ def reach_interval(points: Sequence[Sequence[float]], target: float) -> tuple[in
     return lo, math.inf
 
 
-def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, Any] | None:
+def reach_summary(
+    protocol: Protocol, results: Results, row: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
     """The row's reach of MeZO's 200-step dev, per seed and on average, and the verdict against a quarter of MeZO's
     forwards. Per seed the fine-resolution run's dev points (its first ``reach_forwards``) are followed by the
     grid's seed run's later ones, where that run exists at the same lr. The mean reach lies in (mean lo, mean hi]:
@@ -1157,7 +1159,8 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
     *inconclusive (between two evaluations)*. Where the seed run is not done yet, seed 0 takes the lr scan's run at
     the pick instead: the same run (same seed, constant lr) for its first ``scan_budget`` forwards. None when the
     row has no reach run; ``missing`` names what is."""
-    chosen = picks(protocol, results).get((protocol.reach_task, row), {}).get("lr")
+    pick = (picks(protocol, results) if chosen is None else chosen).get((protocol.reach_task, row), {})
+    chosen_lr = pick.get("lr")
     runs = {r["seed"]: r for r in results.reach.values() if r["row"] == row and r["task"] == protocol.reach_task}
     if not runs:
         return None
@@ -1165,36 +1168,29 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
     per, missing = {}, []
     for s in protocol.seeds:
         run, target = runs.get(s), mezo_dev_at(protocol, results, s)
-        if run is None or chosen is None or not math.isclose(run["lr"], chosen, rel_tol=1e-9):
+        if run is None or chosen_lr is None or not math.isclose(run["lr"], chosen_lr, rel_tol=1e-9):
             missing.append(f"s{s}: no run at the pick" if run is None else f"s{s}: ran at {run['lr']:g}, pick now "
-                           f"{chosen if chosen is None else format(chosen, 'g')}")  # fmt: skip
+                           f"{chosen_lr if chosen_lr is None else format(chosen_lr, 'g')}")  # fmt: skip
             continue
         if target is None:
             missing.append(f"s{s}: MeZO's seed run")
             continue
         points = list(run["dev"])
         later = grid_rows.get(s)
+        if later is not None and not math.isclose(later.get("lr") or 0.0, run["lr"], rel_tol=1e-9):
+            later = None  # the seed run at another lr is another run
         if later is None and s == protocol.scan_seed:  # the scan at the pick: the seed run's first scan_budget
-            later = next(
-                (
-                    results.rows.get(c.name)
-                    for c in grid(protocol)
-                    if c.phase == "scan"
-                    and c.row.name == row
-                    and c.task == protocol.reach_task
-                    and math.isclose(c.scan_lr, run["lr"], rel_tol=1e-9)
-                ),
-                None,
-            )
-            later = later and {**later, "lr": run["lr"]}  # a scan row's lr is its cell's
-        if later is not None and math.isclose(later.get("lr") or 0.0, run["lr"], rel_tol=1e-9):
+            scan = Cell(protocol.reach_task, protocol.row(row), "scan", s, run["lr"] / protocol.row(row).hparams[
+                protocol.row(row).scale[0]])  # fmt: skip
+            later = results.rows.get(scan.name)
+        if later is not None:
             k = later.get("rows_per_forward", 1)
             points += [[f * k, a] for f, a in later.get("curves", {}).get("dev", []) if f * k > run["forwards"]]
         lo, hi = reach_interval(points, target[1])
         if lo >= run["forwards"]:  # not reached by the fine run, which stopped where its next step would pass the
             lo = max(lo, protocol.reach_forwards)  # budget: no state up to the budget reached it
         per[s] = {"target": target, "interval": (lo, hi)}
-    out: dict[str, Any] = {"row": row, "lr": chosen, "seeds": per}
+    out: dict[str, Any] = {"row": row, "lr": chosen_lr, "seeds": per}
     if missing:
         out["missing"] = missing
         return out
@@ -1208,7 +1204,8 @@ def reach_summary(protocol: Protocol, results: Results, row: str) -> dict[str, A
 
 
 def _reach_lines(protocol: Protocol, results: Results, href: str = "reach.jsonl") -> list[str]:
-    sums = [x for r in protocol.rows if (x := reach_summary(protocol, results, r.name)) is not None]
+    chosen = picks(protocol, results)
+    sums = [x for r in protocol.rows if (x := reach_summary(protocol, results, r.name, chosen)) is not None]
     if not sums:
         return []
     q = protocol.reach_target // 4
