@@ -78,8 +78,13 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     assert len(names) == len(set(names))
     # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs on SST-2, and
     # FZOO's grid extended by six lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
-    # rows and the paper-settings SVRG run on SST-2 only) x 3 lrs; 3 seeds each; FO refs x 3 seeds x 2 tasks
-    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 3 == 79
+    # rows and the paper-settings SVRG run on SST-2 only) x 3 lrs, and ZOFO's by one (x 2, in SST-2's grid
+    # already); 3 seeds each; FO refs x 3 seeds x 2 tasks
+    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 3 + 1 == 80
+    zofo = {t: sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == t and c.row.name == "zofo")
+            for t in ("sst2", "trec")}  # fmt: skip
+    assert zofo == {"sst2": pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4]),
+                    "trec": pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4])}  # fmt: skip
     assert sum(c.phase == "seeds" for c in grid) == (11 + 6) * 3
     sst2_only = {"packed-lozo", "nspsa4", "per-example", "fzoo", "mezo-svrg-paper"}
     on_cpu = {r.name for r in cl.ROWS if "cpu" in r.profiles}
@@ -228,6 +233,12 @@ def test_pick_rule_on_hand_made_scans(tmp_path):
     results.rows[top.name] = {"cell": top.name, "best_dev": 0.6, "best_step": 10, "zero_shot_dev": 0.6}
     pick = cl.pick_lr(wide, results, "sst2", wide.row("mezo"))
     assert pick["lr"] == 2e-4 and pick["edge"] is False and len(pick["grid"]) == 6
+    # the scan table names an extension only where it added lrs to the task's own grid
+    assert "grid extended by × {8} after a pick on its edge" in "\n".join(
+        cl._scan_lines(wide, {("sst2", "mezo"): pick})
+    )
+    inside = Protocol(tasks={"sst2": cl.TASKS["sst2"]}, rows=(replace(mezo, extra_factors=(2.0,)),))
+    assert "grid extended" not in "\n".join(cl._scan_lines(inside, {("sst2", "mezo"): pick}))
     # the pick file follows the protocol: written when the scan is whole, removed when the grid grows past it
     cl.write_picks(wide, results)
     path = tmp_path / "lr" / "sst2-mezo.json"
