@@ -562,6 +562,34 @@ def test_plan_gives_the_cell_time_left_at_each_devices_measured_rates(tmp_path):
     assert "on cuda" not in plan
 
 
+def test_a_cells_estimate_uses_the_rate_of_the_method_it_runs_on_its_task(tmp_path):
+    # LOZO-M runs sequential on SST-2 and packed on TREC: a TREC seed cell is charged the packed TREC rate, not the
+    # row's SST-2 one (which would keep it from starting in time it fits)
+    results = Results(tmp_path)
+    for name, method, rate in (("sst2-lozo-m-s0", "lozo_m", 3.6), ("trec-lozo-m-scan-lr2.5e-05", "packed_lozo_m",
+                               1.4), ("sst2-mezo-s0", "mezo", 5.0)):  # fmt: skip
+        c = cell_named(cl.PROTOCOL, name)
+        assert c.method == method
+        budget = cl.budget_of(c, cl.PROTOCOL)
+        results.rows[name] = {"cell": name, "row": c.row.name, "task": c.task, "method": method, "device": "cpu",
+                              "seconds": rate * budget, "forward_equivalents": budget}  # fmt: skip
+    trec = cell_named(cl.PROTOCOL, "trec-lozo-m-s1")
+    assert trec.method == "packed_lozo_m"
+    half = cl.Status(trec, "unfinished", forwards_done=500)
+    assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(1.4 * 1500)
+    sst2 = cell_named(cl.PROTOCOL, "sst2-lozo-m-s1")
+    assert cl._estimate(sst2, cl.Status(sst2, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 2000)
+    # the same row and method measured on another task only: that rate; a row never measured: the slowest rate
+    del results.rows["trec-lozo-m-scan-lr2.5e-05"]
+    assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 1500)
+    trec_mezo = cell_named(cl.PROTOCOL, "trec-mezo-s0")
+    assert cl._estimate(trec_mezo, cl.Status(trec_mezo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(
+        5.0 * 2000
+    )
+    lozo = cell_named(cl.PROTOCOL, "trec-lozo-s0")
+    assert cl._estimate(lozo, cl.Status(lozo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(5.0 * 2000)
+
+
 def test_methods_table_shows_no_seconds_or_memory_across_devices(tmp_path):
     p, results = hand_made(tmp_path, {"mezo": [0.70, 0.72, 0.71], "lozo": [0.75, 0.76, 0.77]})
     (same,) = [ln for ln in cl.methods_table(p, results, "sst2", cl.picks(p, results)) if ln.startswith("| LOZO |")]

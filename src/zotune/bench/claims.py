@@ -1264,16 +1264,23 @@ def _child_env(threads: int) -> dict[str, str]:
 
 
 def _estimate(cell: Cell, status: Status, protocol: Protocol, results: Results, device: str) -> float | None:
-    """Seconds the cell still needs: the median rate (seconds per forward) of finished cells of the same row on the
-    same device, else the slowest rate of any row there (a cell too long for the time left should not start only
-    to be stopped unfinished); None when nothing has finished on the device."""
-    rates: dict[str, list[float]] = {}
+    """Seconds the cell still needs: the median rate (seconds per forward) of the finished cells on the same device
+    that are most like it: the same row, method and task; else the same row and method on another task; else the
+    same row; else the slowest rate of any row there (a cell too long for the time left should not start only to be
+    stopped unfinished). The method matters: a row that runs packed on one task and sequential on another has two
+    rates. None when nothing has finished on the device."""
+    rates: dict[tuple[str, ...], list[float]] = {}
     for r in results.rows.values():
         if r.get("seconds") and str(r.get("device", "")).startswith(device[:3]):
-            rates.setdefault(r.get("row", ""), []).append(r["seconds"] / max(1, r["forward_equivalents"]))
+            rate = r["seconds"] / max(1, r["forward_equivalents"])
+            row, method = r.get("row", ""), r.get("method", "")
+            for key in ((row, method, r.get("task", "")), (row, method), (row,)):
+                rates.setdefault(key, []).append(rate)
     if not rates:
         return None
-    rate = statistics.median(rates[cell.row.name]) if cell.row.name in rates else max(map(max, rates.values()))
+    keys = ((cell.row.name, cell.method, cell.task), (cell.row.name, cell.method), (cell.row.name,))
+    found = next((rates[k] for k in keys if k in rates), None)
+    rate = statistics.median(found) if found else max(map(max, rates.values()))
     left = budget_of(cell, protocol) - status.forwards_done * cell.row.rows
     return rate * left
 
