@@ -579,7 +579,7 @@ def test_a_cells_estimate_uses_the_rate_of_the_method_it_runs_on_its_task(tmp_pa
     assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(1.4 * 1500)
     sst2 = cell_named(cl.PROTOCOL, "sst2-lozo-m-s1")
     assert cl._estimate(sst2, cl.Status(sst2, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 2000)
-    # the same row and method measured on another task only: that rate; a row never measured: the slowest rate
+    # the row measured only with another method: that rate; a row never measured: the slowest rate
     del results.rows["trec-lozo-m-scan-lr2.5e-05"]
     assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 1500)
     trec_mezo = cell_named(cl.PROTOCOL, "trec-mezo-s0")

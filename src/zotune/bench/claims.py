@@ -293,7 +293,11 @@ class Protocol:
     def factors(self, row: Row, task: str) -> tuple[float, ...]:
         """The lr scan factors of ``row`` on ``task``: the protocol's (the task's own grid where it has one), and
         the row's extra ones."""
-        return tuple(sorted(set(self.task_factors.get(task, self.scan_factors)) | set(row.extra_factors)))
+        return tuple(sorted(set(self.task_grid(task)) | set(row.extra_factors)))
+
+    def task_grid(self, task: str) -> tuple[float, ...]:
+        """The protocol's lr scan factors on ``task`` before any row's extension: the task's own, else the default."""
+        return tuple(self.task_factors.get(task, self.scan_factors))
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -2046,10 +2050,7 @@ def _scan_lines(protocol: Protocol, chosen: dict) -> list[str]:
                             else f"{q['lr']:.3g}: {q['best_dev']:.3f}") for q in p["grid"])  # fmt: skip
         notes = []
         # only the factors the task's own grid lacks extend it (an extension may already lie in another task's grid)
-        added = sorted(
-            set(protocol.factors(protocol.row(row), task))
-            - set(protocol.task_factors.get(task, protocol.scan_factors))
-        )
+        added = sorted(set(protocol.row(row).extra_factors) - set(protocol.task_grid(task)))
         if added:
             extra = ", ".join(f"{f:g}" for f in added)
             notes.append(f"grid extended by × {{{extra}}} after a pick on its edge")
