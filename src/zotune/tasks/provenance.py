@@ -187,20 +187,9 @@ def data_digests(task: Task, data_dir: str | os.PathLike | None = None) -> dict[
     """Split -> ``{"path", "bytes", "sha256"}`` of each local file ``task`` has (user tasks: the files named in the
     task file; built-in tasks: their files in the benchmark data folder, when found). Empty when the task reads
     from the hub only. For ``env.json``."""
-    from .registry import data_dir_or_none, local_entry
+    from .registry import local_files
 
-    out: dict[str, dict[str, Any]] = {}
-    root = None
-    for split in ("train", "dev", "validation", "test"):
-        entry = local_entry(task, split)
-        if entry is None:
-            continue
-        path = Path(entry[0])
-        if not path.is_absolute():
-            root = root or data_dir_or_none(data_dir)
-            if root is None:
-                continue
-            path = root / path
-        if path.is_file():
-            out[split] = {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_digest(path)}
-    return out
+    return {
+        split: {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_digest(path)}
+        for split, path in local_files(task, data_dir).items()
+    }

@@ -109,11 +109,12 @@ def data_dir_or_none(data_dir: str | os.PathLike | None) -> Path | None:
         return None
 
 
-def local_splits(task: str | Task, data_dir: str | os.PathLike | None = None) -> list[str]:
-    """Splits of ``task`` whose files exist locally (absolute paths of user tasks, else under the data folder)."""
+def local_files(task: str | Task, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Split -> file of each split of ``task`` that exists locally (absolute paths of user tasks, else under the
+    data folder), in :data:`SPLITS` order."""
     task = as_task(task)
     root = None
-    out = []
+    out: dict[str, Path] = {}
     for split in SPLITS:
         entry = local_entry(task, split)
         if entry is None:
@@ -125,8 +126,13 @@ def local_splits(task: str | Task, data_dir: str | os.PathLike | None = None) ->
                 continue
             path = root / path
         if path.is_file():
-            out.append(split)
+            out[split] = path
     return out
+
+
+def local_splits(task: str | Task, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Splits of ``task`` whose files exist locally (absolute paths of user tasks, else under the data folder)."""
+    return list(local_files(task, data_dir))
 
 
 def load_split(
