@@ -318,7 +318,7 @@ def cmd_eval(argv: list[str]) -> int:
         f"(n={res['n']}, truncated {res['n_truncated']})"
     )
     if a.out:
-        from .train.checkpoint import atomic_write_text
+        from .core.log import atomic_write_text
 
         atomic_write_text(a.out, json.dumps(res, indent=1))
     return 0

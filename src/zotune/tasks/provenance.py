@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.log import atomic_write_text
 from .base import Task
 
 __all__ = [
@@ -135,8 +136,6 @@ def snapshot_task(spec: str, run: str | os.PathLike) -> Path | None:
     if not is_task_file(spec):
         return None
     import yaml
-
-    from ..train.checkpoint import atomic_write_text
 
     source = Path(absolute_task_spec(spec))
     tree = read_task_file(source)
