@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from zotune.bench import claims as cl
-from zotune.bench.claims import Cell, Comparison, Protocol, Results, Row
+from zotune.bench.claims import Cell, Comparison, Protocol, Results, Row, burst, driver, reach, verdicts
 
-SRC = str(Path(cl.__file__).resolve().parents[2])
+SRC = str(Path(cl.__file__).resolve().parents[3])
 
 
 def tiny_protocol(workdir: Path, **kw) -> Protocol:
@@ -235,10 +235,10 @@ def test_pick_rule_on_hand_made_scans(tmp_path):
     assert pick["lr"] == 2e-4 and pick["edge"] is False and len(pick["grid"]) == 6
     # the scan table names an extension only where it added lrs to the task's own grid
     assert "grid extended by × {8} after a pick on its edge" in "\n".join(
-        cl._scan_lines(wide, {("sst2", "mezo"): pick})
+        verdicts._scan_lines(wide, {("sst2", "mezo"): pick})
     )
     inside = Protocol(tasks={"sst2": cl.TASKS["sst2"]}, rows=(replace(mezo, extra_factors=(2.0,)),))
-    assert "grid extended" not in "\n".join(cl._scan_lines(inside, {("sst2", "mezo"): pick}))
+    assert "grid extended" not in "\n".join(verdicts._scan_lines(inside, {("sst2", "mezo"): pick}))
     # the pick file follows the protocol: written when the scan is whole, removed when the grid grows past it
     cl.write_picks(wide, results)
     path = tmp_path / "lr" / "sst2-mezo.json"
@@ -316,7 +316,7 @@ def test_pack_and_unpack_carry_finished_cells_without_weights(ran, tmp_path):
     info = cl.pack(out, tmp_path / "burst.tar.gz")
     with tarfile.open(tmp_path / "burst.tar.gz") as tar:
         names = tar.getnames()
-    assert len(info["cells"]) == 4 and all(cl._MEMBER.match(n) for n in names)
+    assert len(info["cells"]) == 4 and all(burst._MEMBER.match(n) for n in names)
     assert not any("best" in n or "checkpoints" in n or n.endswith(".safetensors") for n in names)
     assert "runs/reviews-mezo-s0/updates.jsonl" in names and "logs/reviews-mezo-s0.log" in names
     here, here_res = tmp_path / "here", tmp_path / "here-results"
@@ -576,18 +576,18 @@ def test_a_cells_estimate_uses_the_rate_of_the_method_it_runs_on_its_task(tmp_pa
     trec = cell_named(cl.PROTOCOL, "trec-lozo-m-s1")
     assert trec.method == "packed_lozo_m"
     half = cl.Status(trec, "unfinished", forwards_done=500)
-    assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(1.4 * 1500)
+    assert driver._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(1.4 * 1500)
     sst2 = cell_named(cl.PROTOCOL, "sst2-lozo-m-s1")
-    assert cl._estimate(sst2, cl.Status(sst2, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 2000)
+    assert driver._estimate(sst2, cl.Status(sst2, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 2000)
     # the row measured only with another method: that rate; a row never measured: the slowest rate
     del results.rows["trec-lozo-m-scan-lr2.5e-05"]
-    assert cl._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 1500)
+    assert driver._estimate(trec, half, cl.PROTOCOL, results, "cpu") == pytest.approx(3.6 * 1500)
     trec_mezo = cell_named(cl.PROTOCOL, "trec-mezo-s0")
-    assert cl._estimate(trec_mezo, cl.Status(trec_mezo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(
+    assert driver._estimate(trec_mezo, cl.Status(trec_mezo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(
         5.0 * 2000
     )
     lozo = cell_named(cl.PROTOCOL, "trec-lozo-s0")
-    assert cl._estimate(lozo, cl.Status(lozo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(5.0 * 2000)
+    assert driver._estimate(lozo, cl.Status(lozo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(5.0 * 2000)
 
 
 def test_methods_table_shows_no_seconds_or_memory_across_devices(tmp_path):
@@ -759,7 +759,7 @@ def test_reach_reruns_a_seed_cells_first_forwards_with_dev_more_often(ran):
     assert cl.run_reach(p, res, out, log=said.append) == [] and "recorded at lr" in said[-1]  # nothing left to do
     x = cl.reach_summary(p, Results.load(res), "mezo")
     assert x["seeds"][0]["target"] == (5, seed["curves"]["dev"][1][1])  # MeZO's last dev at <= 4 + 1 forwards
-    lines = cl._reach_lines(p, Results.load(res))  # (the table needs 2 seeds for its verdicts; this grid has 1)
+    lines = reach.reach_lines(p, Results.load(res))  # (the table needs 2 seeds for its verdicts; this grid has 1)
     assert lines[0].startswith("Sample efficiency at fine resolution") and lines[4].startswith(
         f"| MeZO | {seed['lr']:g} | "
     )

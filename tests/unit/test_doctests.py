@@ -36,6 +36,8 @@ MODULES = [
     "zotune.train.safety",
     "zotune.train.plot",
     "zotune.bench.claims",
+    "zotune.bench.claims.driver",
+    "zotune.bench.claims.reach",
 ]
 
 
