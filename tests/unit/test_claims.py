@@ -409,6 +409,14 @@ def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
     assert sts["reviews-fo-full-s0"].state in ("unfinished", "missing") and sts["reviews-mezo-s0"].state == "missing"
     assert not (out / "reviews-fo-full-s0" / "results.json").exists()
     assert set(Results.load(res).rows) == {"reviews-mezo-scan-lr0.005", "reviews-mezo-scan-lr0.01"}
+    # carry-over: the same cell starts although it cannot finish; the deadline stops it with a checkpoint to resume
+    said.clear()
+    got = cl.run_grid(p, out, res, device="cpu", lanes=1, only=["*-mezo-s0"], deadline=15, grace=20, poll=0.2,
+                      carry_over=True, log=said.append)  # fmt: skip
+    assert got["outcomes"]["reviews-mezo-s0"].startswith("stopped"), said
+    assert any("started reviews-mezo-s0 (fresh; needs ~" in m and "a later run resumes it" in m for m in said), said
+    st = {s.cell.name: s for s in cl.statuses(p, out, Results.load(res))[0]}["reviews-mezo-s0"]
+    assert st.state == "unfinished" and st.forwards_done > 0, (st, said)
 
 
 def test_cells_start_in_the_order_of_the_only_globs(workdir, tmp_path):

@@ -45,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--lanes", type=int, default=1, help="cells at a time (default 1)")
     r.add_argument("--deadline-seconds", type=float, help="start nothing after this; stop running cells at it")
     r.add_argument("--grace", type=float, default=60.0, help="seconds between SIGTERM and SIGKILL (default 60)")
+    r.add_argument(
+        "--carry-over", action="store_true",
+        help="start cells that cannot finish before the deadline too: it stops them with a checkpoint and a later "
+        "run resumes them (keep the --out folder)",
+    )  # fmt: skip
     r.add_argument("--prune", choices=("auto", "none", "checkpoints", "all"), default="auto")
     r.add_argument("--threads", type=int, help="intra-op threads per cell (default: CPU cores ÷ lanes)")
     r.add_argument("--max-failures", type=int, default=3)
@@ -109,7 +114,7 @@ def _dispatch(a: argparse.Namespace) -> int:
             raise ValueError(f"--lanes {a.lanes}: must be at least 1")
         summary = run_grid(
             protocol, out, a.results, device=a.device, profile=profile, lanes=a.lanes, only=a.only, phase=a.phase,
-            deadline=a.deadline_seconds, grace=a.grace, prune=a.prune, threads=a.threads,
+            deadline=a.deadline_seconds, grace=a.grace, carry_over=a.carry_over, prune=a.prune, threads=a.threads,
             max_failures=a.max_failures, model=a.model,
         )  # fmt: skip
         failed = any(v.startswith("failed") for v in summary["outcomes"].values())

@@ -132,6 +132,7 @@ def run_grid(
     phase: str | None = None,
     deadline: float | None = None,
     grace: float = 60.0,
+    carry_over: bool = False,
     prune: str = "auto",
     threads: int | None = None,
     max_failures: int = 3,
@@ -146,9 +147,11 @@ def run_grid(
     ``deadline`` (seconds from now): no cell starts after it, nor one whose estimated time left (from finished cells
     of its row on this device) exceeds the time left; at the deadline the running cells get SIGTERM (the training
     loop stops them at a step boundary with a checkpoint where it supports that, else the last checkpoint stays) and,
-    ``grace`` seconds later, SIGKILL. SIGINT/SIGTERM to the driver do the same at once. After ``max_failures`` cells
-    failed (not stopped), no more cells start. ``prune``: what a finished cell keeps (``auto``: scan cells keep no
-    weights, the others their best weights; ``none``; ``checkpoints``: drop the resume checkpoints; ``all``)."""
+    ``grace`` seconds later, SIGKILL. ``carry_over``: start cells whose estimate exceeds the time left too, so that
+    no lane idles before the deadline; the deadline stops them with a checkpoint and a later run resumes them (their
+    run folders must survive until then). SIGINT/SIGTERM to the driver do the same at once. After ``max_failures``
+    cells failed (not stopped), no more cells start. ``prune``: what a finished cell keeps (``auto``: scan cells keep
+    no weights, the others their best weights; ``none``; ``checkpoints``: drop the resume checkpoints; ``all``)."""
     out, results = Path(out), Results.load(results_dir)
     profile = profile or profile_of(device)
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, lanes))
@@ -205,7 +208,8 @@ def run_grid(
                         break
                     attempted.add(st.cell.name)
                     est = _estimate(st.cell, st, protocol, results, device)
-                    if deadline is not None and est is not None and est > deadline - now:
+                    short = deadline is not None and est is not None and est > deadline - now
+                    if short and not carry_over:
                         outcomes[st.cell.name] = f"not started: needs ~{est:.0f} s, {deadline - now:.0f} s left"
                         continue
                     if not model_ready:
@@ -217,7 +221,10 @@ def run_grid(
                     except ValueError as err:  # a config the protocol cannot build (a bad row): named, not run
                         outcomes[st.cell.name], failures = f"failed: {err}", failures + 1
                         continue
-                    log(f"[{now:7.0f} s] started {st.cell.name} ({st.detail or 'fresh'})")
+                    later = (
+                        f"; needs ~{est:.0f} s, {deadline - now:.0f} s left: a later run resumes it" if short else ""
+                    )
+                    log(f"[{now:7.0f} s] started {st.cell.name} ({st.detail or 'fresh'}{later})")
             if not running and not ready:
                 break
             time.sleep(poll)
