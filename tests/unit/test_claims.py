@@ -764,6 +764,7 @@ def test_reach_reruns_a_seed_cells_first_forwards_with_dev_more_often(ran):
     assert row["grid_loss_diff"] is not None and row["grid_loss_diff"] <= 1e-6 and row["lr"] == seed["lr"]
     kept = yaml.safe_load((res / "configs" / "reach" / "reviews-mezo-s0-first5.yaml").read_text())
     assert kept["train"]["max_forwards"] == 5 and kept["train"]["eval_every"] == 1 and kept["seed"] == 0
+    assert not any(f.name in ("best", "checkpoints") for f in (out / "reach" / "reviews-mezo-s0-first5").iterdir())
     assert cl.run_reach(p, res, out, log=said.append) == [] and "recorded at lr" in said[-1]  # nothing left to do
     x = cl.reach_summary(p, Results.load(res), "mezo")
     assert x["seeds"][0]["target"] == (5, seed["curves"]["dev"][1][1])  # MeZO's last dev at <= 4 + 1 forwards

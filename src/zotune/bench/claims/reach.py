@@ -12,7 +12,7 @@ from typing import Any
 
 from ...core.log import atomic_write_text
 from .protocol import Cell, Protocol, cell_tree, grid
-from .results import Results, picks, seed_rows
+from .results import Results, picks, prune_run, seed_rows
 
 
 def reach_cells(protocol: Protocol, results: Results, rows: Sequence[str] | None = None) -> list[tuple[Cell, float]]:
@@ -63,7 +63,7 @@ def run_reach(
     """Run the reach rows' seed cells for their first ``reach_forwards`` forwards with dev every ``reach_every``
     (:func:`reach_tree`), one after another in this process, and record each in ``RESULTS/reach.jsonl`` (its
     config in ``RESULTS/configs/reach/``). A run recorded at its row's current pick is skipped; an unfinished run
-    folder starts again (the runs keep no checkpoints). Returns the runs recorded.
+    folder starts again (no checkpoints in between), and a recorded run keeps no weights. Returns the runs recorded.
 
     Example: ``python -m zotune.bench.claims reach --rows fzoo --seeds 0``"""
     from ...train import run_config_from_dict, train
@@ -111,6 +111,7 @@ def run_reach(
         results.reach[name] = row
         text = "".join(json.dumps(r) + "\n" for _, r in sorted(results.reach.items()))
         atomic_write_text(results.folder / "reach.jsonl", text)
+        prune_run(run, "all")  # recorded: its weights (the final checkpoint and the best) are not needed again
         done.append(name)
         log(f"{name}: dev {' '.join(f'{f}:{a:.3f}' for f, a in row['dev'])}")
     return done
