@@ -292,6 +292,8 @@ def cmd_eval(argv: list[str]) -> int:
     tree |= {k: v for k, v in overrides.items() if v is not None}
     data = run_config_from_dict({"data": tree}).data  # typed and checked as zotune train checks it
     task = task or resolve_task(data.task)
+    if a.icl and data.demos:
+        raise ValueError(f"--icl {a.icl}: the prompts already hold data.demos={data.demos} demonstrations")
     splits = build_splits(data, task)
     examples = splits[a.split][: a.limit] if a.limit else splits[a.split]
     res = evaluate(

@@ -362,6 +362,41 @@ def test_cli_train_eval_plot(workdir, tmp_path, capsys):
     assert "did you mean 'train.steps'" in capsys.readouterr().err
 
 
+def test_demonstrations_in_every_prompt_for_training_and_evaluation(workdir, tmp_path, capsys):
+    from zotune.train.config import DataConfig
+    from zotune.train.data import build_splits, resolve_task
+
+    task = resolve_task(str(workdir / "reviews.yaml"))
+    plain = build_splits(DataConfig(task=task.name, protocol="files"), task)
+    got = build_splits(DataConfig(task=task.name, protocol="files", demos=2), task)
+    head = got["test"][0].prompt[: -len(plain["test"][0].prompt)]
+    # two training examples (one per label) leave train and stand, with their labels' words, before every prompt
+    taken = [ex for ex in plain["train"] if ex.meta["line"] not in {e.meta["line"] for e in got["train"]}]
+    assert len(got["train"]) == len(plain["train"]) - 2 and sorted(ex.label for ex in taken) == [0, 1]
+    assert head.count("\n\n") == 2 and all(ex.demonstration() in head for ex in taken)
+    for split in ("train", "dev", "test"):
+        rest = [ex for ex in plain[split] if split != "train" or ex not in taken]
+        assert [e.prompt for e in got[split]] == [head + e.prompt for e in rest], split
+    assert "2 demonstrations drawn from train (seed 0)" in got.protocol
+    # a run trains and evaluates on those prompts; evaluating the run rebuilds them
+    run = tmp_path / "run"
+    results = train(run_config_from_dict(config(workdir, run, data={"demos": 2}, train={"steps": 2, "eval_every": 2})))
+    env = json.loads((run / "env.json").read_text())
+    assert env["sizes"]["train"] == len(plain["train"]) - 2 and env["protocol"] == got.protocol
+    assert cli(["eval", str(run), "--split", "test", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == results["test"]
+    # bad input: named, nothing written
+    assert cli(["eval", str(run), "--icl", "2", "--out", str(tmp_path / "icl.json")]) == 2
+    assert (
+        "already hold data.demos=2 demonstrations" in capsys.readouterr().err and not (tmp_path / "icl.json").exists()
+    )
+    with pytest.raises(ConfigError, match=r"data\.demos=-1 must be"):
+        run_config_from_dict(config(workdir, tmp_path / "bad", data={"demos": -1}))
+    with pytest.raises(ConfigError, match=r"data\.demos=40: 40 demonstrations would leave no training example"):
+        train(run_config_from_dict(config(workdir, tmp_path / "bad", data={"demos": 40})))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_early_stopping_on_a_dev_plateau(workdir, tmp_path):
     run = tmp_path / "run"
     cfg = config(workdir, run, mezo={"lr": 0.0}, train={"steps": 50, "eval_every": 1, "early_stopping": 2})

@@ -19,8 +19,9 @@ from dataclasses import replace
 from typing import Any
 
 from .base import Example
+from .sampling import Splits
 
-__all__ = ["build_icl_prompt", "sample_demos"]
+__all__ = ["build_icl_prompt", "sample_demos", "with_demos"]
 
 
 def _label_key(ex: Example) -> Any:
@@ -117,3 +118,38 @@ def build_icl_prompt(
     kept = n - drop
     meta = {**query.meta, "n_demos": kept}
     return replace(query, prompt=prompt(drop), meta=meta), kept
+
+
+def with_demos(splits: Splits, k: int, seed: int, *, separator: str = "\n\n") -> Splits:
+    """Fine-tuning with demonstrations in context (LM-BFF, Gao et al., ACL 2021, with one fixed set): ``k``
+    examples drawn from train (:func:`sample_demos`: seeded, balanced over the labels) leave train and are prepended
+    to every train, dev and test prompt, so the model trains and is evaluated on the same kind of prompt.
+
+    Nothing is dropped here: a prompt longer than the model's limit is cut from the left by the scorer (the farthest
+    demonstration first) and counted as truncated. ``splits.protocol`` says which examples were taken.
+
+    >>> from zotune.tasks.sampling import Splits
+    >>> train = [Example(f"s{i} It was", [" terrible", " great"], label=i % 2) for i in range(6)]
+    >>> test = [Example("q It was", [" terrible", " great"], label=1)]
+    >>> s = with_demos(Splits({"train": train, "dev": [], "test": test}, "toy"), 2, seed=0)
+    >>> len(s["train"]), s["test"][0].prompt
+    (4, 's2 It was terrible\\n\\ns1 It was great\\n\\nq It was')
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 demonstrations, got {k}")
+    if any(ex.kind == "chat" for exs in splits.values() for ex in exs):
+        raise ValueError("in-context demonstrations are not supported for chat examples")
+    if k >= len(splits["train"]):
+        raise ValueError(f"{k} demonstrations would leave no training example (train has {len(splits['train'])})")
+    demos = sample_demos(splits["train"], k, seed)
+    taken = {id(d) for d in demos}
+    head = "".join(d.demonstration() + separator for d in demos)
+
+    def prompted(ex: Example) -> Example:
+        return replace(ex, prompt=head + ex.prompt, meta={**ex.meta, "n_demos": k})
+
+    out = {
+        name: [prompted(ex) for ex in exs if name != "train" or id(ex) not in taken] for name, exs in splits.items()
+    }
+    text = f"{splits.protocol}; {k} demonstrations drawn from train (seed {seed}) and taken out of it, in every prompt"
+    return Splits(out, text)

@@ -170,6 +170,9 @@ class DataConfig:
         objective: what the training loss is: auto (classification tasks: cross-entropy over the candidates;
             multiple-choice and generation: LM loss on the gold answer; a seq-cls model: its head), or
             classification, lm, accuracy, f1 (the last two are non-differentiable: ZO methods only).
+        demos: in-context demonstrations in every prompt (0: none): this many training examples (drawn with
+            ``seed``, balanced over the labels) leave train and are prepended to each train, dev and test prompt
+            (LM-BFF's fine-tuning with demonstrations, one fixed set; a causal LM, not chat).
     """
 
     task: str = "sst2"
@@ -182,6 +185,7 @@ class DataConfig:
     n_test: int | None = None
     max_length: int | None = None
     objective: str = "auto"
+    demos: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, ("auto", "mezo", "kshot", "files"))
@@ -194,6 +198,7 @@ class DataConfig:
         if self.max_length is not None:
             check_positive("data.max_length", self.max_length)
         check_non_negative("data.seed", self.seed)
+        check_non_negative("data.demos", self.demos)
 
 
 @dataclass

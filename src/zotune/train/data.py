@@ -39,6 +39,7 @@ from ..tasks import (
     task_from_config,
 )
 from ..tasks.chat import chat_lm_loss, chat_token_count, require_chat_template
+from ..tasks.icl import with_demos
 from ..tasks.provenance import is_task_file, read_task_file
 from .config import ConfigError, DataConfig
 
@@ -93,6 +94,20 @@ def resolve_protocol(cfg: DataConfig, task: Task) -> tuple[str, str]:
 
 
 def build_splits(cfg: DataConfig, task: Task) -> Splits:
+    """Train/dev/test examples by the configured protocol (see :func:`draw_splits`), with ``data.demos``
+    demonstrations in every prompt when set (:func:`zotune.tasks.icl.with_demos`)."""
+    splits = draw_splits(cfg, task)
+    if not cfg.demos:
+        return splits
+    if task.kind == "chat":
+        raise ConfigError(f"data.demos={cfg.demos}: {task.name} is a chat task; demonstrations need prompts to extend")
+    try:
+        return with_demos(splits, cfg.demos, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"data.demos={cfg.demos}: {err}") from None
+
+
+def draw_splits(cfg: DataConfig, task: Task) -> Splits:
     """Train/dev/test examples by the configured protocol (see :mod:`zotune.tasks.sampling`).
 
     ``files`` takes the task's own splits as they are (your train/dev/test files): train = train, dev = dev (else
@@ -145,6 +160,8 @@ def build_splits(cfg: DataConfig, task: Task) -> Splits:
 def objective_name(cfg: DataConfig, task: Task, model_kind: str) -> str:
     """The concrete objective of ``cfg.objective`` (``auto`` resolved) for this task and model."""
     if model_kind == "seq-cls":
+        if cfg.demos:
+            raise ConfigError(f"data.demos={cfg.demos}: demonstrations need a causal LM, not a seq-cls model's head")
         if cfg.objective not in ("auto", "classification"):
             raise ConfigError(f"data.objective={cfg.objective!r}: a seq-cls model trains its head (auto)")
         return "head"
