@@ -596,6 +596,9 @@ def test_a_cells_estimate_uses_the_rate_of_the_method_it_runs_on_its_task(tmp_pa
     )
     lozo = cell_named(cl.PROTOCOL, "trec-lozo-s0")
     assert driver._estimate(lozo, cl.Status(lozo, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(5.0 * 2000)
+    # a seed run resumed across processes: its last process's seconds are a part; the loop's summed seconds count
+    results.rows["sst2-lozo-m-s0"] |= {"seconds": 0.5 * 2000, "train_seconds": 3.5 * 2000}
+    assert driver._estimate(sst2, cl.Status(sst2, "missing"), cl.PROTOCOL, results, "cpu") == pytest.approx(3.5 * 2000)
 
 
 def test_methods_table_shows_no_seconds_or_memory_across_devices(tmp_path):

@@ -60,11 +60,14 @@ def _estimate(cell: Cell, status: Status, protocol: Protocol, results: Results, 
     that are most like it: the same row, method and task; else the same row and method on another task; else the
     same row; else the slowest rate of any row there (a cell too long for the time left should not start only to be
     stopped unfinished). The method matters: a row that runs packed on one task and sequential on another has two
-    rates. None when nothing has finished on the device."""
+    rates. A row's seconds are its last process's (set-up and tests included) or, for a run resumed across
+    processes, the training loop's seconds summed over them, whichever is larger. None when nothing has finished on
+    the device."""
     rates: dict[tuple[str, ...], list[float]] = {}
     for r in results.rows.values():
-        if r.get("seconds") and str(r.get("device", "")).startswith(device[:3]):
-            rate = r["seconds"] / max(1, r["forward_equivalents"])
+        seconds = max(r.get("seconds") or 0.0, r.get("train_seconds") or 0.0)
+        if seconds and str(r.get("device", "")).startswith(device[:3]):
+            rate = seconds / max(1, r["forward_equivalents"])
             row, method = r.get("row", ""), r.get("method", "")
             for key in ((row, method, r.get("task", "")), (row, method), (row,)):
                 rates.setdefault(key, []).append(rate)
