@@ -310,6 +310,8 @@ class PackedZO(ZOOptimizer):
             those steps), so it stays bit for bit; a run stopped and continued past its stop settled there and
             matches an uninterrupted one to float rounding, bit for bit when the uninterrupted one also settled
             there (a checkpoint or evaluation step).
+        share_prefix: run the prefix every row of a chunk shares once per copy, when ``loss_rows`` offers one
+            (see :class:`~zotune.core.packed.PackedEngine`).
     """
 
     def __init__(
@@ -331,6 +333,7 @@ class PackedZO(ZOOptimizer):
         outputs: str = "float32",
         emulate_bf16: bool = False,
         defer: bool = False,
+        share_prefix: bool = True,
         method: str = "packed",
     ):
         if not isinstance(model, torch.nn.Module):
@@ -361,12 +364,14 @@ class PackedZO(ZOOptimizer):
             base_dtype=base_dtype,
             outputs=outputs,
             emulate_bf16=emulate_bf16,
+            share_prefix=share_prefix,
         )
         self.engine = estimator.engine
         self.update_log.header["packed"] = {
             "base_dtype": self.engine.base_dtype,
             "outputs": outputs,
             "max_rows": max_rows,
+            "share_prefix": share_prefix,
         }
         self._handles: list[Any] = []
         if defer:  # any other forward, and the model's state dict, see the weights' value

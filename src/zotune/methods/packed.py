@@ -88,6 +88,9 @@ class PackedConfig(ZOConfig):
         defer_update: keep each matrix's update as a rank-r factor that the packed forward adds, and write it into
             the weights once per refresh period of V (and before every evaluation and checkpoint) instead of once
             per step: a step then writes no weight matrix (see :class:`~zotune.core.packed_estimators.PackedZO`).
+        share_prefix: when every prompt of a batch starts with the same tokens (``data.demos``, a long instruction),
+            run them once per perturbed copy and the prompts' rest against their keys and values (see
+            :mod:`zotune.core.packed`): the same losses up to float rounding, a fraction of the tokens.
     """
 
     name: ClassVar[str] = "packed_lozo"  # the registered method (its update log records it)
@@ -99,6 +102,7 @@ class PackedConfig(ZOConfig):
     emulate_bf16: bool = False
     max_rows: int | None = None
     defer_update: bool = True
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -209,6 +213,7 @@ def build(model: Any, config: PackedConfig, *, decay: DecayMask = None) -> Packe
         outputs=config.outputs,
         emulate_bf16=config.emulate_bf16,
         defer=config.defer_update,
+        share_prefix=config.share_prefix,
         method=config.name,
     )
 

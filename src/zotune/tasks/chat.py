@@ -45,6 +45,7 @@ from .scoring import (
     encode,
     exact_match,
     f1_score,
+    forwards,
     generate_answers,
     make_batches,
     model_max_length,
@@ -211,7 +212,7 @@ def _nll(
         _, token_lp = pair_logprobs(model, batch, pairs, mean=False)
         total = total - token_lp.sum()
     if stats is not None:
-        stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
+        stats["n_forward"] = stats.get("n_forward", 0) + forwards(batches)
     return total, sum(p.n_cand for p in pairs)
 
 

@@ -215,7 +215,7 @@ def bench_scoring(
     """
     flat_prompts, flat_cands, _ = flatten(examples, None)
     pairs = build_pairs(tokenizer, flat_prompts, flat_cands, model_max_length(model, tokenizer))
-    batches = make_batches(model, tokenizer, pairs, batch_size)
+    batches = make_batches(model, tokenizer, pairs, batch_size, share_prefix=False)  # whole rows: plain forwards
     plain = [
         {k: v for k, v in b.kwargs.items() if k in ("input_ids", "attention_mask", "position_ids")} for b in batches
     ]
@@ -230,7 +230,7 @@ def bench_scoring(
                 model(**kw)
             forward_s = min(forward_s, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            score_candidates(model, tokenizer, examples, batch_size=batch_size)
+            score_candidates(model, tokenizer, examples, batch_size=batch_size, share_prefix=False)
             score_s = min(score_s, time.perf_counter() - t0)
     return {
         "n_examples": len(examples),

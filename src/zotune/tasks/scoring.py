@@ -213,6 +213,81 @@ def pad_rows(
     )
 
 
+# shared prefixes: rows that start with the same tokens (demonstrations in context, a long instruction) run them once
+
+MIN_SHARED = 16
+"""Shortest shared prefix (tokens) worth its own forward: below it, the prefix forward's fixed cost (a pass over
+every layer) outweighs the (rows − 1) × prefix tokens it saves."""
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model.forward`` takes a key/value cache: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is a deprecated alias), ``past_key_values`` before."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
+
+
+def shares_prefix(model: Any) -> bool:
+    """Whether ``model`` can run a shared prefix as a cache: it takes one, brings no peft virtual tokens (prefix
+    tuning has its own cache) and does not checkpoint its activations (which turns the cache off)."""
+    params = forward_params(model)
+    return (
+        cache_argument(model) in params
+        and "use_cache" in params
+        and virtual_tokens(model) == 0
+        and not _checkpointing(_unwrap(model))
+    )
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether the model checkpoints its activations (``is_activation_checkpointing`` in transformers 5.x, where
+    ``is_gradient_checkpointing`` is a deprecated alias)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def common_prefix(seqs: Sequence[Sequence[int]], cap: int) -> int:
+    """Length of the token prefix every sequence starts with, at most ``cap`` (the first scored position, so that a
+    scored logit is never in the prefix); 0 below :data:`MIN_SHARED`."""
+    n = min(cap, *(len(seq) for seq in seqs))
+    first = seqs[0]
+    for seq in seqs[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return n if n >= MIN_SHARED else 0
+
+
+def after_prefix(model: Any, mask: Tensor, position_ids: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
+    """The attention mask and positions of rows that follow an ``n``-token cached prefix: the mask covers the prefix
+    too, and the positions continue after it (explicit when the model takes them, whatever the padding side)."""
+    if position_ids is None and "position_ids" in forward_params(model):
+        position_ids = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+    if position_ids is not None:
+        position_ids = position_ids + n
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1), position_ids
+
+
+def prefix_cache(model: Any, prefix: Tensor, copies: int, repeat: int) -> dict[str, Any]:
+    """Forward arguments that hand the rows a prefix's keys and values: ``prefix`` (P ids) run once per copy (a
+    forward of ``copies`` rows), each copy's repeated for its ``repeat`` rows (batch row c·repeat + j reads copy c's).
+    """
+    params = forward_params(model)
+    kwargs: dict[str, Any] = {"input_ids": prefix[None].expand(copies, -1), "use_cache": True}
+    for name in ("logits_to_keep", "num_logits_to_keep"):  # the prefix's logits are never read
+        if name in params:
+            kwargs[name] = 1
+            break
+    out = model(**kwargs)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        raise ValueError(
+            f"{type(_unwrap(model)).__name__} returned no cache whose rows can be repeated ({type(cache).__name__}): "
+            "its prompts' shared prefix cannot be run once"
+        )
+    cache.batch_repeat_interleave(repeat)
+    return {cache_argument(model): cache, "use_cache": True}
+
+
 @dataclass
 class _Batch:
     pair_ids: list[int]  # the pairs this batch scores (indices into the pair list)
@@ -221,6 +296,7 @@ class _Batch:
     gather_pos: Tensor  # per candidate token: position in the logits, counted from their end (negative)
     targets: Tensor  # per candidate token: the token id
     owner: Tensor  # per candidate token: index of its pair within ``pair_ids``
+    prefix: Tensor | None = None  # (P,) ids every row starts with, run once (kwargs then hold the rows' rest)
 
 
 def _rows(pairs: Sequence[Pair]) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
@@ -255,9 +331,12 @@ def _long_rows(lengths: Sequence[int]) -> int:
     return sum(n > limit for n in lengths)
 
 
-def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int | None) -> list[_Batch]:
+def make_batches(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int | None, share_prefix: bool = True
+) -> list[_Batch]:
     """Unique rows sorted by length (longest first), cut into padded batches of ``batch_size`` sequences, with the
-    gather indices of their candidate tokens."""
+    gather indices of their candidate tokens. With ``share_prefix``, a batch whose rows share a prefix of at least
+    :data:`MIN_SHARED` tokens runs it once (:func:`prefix_cache`): its rows hold only their own tokens."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seqs, where = _rows(pairs)
@@ -274,13 +353,18 @@ def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: 
     device = model_device(model)
     pad_id = padding_id(tokenizer)
     side = "right" if ignores_position_ids(model) else getattr(tokenizer, "padding_side", "right")
+    share = share_prefix and shares_prefix(model)
     out = []
     for rows in groups:
-        ids, mask, pos_ids, starts = pad_rows([seqs[r] for r in rows], pad_id, side, device)
-        width = ids.shape[1]
         members = [(j, i) for j, r in enumerate(rows) for i in by_row[r]]
+        group = [seqs[r] for r in rows]
+        n = common_prefix(group, min(where[i][1][0] for _, i in members)) if share and len(rows) > 1 else 0
+        ids, mask, pos_ids, starts = pad_rows([seq[n:] for seq in group], pad_id, side, device)
+        if n:
+            mask, pos_ids = after_prefix(model, mask, pos_ids, n)
+        width = ids.shape[1]
         # the logit at position t predicts token t+1; keep only the logits from the first one a candidate needs
-        first = min(starts[j] + where[i][1][0] for j, i in members)
+        first = min(starts[j] + where[i][1][0] - n for j, i in members)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if pos_ids is not None:
             kwargs["position_ids"] = pos_ids
@@ -296,7 +380,7 @@ def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: 
             g_rows += [j] * len(positions)
             # counted from the end: the logits end with the row's last position whether they are all kept, only the
             # last ones (logits_to_keep), or start with a prompt-tuned model's virtual tokens
-            g_pos += [starts[j] + t - width for t in positions]
+            g_pos += [starts[j] + t - n - width for t in positions]
             tgts += [pairs[i].ids[t] for t in pairs[i].scored()]
             owner += [k] * len(positions)
         out.append(
@@ -307,6 +391,7 @@ def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: 
                 torch.tensor(g_pos, device=device),
                 torch.tensor(tgts, device=device),
                 torch.tensor(owner, device=device),
+                torch.tensor(group[0][:n], device=device) if n else None,
             )
         )
     return out
@@ -314,7 +399,10 @@ def make_batches(model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: 
 
 def pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[Pair], *, mean: bool = True) -> tuple[Tensor, Tensor]:
     """One forward: per pair of the batch, the (mean or summed) candidate log-prob, and per token its log-prob."""
-    logits = model(**batch.kwargs).logits
+    kwargs = batch.kwargs
+    if batch.prefix is not None:
+        kwargs = kwargs | prefix_cache(model, batch.prefix, 1, kwargs["input_ids"].shape[0])
+    logits = model(**kwargs).logits
     selected = logits[batch.gather_rows, batch.gather_pos + logits.shape[1]].float()  # [tokens, vocab] in fp32
     token_lp = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
     sums = torch.zeros(len(batch.pair_ids), dtype=torch.float32, device=token_lp.device).index_add(
@@ -326,16 +414,28 @@ def pair_logprobs(model: Any, batch: _Batch, pairs: Sequence[Pair], *, mean: boo
     return sums, token_lp
 
 
+def forwards(batches: Sequence[_Batch]) -> int:
+    """Forward passes the batches take (a shared prefix is one more)."""
+    return len(batches) + sum(b.prefix is not None for b in batches)
+
+
 def _score_pairs(
-    model: Any, tokenizer: Any, pairs: Sequence[Pair], batch_size: int | None, stats: dict[str, Any] | None
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    batch_size: int | None,
+    stats: dict[str, Any] | None,
+    share_prefix: bool = True,
 ) -> Tensor:
     """Mean candidate log-prob of every pair, in the pairs' order (differentiable when grad is enabled)."""
     device = model_device(model)
-    batches = make_batches(model, tokenizer, pairs, batch_size)
+    batches = make_batches(model, tokenizer, pairs, batch_size, share_prefix)
     values = [pair_logprobs(model, batch, pairs)[0] for batch in batches]
     if stats is not None:
-        stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
-        stats["n_tokens"] = stats.get("n_tokens", 0) + sum(b.kwargs["input_ids"].numel() for b in batches)
+        stats["n_forward"] = stats.get("n_forward", 0) + forwards(batches)
+        stats["n_tokens"] = stats.get("n_tokens", 0) + sum(
+            b.kwargs["input_ids"].numel() + (0 if b.prefix is None else b.prefix.numel()) for b in batches
+        )
     if not pairs:
         return torch.zeros(0, device=device)
     order = torch.tensor([i for batch in batches for i in batch.pair_ids], device=device)
@@ -425,6 +525,7 @@ def score_candidates(
     calibrated: bool = False,
     calibration_prompt: str | Sequence[str] | None = None,
     stats: dict[str, Any] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[float]]:
     """Length-normalized log-probability of every candidate of every example (no gradient).
 
@@ -442,6 +543,8 @@ def score_candidates(
             per example, or None to read ``example.meta["calibration_prompt"]``.
         stats: a dict that receives counts: ``n_examples``, ``n_pairs``, ``n_truncated`` (examples with a cut
             prompt), ``n_truncated_pairs``, ``n_forward`` (forward passes), ``n_tokens`` (padded tokens).
+        share_prefix: run the prefix every row of a batch shares (demonstrations in context) once per batch, the
+            rows' rest against its keys and values: the same scores up to float rounding.
 
     Returns:
         ``scores[i][j]``: the mean over the tokens of candidate ``j`` of example ``i`` of their log-probability
@@ -462,7 +565,7 @@ def score_candidates(
         cf_index = {k: len(pairs) + n for n, k in enumerate(unique)}
         extra = build_pairs(tokenizer, [k[0] for k in unique], [k[1] for k in unique], limit)
     with torch.no_grad():
-        values = _score_pairs(model, tokenizer, pairs + extra, batch_size, stats).tolist()
+        values = _score_pairs(model, tokenizer, pairs + extra, batch_size, stats, share_prefix).tolist()
     if calibrated:
         values = [v - values[cf_index[k]] for v, k in zip(values[: len(pairs)], keys, strict=True)]
     return _split(values, sizes)
@@ -477,13 +580,15 @@ def classification_loss(
     max_length: int | None = None,
     prompts: Sequence[str] | None = None,
     stats: dict[str, Any] | None = None,
+    share_prefix: bool = True,
 ) -> Tensor:
     """MeZO's ``train_as_classification`` loss: cross-entropy over the candidates, mean over examples.
 
     Each candidate's logit is its mean token log-probability (as in :func:`score_candidates`), so the loss is
     ``mean_i CE(scores_i, label_i)``. Differentiable (it works for first-order baselines too) and a ZO closure:
     ``opt.step(lambda: classification_loss(model, tokenizer, batch))``. ``batch_size=None`` scores all pairs in
-    one forward pass. Examples may have different numbers of candidates.
+    one forward pass (two when its rows share a prefix, see :func:`make_batches`; ``share_prefix=False``: one).
+    Examples may have different numbers of candidates.
     """
     if any(ex.label is None for ex in examples):
         raise ValueError("classification_loss needs labelled examples (label is None)")
@@ -491,7 +596,7 @@ def classification_loss(
     limit = max_length if max_length is not None else model_max_length(model, tokenizer)
     pairs = build_pairs(tokenizer, flat_prompts, flat_cands, limit)
     record_truncation(stats, pairs, sizes, "classification_loss", limit)
-    scores = _score_pairs(model, tokenizer, pairs, batch_size, stats)
+    scores = _score_pairs(model, tokenizer, pairs, batch_size, stats, share_prefix)
     width = max(sizes)
     logits = torch.full((len(sizes), width), float("-inf"), dtype=scores.dtype, device=scores.device)
     mask = torch.zeros((len(sizes), width), dtype=torch.bool, device=scores.device)
@@ -540,7 +645,7 @@ def answer_lm_loss(
         _, token_lp = pair_logprobs(model, batch, pairs, mean=False)
         total = total - token_lp.sum()
     if stats is not None:
-        stats["n_forward"] = stats.get("n_forward", 0) + len(batches)
+        stats["n_forward"] = stats.get("n_forward", 0) + forwards(batches)
     return total / sum(p.n_cand for p in pairs)
 
 
@@ -557,12 +662,6 @@ class _StopOnString:
     def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
-def _cache_argument(model: Any) -> str:
-    """The name under which ``model.forward`` takes a key/value cache: ``cache`` from transformers 5.24 on (where
-    ``past_key_values`` is a deprecated alias), ``past_key_values`` before."""
-    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def _greedy(model: Any, ids: Tensor, mask: Tensor, config: Any, tokenizer: Any, stop: str | None) -> Tensor:
@@ -595,7 +694,7 @@ def _greedy(model: Any, ids: Tensor, mask: Tensor, config: Any, tokenizer: Any, 
     head = torch.full((rows, n_virtual), config.pad_token_id, dtype=ids.dtype, device=ids.device)
     kwargs: dict[str, Any] = {}
     if mode == "prefix":
-        kwargs[_cache_argument(base)] = model.get_prompt(batch_size=rows)  # T keys/values per layer
+        kwargs[cache_argument(base)] = model.get_prompt(batch_size=rows)  # T keys/values per layer
     else:
         text = model.word_embeddings(ids)  # [rows, width, hidden]
         kwargs["inputs_embeds"] = torch.cat([model.get_prompt(batch_size=rows).to(text.dtype), text], dim=1)
