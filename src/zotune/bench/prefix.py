@@ -53,14 +53,16 @@ def workload(k: int, n_batches: int, n_dev: int = 32) -> tuple[list[list[Any]], 
     return [order.batch(i) for i in range(n_batches)], list(splits["dev"][:n_dev])
 
 
-def measure(model: Any, tok: Any, k: int, *, n_batches: int, reps: int, device: torch.device) -> dict[str, Any]:
-    """One number of demonstrations: warm-up, the tokens and differences of each form, then interleaved rounds."""
+def measure(
+    model: Any, tok: Any, batches: Sequence[Sequence[Any]], dev: Sequence[Any], *, reps: int, device: torch.device
+) -> dict[str, Any]:
+    """One workload (training batches, dev examples): warm-up, the tokens and differences of each form, then
+    interleaved rounds."""
     from ..tasks.rows import ClassificationRows
     from ..tasks.scoring import classification_loss, score_candidates
 
-    batches, dev = workload(k, n_batches)
     rows = ClassificationRows(model, tok, padding_side="left")  # the packed path's rows (train.data)
-    state = {"batch": batches[0]}
+    state = {"batch": list(batches[0])}
     packed = {
         form: PackedZO(
             model, lr=1e-9, eps=1e-3, estimator=PackedTwoPoint(1), rank=2, seed=0, share_prefix=form == "shared"
@@ -110,12 +112,11 @@ def measure(model: Any, tok: Any, k: int, *, n_batches: int, reps: int, device: 
         fn()  # warm-up: allocator, kernels, MeZO's closure check
     times: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(reps):
-        state["batch"] = batches[r % len(batches)]
+        state["batch"] = list(batches[r % len(batches)])
         for name, fn in calls.items():
             times[name] += timed(fn, device, 1)
     prompt_tokens = [len(tok(ex.prompt)["input_ids"]) for b in batches for ex in b]
     out: dict[str, Any] = {
-        "demos": k,
         "batch": len(batches[0]),
         "prompt_tokens_per_row": round(sum(prompt_tokens) / len(prompt_tokens), 1),
         "shared_prefix_tokens": prefix,
@@ -156,7 +157,8 @@ def run_bench(
         "results": {},
     }
     for k in demos:
-        res["results"][str(k)] = measure(model, tok, k, n_batches=n_batches, reps=reps, device=dev)
+        batches, dev_examples = workload(k, n_batches)
+        res["results"][str(k)] = measure(model, tok, batches, dev_examples, reps=reps, device=dev)
         if partial is not None:
             partial(res)
     return res
