@@ -210,13 +210,13 @@ def test_examples_with_several_rows_carry_their_probe_on_every_row():
 def test_classification_rows_are_the_classification_loss_per_example(side):
     tok = make_tokenizer()
     model = tiny_model("llama")
-    rows = ClassificationRows(model, tok, padding_side=side)
+    rows = ClassificationRows(model, tok, padding_side=side, max_forwards=1)
     with torch.no_grad():
         losses = rows(EXAMPLES, 3)
         each = torch.stack([classification_loss(model, tok, [ex]) for ex in EXAMPLES])
     assert losses.shape == (3, len(EXAMPLES))
     torch.testing.assert_close(losses, each.expand(3, -1), rtol=0, atol=1e-5)
-    prepared = rows._prepare(EXAMPLES)
+    prepared = rows._prepare(EXAMPLES).groups[0]
     # left: every row ends at the last position, the logits kept are those of the longest candidate (3 tokens) + 1;
     # right: from the shortest row's first scored position, here every position of the 10-token rows
     assert (prepared.keep, prepared.ids.shape[1]) == ((4, 10) if side == "left" else (10, 10))

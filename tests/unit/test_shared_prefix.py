@@ -48,10 +48,10 @@ class Forwards:
 def test_the_shared_prefix_runs_once_per_copy_and_gives_the_same_losses(arch, side):
     tok = make_tokenizer()
     model = tiny_model(arch)
-    rows = ClassificationRows(model, tok, padding_side=side)
+    rows = ClassificationRows(model, tok, padding_side=side, max_forwards=1)
     n = rows.shared_prefix(SHARED)
     assert n == len(tok(HEAD)["input_ids"]) == 20  # every row's prefix, up to where the prompts differ
-    whole = rows._prepare(SHARED)
+    whole = rows._prepare(SHARED).groups[0]
     with torch.no_grad(), Forwards(model) as fw:
         shared = rows(SHARED, 3, shared=True)
     # the prefix with one row per copy, then each copy's rows with only their own tokens
@@ -64,7 +64,7 @@ def test_the_shared_prefix_runs_once_per_copy_and_gives_the_same_losses(arch, si
 def test_a_prefix_too_short_or_not_shared_is_not_split_off():
     tok = make_tokenizer()
     model = tiny_model("llama")
-    rows = ClassificationRows(model, tok)
+    rows = ClassificationRows(model, tok, max_forwards=1)
     assert rows.shared_prefix(EXAMPLES) == 0  # the prompts differ from their first word
     short = [Example("the cat sat on " + ex.prompt, ex.candidates, label=ex.label) for ex in EXAMPLES]
     assert 0 < 4 < MIN_SHARED and rows.shared_prefix(short) == 0
@@ -142,7 +142,7 @@ def test_a_loss_rows_that_shares_must_run_the_prefix_forward():
     tok = make_tokenizer()
     model = tiny_model("llama")
     space, sampler = bind(model)
-    rows = ClassificationRows(model, tok)
+    rows = ClassificationRows(model, tok, max_forwards=1)
 
     class OneForward:  # offers a prefix but ignores ``shared``
         shared_prefix = staticmethod(rows.shared_prefix)
@@ -151,7 +151,7 @@ def test_a_loss_rows_that_shares_must_run_the_prefix_forward():
             return rows(examples, copies)
 
     engine = PackedEngine(model, space, sampler)
-    with pytest.raises(ValueError, match="ran 1 forwards.*two forwards with shared=True"):
+    with pytest.raises(ValueError, match="ran 1 forwards.*two forwards per row group with shared=True"):
         engine.evaluate(PackedBatch(OneForward(), SHARED), ProbeTable.pairs(1, len(SHARED)), [3], [1e-2])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 

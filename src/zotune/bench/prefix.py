@@ -101,8 +101,8 @@ def measure(
             classification_loss(model, tok, state["batch"], share_prefix=form == "shared", stats=counted)
         mezo_tokens[form] = 2 * counted["n_tokens"]  # two forwards a step
     tokens = {
-        "packed_lozo/shared": copies * (prefix + shared.ids.numel()),
-        "packed_lozo/whole": copies * whole.ids.numel(),
+        "packed_lozo/shared": copies * sum(prefix + g.ids.numel() for g in shared.groups),
+        "packed_lozo/whole": copies * sum(g.ids.numel() for g in whole.groups),
         "mezo/shared": mezo_tokens["shared"],
         "mezo/whole": mezo_tokens["whole"],
         "score/shared": stats["shared"]["n_tokens"],

@@ -39,16 +39,19 @@ copy ``c``) and returns the per-example losses, a tensor of shape ``(copies, len
 examples of row ``c`` must be the loss the in-place closure returns under copy ``c``'s perturbation. By default a
 block holds one row per example, in order (R = len(examples)); a ``loss_rows`` whose examples take several rows
 (or share none) says which example each row of a block belongs to with an ``owners(examples)`` method returning
-R example indices. :func:`zotune.tasks.rows.ClassificationRows` implements it for the classification objective.
+R example indices. A ``loss_rows`` may also split a block's rows over several forwards (rows of similar length
+together, so that short rows are not padded to the longest): its ``row_groups(examples, shared)`` returns the rows
+of a block each forward holds, in order, and each forward holds ``copies`` blocks of those rows (copy-major).
+:func:`zotune.tasks.rows.ClassificationRows` implements all of it for the classification objective.
 In-place methods keep ``opt.step(closure)``; packed ones take ``opt.step(PackedBatch(loss_rows, examples))``.
 
 **Shared prefixes.** When every row of a block starts with the same tokens (demonstrations in context, a long
 instruction), running them in every row wastes most of a forward: with 4 SST-2 demonstrations, 67 of a row's 81
 tokens. A ``loss_rows`` may offer ``shared_prefix(examples)`` (the number of such tokens, 0 for none); when it is
 positive and every copy carries one perturbation for all its rows (probe blocks such as LOZO's and FZOO's, not one
-probe per example), the engine calls ``loss_rows(examples, copies, shared=True)``, which runs **two** forwards: the
-prefix with one row per copy (``copies`` rows, row c under copy c's perturbation), then the rows' rest
-(``copies`` × R rows as above) reading each copy's keys and values from the cache. The hooks carry the per-copy
+probe per example), the engine calls ``loss_rows(examples, copies, shared=True)``, which runs **two** forwards per
+row group: the prefix with one row per copy (``copies`` rows, row c under copy c's perturbation), then the group's
+rows' rest (as above) reading each copy's keys and values from the cache. The hooks carry the per-copy
 perturbation in the first and the per-row one in the second, so the losses are those of the single forward up to
 float rounding. ``share_prefix=False`` turns it off.
 
@@ -134,6 +137,18 @@ class PackedBatch:
         (default 0: ``loss_rows`` does not share)."""
         fn = getattr(self.loss_rows, "shared_prefix", None)
         return 0 if fn is None else int(fn(examples))
+
+    def row_groups(self, examples: Sequence[Any], shared: bool) -> list[list[int]]:
+        """The rows of one block each forward of ``loss_rows`` holds, in order (default: one forward of them all);
+        checked to be a partition of the block's rows."""
+        n = len(self.owners(examples))
+        fn = getattr(self.loss_rows, "row_groups", None)
+        groups = [list(range(n))] if fn is None else [[int(r) for r in g] for g in fn(examples, shared)]
+        if sorted(r for g in groups for r in g) != list(range(n)) or not all(groups):
+            raise ValueError(
+                f"loss_rows.row_groups must split the {n} rows of a block into non-empty groups: {groups}"
+            )
+        return groups
 
 
 @dataclass(frozen=True)
@@ -445,11 +460,14 @@ class PackedEngine:
                     c0, c1 = copies
                     own = torch.tensor(owners, dtype=torch.long) + lo
                     probe, sign = table.probe[c0:c1][:, own], table.sign[c0:c1][:, own]  # (copies, R)
-                    plans = [_plan(probe.reshape(-1), sign.reshape(-1), self.device)]
-                    shared = self.share_prefix and _one_per_copy(probe, sign)
-                    if shared and batch.shared_prefix(examples[lo:hi]) > 0:  # the prefix forward: a row per copy
-                        plans.insert(0, _plan(probe[:, 0], sign[:, 0], self.device))
-                    out[c0:c1, lo:hi] = self._run(batch, examples[lo:hi], c1 - c0, plans)
+                    chunk = examples[lo:hi]
+                    shared = self.share_prefix and _one_per_copy(probe, sign) and batch.shared_prefix(chunk) > 0
+                    plans = []
+                    for rows in batch.row_groups(chunk, shared):
+                        if shared:  # the prefix forward: a row per copy
+                            plans.append(_plan(probe[:, 0], sign[:, 0], self.device))
+                        plans.append(_plan(probe[:, rows].reshape(-1), sign[:, rows].reshape(-1), self.device))
+                    out[c0:c1, lo:hi] = self._run(batch, chunk, c1 - c0, plans, shared)
         finally:
             self._plan, self._plans = None, []
             self._u, self._vt, self._z, self._inv_gain = {}, {}, {}, {}
@@ -538,8 +556,9 @@ class PackedEngine:
             for lo, hi in slices:
                 yield (c, c + 1), lo, hi, batch.owners(examples[lo:hi])
 
-    def _run(self, batch: PackedBatch, examples: list[Any], copies: int, plans: list[_Plan]) -> Tensor:
-        """``loss_rows`` on one chunk; ``plans``: its forwards' rows (two with a shared prefix: copies, then rows)."""
+    def _run(self, batch: PackedBatch, examples: list[Any], copies: int, plans: list[_Plan], shared: bool) -> Tensor:
+        """``loss_rows`` on one chunk; ``plans``: its forwards' rows, per row group (with a shared prefix: the
+        prefix's copies, then the group's rows)."""
         self._forwards, self._plans, self._plan = 0, plans, plans[0]
         ctx = (
             torch.autocast(self.device.type, dtype=self.autocast)
@@ -547,7 +566,7 @@ class PackedEngine:
             else contextlib.nullcontext()
         )
         with ctx:
-            if len(plans) > 1:
+            if shared:
                 losses = batch.loss_rows(examples, copies, shared=True)  # type: ignore[call-arg]
             else:
                 losses = batch.loss_rows(examples, copies)
@@ -555,9 +574,10 @@ class PackedEngine:
             raise ValueError(
                 f"loss_rows ran {self._forwards} forwards of the model; the packed contract is "
                 + (
-                    "one forward per call over all its rows (score every row in one batch)"
-                    if len(plans) == 1
-                    else "two forwards with shared=True: the shared prefix (a row per copy), then every row's rest"
+                    "two forwards per row group with shared=True: the shared prefix (a row per copy), then the "
+                    "group's rows' rest"
+                    if shared
+                    else "one forward per row group (one in all without row_groups: score every row in one batch)"
                 )
             )
         if not isinstance(losses, Tensor) or tuple(losses.shape) != (copies, len(examples)):
