@@ -17,9 +17,11 @@ def test_measure_runs_each_call_in_both_forms_and_counts_their_tokens(examples):
     model = tiny_model("llama")
     exs = SHARED if examples == "shared" else EXAMPLES
     out = measure(model, tok, [exs, exs[::-1]], exs, reps=2, device=torch.device("cpu"))
-    names = {f"{call}/{form}" for call in CALLS for form in FORMS}
+    names = {f"{call}/{form}" for call in CALLS for form in FORMS} | {"packed_lozo/one_forward"}
     assert set(out["median_s"]) == set(out["tokens"]) == names
     assert all(len(v) == 2 for v in out["rounds_s"].values()) and set(out["speedup"]) == set(CALLS)
+    # every row in one forward pads each to the longest: at least the tokens of the split forwards
+    assert out["split_speedup"] > 0 and out["tokens"]["packed_lozo/one_forward"] >= out["tokens"]["packed_lozo/shared"]
     assert out["max_abs_diff"]["packed_losses"] < 1e-4 and out["max_abs_diff"]["dev_scores"] < 1e-4
     t = out["tokens"]
     if examples == "shared":  # the 20 shared tokens run once per copy (packed) or per batch, not per row

@@ -6,7 +6,9 @@ The workload is the main job's (SST-2, MeZO's 500-sentence train split and 200-s
 16 in the training order. In one process, in interleaved rounds (each round: every call once, on the same batch),
 each of these runs with the shared prefix and with whole rows:
 
-- ``packed_lozo``: a packed LOZO step (one ± pair, rank 2: two copies of the batch);
+- ``packed_lozo``: a packed LOZO step (one ± pair, rank 2: two copies of the batch), its rows split into forwards
+  of similar length (``ClassificationRows``' default); and ``packed_lozo/one_forward``: the shared form with every
+  row in one forward (``max_forwards=1``), which tells what the split by length adds;
 - ``mezo``: an in-place MeZO step (two forwards of the classification loss);
 - ``score``: scoring 32 dev examples (evaluation, batches of 16).
 
@@ -62,6 +64,7 @@ def measure(
     from ..tasks.scoring import classification_loss, score_candidates
 
     rows = ClassificationRows(model, tok, padding_side="left")  # the packed path's rows (train.data)
+    one = ClassificationRows(model, tok, padding_side="left", max_forwards=1)
     state = {"batch": list(batches[0])}
     packed = {
         form: PackedZO(
@@ -77,6 +80,8 @@ def measure(
     calls: dict[str, Callable[[], Any]] = {}
     for form in FORMS:
         calls[f"packed_lozo/{form}"] = lambda f=form: packed[f].step(PackedBatch(rows, state["batch"]))
+        if form == "shared":
+            calls["packed_lozo/one_forward"] = lambda: packed["shared"].step(PackedBatch(one, state["batch"]))
         calls[f"mezo/{form}"] = lambda f=form: mezo[f].step(lambda: loss(f))
         calls[f"score/{form}"] = lambda f=form: score_candidates(
             model, tok, dev, batch_size=16, share_prefix=f == "shared"
@@ -103,6 +108,7 @@ def measure(
     tokens = {
         "packed_lozo/shared": copies * sum(prefix + g.ids.numel() for g in shared.groups),
         "packed_lozo/whole": copies * sum(g.ids.numel() for g in whole.groups),
+        "packed_lozo/one_forward": copies * (prefix + one._prepare(state["batch"], shared=True).groups[0].ids.numel()),
         "mezo/shared": mezo_tokens["shared"],
         "mezo/whole": mezo_tokens["whole"],
         "score/shared": stats["shared"]["n_tokens"],
@@ -130,6 +136,9 @@ def measure(
             )
             for call in CALLS
         },
+        "split_speedup": statistics.median(  # one forward ÷ split by length, both sharing the prefix
+            o / s for s, o in zip(times["packed_lozo/shared"], times["packed_lozo/one_forward"], strict=True)
+        ),
     }
     return out
 
@@ -184,6 +193,10 @@ def format_table(res: dict[str, Any]) -> str:
                 f"  {call:14}{m[f'{call}/shared']:12.3f}{m[f'{call}/whole']:12.3f}{out['speedup'][call]:16.2f}"
                 f"{t[f'{call}/shared']:>12} / {t[f'{call}/whole']}"
             )
+        lines.append(
+            f"  packed_lozo, shared, every row in one forward: {m['packed_lozo/one_forward']:.3f} s "
+            f"({t['packed_lozo/one_forward']} tokens), ÷ split by length {out['split_speedup']:.2f}"
+        )
     return "\n".join(lines)
 
 
