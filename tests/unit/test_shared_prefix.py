@@ -16,7 +16,7 @@ from zotune.core.packed import PackedBatch, PackedEngine, ProbeTable
 from zotune.models.peft import apply_peft
 from zotune.tasks.base import Example
 from zotune.tasks.rows import ClassificationRows
-from zotune.tasks.scoring import MIN_SHARED, classification_loss, score_candidates
+from zotune.tasks.scoring import MIN_SHARED, classification_loss, common_prefix, score_candidates
 from zotune.train import run_config_from_dict, train
 from zotune.train.config import ModelConfig
 
@@ -204,3 +204,11 @@ def test_the_loss_gradient_flows_through_the_shared_prefix():
     for n, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][n], rtol=1e-4, atol=1e-6)
     assert grads[0]["model.layers.0.self_attn.k_proj.weight"].abs().max() > 1e-4  # the prefix's keys learn
+
+
+def test_a_prefix_is_shared_only_when_it_saves_more_than_a_forwards_fixed_cost():
+    rows = [[1] * 20 + [2], [1] * 20 + [3, 4]]
+    assert common_prefix(rows, cap=99, overhead=16) == 20  # (2 − 1) × 20 tokens saved > 16
+    assert common_prefix(rows, cap=99, overhead=20) == 0  # a GPU-sized fixed cost: one forward is cheaper
+    assert common_prefix(rows, cap=12, overhead=0) == 0  # capped below MIN_SHARED at the first scored position
+    assert common_prefix([*rows, [1] * 17], cap=99, overhead=0) == 17

@@ -206,7 +206,8 @@ class ClassificationRows:
         side = self.padding_side or getattr(self.tokenizer, "padding_side", "right")
         if ignores_position_ids(self.model) or "position_ids" not in params:
             side = "right"  # positions must come from the row's own tokens
-        n_shared = common_prefix(seqs, min(pos[0] for _, pos in where)) if shared else 0
+        cap = min(pos[0] for _, pos in where)
+        n_shared = common_prefix(seqs, cap, forward_overhead(self.model)) if shared else 0
         prefix = seqs[0][:n_shared]
         if n_shared:  # the rows' rest; a scored position is never in the prefix (capped at the first one)
             seqs = [seq[n_shared:] for seq in seqs]

@@ -247,14 +247,15 @@ def _checkpointing(model: Any) -> bool:
     return False
 
 
-def common_prefix(seqs: Sequence[Sequence[int]], cap: int) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]], cap: int, overhead: int = 0) -> int:
     """Length of the token prefix every sequence starts with, at most ``cap`` (the first scored position, so that a
-    scored logit is never in the prefix); 0 below :data:`MIN_SHARED`."""
+    scored logit is never in the prefix); 0 below :data:`MIN_SHARED`, or when the tokens it saves, (rows − 1) × its
+    length, are not more than ``overhead`` (the prefix forward's fixed cost, :func:`forward_overhead`)."""
     n = min(cap, *(len(seq) for seq in seqs))
     first = seqs[0]
     for seq in seqs[1:]:
         n = next((i for i in range(n) if seq[i] != first[i]), n)
-    return n if n >= MIN_SHARED else 0
+    return n if n >= MIN_SHARED and (len(seqs) - 1) * n > overhead else 0
 
 
 def after_prefix(model: Any, mask: Tensor, position_ids: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
@@ -410,7 +411,8 @@ def make_batches(
     for rows in groups:
         members = [(j, i) for j, r in enumerate(rows) for i in by_row[r]]
         group = [seqs[r] for r in rows]
-        n = common_prefix(group, min(where[i][1][0] for _, i in members)) if share and len(rows) > 1 else 0
+        cap = min(where[i][1][0] for _, i in members)
+        n = common_prefix(group, cap, forward_overhead(model)) if share and len(rows) > 1 else 0
         ids, mask, pos_ids, starts = pad_rows([seq[n:] for seq in group], pad_id, side, device)
         if n:
             mask, pos_ids = after_prefix(model, mask, pos_ids, n)
