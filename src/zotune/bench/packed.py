@@ -25,7 +25,6 @@ per-round ratios. Example (a short sanity run; the committed numbers come from a
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from ..core import LowRank, ZOOptimizer
 from ..core.log import atomic_write_text
 from ..core.packed import PackedBatch
 from ..core.packed_estimators import FZOO, PackedEstimator, PackedTwoPoint, PackedZO, PerExample
-from .speed import DispatchedOps, PeakMemory, load_bench_model, make_batch, timed
+from .speed import DispatchedOps, PeakMemory, load_bench_model, machine, make_batch, timed
 
 SYNTHETIC = {"synthetic": (16, 64), "synthetic_64x256": (64, 256)}  # name: (rows, tokens)
 WORKLOADS = ("sst2", "trec", *SYNTHETIC)
@@ -290,10 +289,7 @@ def run_bench(
         p.requires_grad_(True)
     res: dict[str, Any] = {
         "model": model_name,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "reps": reps,
         "rank": rank,
         "probes": probes,

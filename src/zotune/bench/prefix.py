@@ -23,7 +23,6 @@ nothing to share. Example (a short run; the committed figures come from the comm
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from ..core import ZOOptimizer
 from ..core.log import atomic_write_text
 from ..core.packed import PackedBatch
 from ..core.packed_estimators import PackedTwoPoint, PackedZO
-from .speed import load_bench_model, timed
+from .speed import load_bench_model, machine, timed
 
 FORMS = ("shared", "whole")
 CALLS = ("packed_lozo", "mezo", "score")
@@ -158,10 +157,7 @@ def run_bench(
     model.eval()
     res: dict[str, Any] = {
         "model": model_name,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "reps": reps,
         "results": {},
     }

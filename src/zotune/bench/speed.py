@@ -74,6 +74,13 @@ class PeakMemory:
             self.peak = _rss_peak()
 
 
+def machine(device: str) -> dict[str, Any]:
+    """Where a benchmark ran: the device, its name (the GPU's, else the CPU's), torch's threads and version."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
     """Wall-clock seconds of each of ``reps`` calls of ``fn`` (CUDA synchronized around each)."""
     times = []
