@@ -173,6 +173,8 @@ class DataConfig:
         demos: in-context demonstrations in every prompt (0: none): this many training examples (drawn with
             ``seed``, balanced over the labels) leave train and are prepended to each train, dev and test prompt
             (LM-BFF's fine-tuning with demonstrations, one fixed set; a causal LM, not chat).
+        demos_seed: which demonstrations are drawn (null: ``seed``); in-context accuracy depends on the set, and
+            ``python -m zotune.bench.demos`` scores candidate seeds on dev to pick one.
     """
 
     task: str = "sst2"
@@ -186,6 +188,7 @@ class DataConfig:
     max_length: int | None = None
     objective: str = "auto"
     demos: int = 0
+    demos_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("data.protocol", self.protocol, ("auto", "mezo", "kshot", "files"))
@@ -199,6 +202,10 @@ class DataConfig:
             check_positive("data.max_length", self.max_length)
         check_non_negative("data.seed", self.seed)
         check_non_negative("data.demos", self.demos)
+        if self.demos_seed is not None:
+            check_non_negative("data.demos_seed", self.demos_seed)
+            if not self.demos:
+                raise ConfigError(f"data.demos_seed={self.demos_seed} draws demonstrations, but data.demos is 0")
 
 
 @dataclass

@@ -95,14 +95,15 @@ def resolve_protocol(cfg: DataConfig, task: Task) -> tuple[str, str]:
 
 def build_splits(cfg: DataConfig, task: Task) -> Splits:
     """Train/dev/test examples by the configured protocol (see :func:`draw_splits`), with ``data.demos``
-    demonstrations in every prompt when set (:func:`zotune.tasks.icl.with_demos`)."""
+    demonstrations in every prompt when set (:func:`zotune.tasks.icl.with_demos`, drawn with ``data.demos_seed``, else
+    the data seed)."""
     if cfg.demos and task.kind == "chat":  # refused before any data is read
         raise ConfigError(f"data.demos={cfg.demos}: {task.name} is a chat task; demonstrations need prompts to extend")
     splits = draw_splits(cfg, task)
     if not cfg.demos:
         return splits
     try:
-        return with_demos(splits, cfg.demos, cfg.seed)
+        return with_demos(splits, cfg.demos, cfg.seed if cfg.demos_seed is None else cfg.demos_seed)
     except ValueError as err:
         raise ConfigError(f"data.demos={cfg.demos}: {err}") from None
 
