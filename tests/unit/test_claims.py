@@ -17,6 +17,7 @@ import yaml
 
 from zotune.bench import claims as cl
 from zotune.bench.claims import Cell, Comparison, Protocol, Results, Row, burst, driver, reach, verdicts
+from zotune.bench.claims.protocol import recipe_path
 
 SRC = str(Path(cl.__file__).resolve().parents[3])
 
@@ -42,6 +43,16 @@ def tiny_protocol(workdir: Path, **kw) -> Protocol:
         batch_size=4,
     )
     return Protocol(**{**base, **kw})
+
+
+def without_watchdog(protocol: Protocol, tmp_path: Path) -> Protocol:
+    """``protocol`` with its recipe's watchdog off. On a fast machine a tiny-model cell at the scan's lr saturates
+    within seconds (dev 0.9, the ± losses equal), and the watchdog would end it before the deadline under test."""
+    tree = yaml.safe_load(recipe_path(protocol).read_text())
+    tree.setdefault("train", {})["watchdog"] = False
+    recipe = tmp_path / "recipe-no-watchdog.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    return replace(protocol, recipe=str(recipe))
 
 
 def cell_named(protocol: Protocol, name: str) -> Cell:
@@ -388,6 +399,7 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
 
 def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
     p = tiny_protocol(workdir, budget=10**6, ref_budget=10**6, eval_forwards=40, ref_eval_forwards=20)  # no end
+    p = without_watchdog(p, tmp_path)  # only the deadline ends a cell here
     out, res = tmp_path / "runs", tmp_path / "results"
     nothing = cl.run_grid(p, out, res, device="cpu", lanes=2, deadline=0, log=lambda m: None)
     assert nothing["outcomes"] == {} and nothing["stopped"].startswith("deadline")
@@ -421,6 +433,7 @@ def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
 
 def test_cells_start_in_the_order_of_the_only_globs(workdir, tmp_path):
     p = tiny_protocol(workdir, budget=10**6, ref_budget=10**6, eval_forwards=40, ref_eval_forwards=20)  # no end
+    p = without_watchdog(p, tmp_path)
     out, res = tmp_path / "runs", tmp_path / "results"
     said: list[str] = []
     # grid order puts the scans first; the globs put the FO reference first, so on one lane it is the one started
