@@ -133,12 +133,9 @@ def _print_results(r: dict[str, Any]) -> None:
 
 
 def _run_config(run: Path) -> Any:
-    import yaml
+    from .train.rundir import read_run_config
 
-    from .train.config import run_config_from_dict
-
-    tree = yaml.safe_load((run / "config.yaml").read_text())
-    return run_config_from_dict(tree)
+    return read_run_config(run)
 
 
 def _is_run(path: Path) -> bool:
@@ -146,41 +143,17 @@ def _is_run(path: Path) -> bool:
 
 
 def run_task_spec(run: Path, cfg: Any) -> str:
-    """The task a run trained on, usable from any directory: its copy ``RUN/task.yaml`` when it has one, else its
-    config's ``data.task`` (a registered name, or a task file found as stored: absolute, or from here)."""
-    from .tasks.provenance import TASK_COPY, is_task_file
+    """The task a run trained on (:func:`zotune.train.rundir.run_task_spec`)."""
+    from .train.rundir import run_task_spec as spec
 
-    copy = run / TASK_COPY
-    if copy.is_file():
-        return str(copy)
-    spec = cfg.data.task
-    if not is_task_file(spec) or Path(spec).is_file():
-        return spec
-    raise ValueError(
-        f"{run}: its task file {spec} is not found from {Path.cwd()} (the run was started in another directory and "
-        "keeps no copy of its task): pass --task PATH"
-    )
+    return spec(run, cfg)
 
 
 def _load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head).
+    """``(model, tokenizer, config)`` of a run directory (:func:`zotune.train.rundir.load_run_base`)."""
+    from .train.rundir import load_run_base
 
-    ``task`` (default: the run's own, :func:`run_task_spec`, whose changed data files only warn here) gives a
-    classification head its number of labels; a causal LM does not need it, so a missing task file only warns."""
-    from .train.data import resolve_task
-    from .train.setup import load_model
-
-    cfg = cfg or _run_config(run)
-    if task is None:
-        try:
-            task = resolve_task(run_task_spec(run, cfg), on_change="warn")
-        except (ValueError, FileNotFoundError) as err:
-            if cfg.model.kind == "seq-cls":  # its head's size comes from the task's labels
-                raise
-            print(f"zotune: warning: {err}; the model does not need it", file=sys.stderr)
-    labels = len(task.verbalizer) if task is not None and task.verbalizer else None
-    model, tok, _ = load_model(cfg, cfg.seed, labels, run=run)
-    return model, tok, cfg
+    return load_run_base(run, task, cfg)
 
 
 def run_weights(run: Path, which: str = "best") -> Path:

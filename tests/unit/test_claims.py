@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -429,6 +430,23 @@ def test_deadline_stops_launching_and_stops_a_running_cell(workdir, tmp_path):
     assert any("started reviews-mezo-s0 (fresh; needs ~" in m and "a later run resumes it" in m for m in said), said
     st = {s.cell.name: s for s in cl.statuses(p, out, Results.load(res))[0]}["reviews-mezo-s0"]
     assert st.state == "unfinished" and st.forwards_done > 0, (st, said)
+    # the run ends by parking it in RESULTS/parked without the weights its update log rebuilds; a fresh checkout
+    # (no OUT folder) resumes it from there: copied back, weights replayed and checked against their sha256
+    parked = res / "parked" / "reviews-mezo-s0"
+    assert any(f"reviews-mezo-s0: parked at step {st.resume_step} in" in m for m in said), said
+    assert (parked / "updates.jsonl").is_file() and not list(parked.rglob("trainable.safetensors"))
+    shutil.rmtree(out / "reviews-mezo-s0")
+    again = {s.cell.name: s for s in cl.statuses(p, out, Results.load(res))[0]}["reviews-mezo-s0"]
+    assert again.state == "unfinished" and again.resume_step == st.resume_step and "parked in" in again.detail
+    said.clear()
+    got = cl.run_grid(p, out, res, device="cpu", lanes=1, only=["*-mezo-s0"], deadline=15, grace=20, poll=0.2,
+                      carry_over=True, log=said.append)  # fmt: skip
+    assert any("reviews-mezo-s0: copied from" in m for m in said), said
+    cell_log = (out / "logs" / "reviews-mezo-s0.log").read_text()
+    assert f"rebuilt from {st.resume_step} logged steps (sha256 as recorded)" in cell_log, cell_log[-2000:]
+    later = {s.cell.name: s for s in cl.statuses(p, out, Results.load(res))[0]}["reviews-mezo-s0"]
+    assert later.resume_step > st.resume_step, (later, said)  # it went on from there
+    assert cl.results.checkpoint_step(parked) == later.resume_step  # and the parked copy moved with it
 
 
 def test_cells_start_in_the_order_of_the_only_globs(workdir, tmp_path):

@@ -35,6 +35,7 @@ MODULES = [
     "zotune.train.checkpoint",
     "zotune.train.safety",
     "zotune.train.plot",
+    "zotune.train.portable",
     "zotune.bench.claims",
     "zotune.bench.claims.driver",
     "zotune.bench.claims.reach",

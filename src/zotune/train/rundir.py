@@ -43,7 +43,10 @@ __all__ = [
     "OpenedRun",
     "export_model",
     "export_size",
+    "load_run_base",
     "prepare_run_dir",
+    "read_run_config",
+    "run_task_spec",
     "tensor_bytes",
     "versions",
     "write_json",
@@ -207,3 +210,57 @@ def export_size(model: Any, trained: dict[str, Any]) -> int:
 def tensor_bytes(tensors: dict[str, Any]) -> int:
     """Bytes of ``tensors`` as a checkpoint stores them."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading a finished or stopped run
+
+
+def read_run_config(run: Path) -> Any:
+    """The typed config of a run directory (``RUN/config.yaml``)."""
+    import yaml
+
+    from .config import run_config_from_dict
+
+    return run_config_from_dict(yaml.safe_load((Path(run) / "config.yaml").read_text()))
+
+
+def run_task_spec(run: Path, cfg: Any) -> str:
+    """The task a run trained on, usable from any directory: its copy ``RUN/task.yaml`` when it has one, else its
+    config's ``data.task`` (a registered name, or a task file found as stored: absolute, or from here)."""
+    from ..tasks.provenance import TASK_COPY, is_task_file
+
+    copy = Path(run) / TASK_COPY
+    if copy.is_file():
+        return str(copy)
+    spec = cfg.data.task
+    if not is_task_file(spec) or Path(spec).is_file():
+        return spec
+    raise ValueError(
+        f"{run}: its task file {spec} is not found from {Path.cwd()} (the run was started in another directory and "
+        "keeps no copy of its task): pass --task PATH"
+    )
+
+
+def load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head, mask).
+
+    ``task`` (default: the run's own, :func:`run_task_spec`, whose changed data files only warn here) gives a
+    classification head its number of labels; a causal LM does not need it, so a missing task file only warns."""
+    import sys
+
+    from .data import resolve_task
+    from .setup import load_model
+
+    run = Path(run)
+    cfg = cfg or read_run_config(run)
+    if task is None:
+        try:
+            task = resolve_task(run_task_spec(run, cfg), on_change="warn")
+        except (ValueError, FileNotFoundError) as err:
+            if cfg.model.kind == "seq-cls":  # its head's size comes from the task's labels
+                raise
+            print(f"zotune: warning: {err}; the model does not need it", file=sys.stderr)
+    labels = len(task.verbalizer) if task is not None and task.verbalizer else None
+    model, tok, _ = load_model(cfg, cfg.seed, labels, run=run)
+    return model, tok, cfg

@@ -18,14 +18,18 @@ the table, in no comparison; its cell runs again under the protocol.
 A cell runs as ``python -m zotune.bench.claims cell CONFIG.yaml``: the config is built with
 :func:`zotune.train.run_config_from_dict` from the recipe YAML and an overrides dict, so a cell needs neither an
 installed zotune nor jsonargparse (``PYTHONPATH=src`` is enough), and resumes from its newest checkpoint when it was
-stopped. Finished cells are summarized (:func:`zotune.bench.accuracy.summarize`) into ``RESULTS/runs.jsonl`` with
-their full config in ``RESULTS/configs/CELL.yaml``.
+stopped. A ``run`` ends by parking its unfinished cells in ``RESULTS/parked/CELL`` (the run folder without the
+weights its update log rebuilds, :mod:`zotune.train.portable`): committed with the results, they resume on another
+checkout, their weights replayed and checked against their recorded sha256. Finished cells are summarized
+(:func:`zotune.bench.accuracy.summarize`) into ``RESULTS/runs.jsonl`` with their full config in
+``RESULTS/configs/CELL.yaml``.
 
 Commands (``bash benchmarks/claims.sh ...`` runs the same with the checkout's ``src`` on the path)::
 
     python -m zotune.bench.claims plan                          # every cell and its status
     python -m zotune.bench.claims run --lanes 2 --device cpu    # pending cells, 2 at a time, resumable
     python -m zotune.bench.claims run --device cuda --lanes 8 --deadline-seconds 480 --out /tmp/claims
+    python -m zotune.bench.claims park                          # unfinished cells into RESULTS/parked, no weights
     python -m zotune.bench.claims pack --out /tmp/claims claims.tar.gz     # finished cells without weights
     python -m zotune.bench.claims unpack claims.tar.gz          # into --out, then summarized into --results
     python -m zotune.bench.claims table                         # RESULTS/claims.md (the results page section)
@@ -75,8 +79,10 @@ from .results import (
     Results,
     Status,
     expected_config,
+    park,
     pick_lr,
     picks,
+    restore_parked,
     set_aside,
     set_aside_unstable,
     statuses,
@@ -113,6 +119,7 @@ __all__ = [
     "main",
     "methods_table",
     "pack",
+    "park",
     "pick_lr",
     "picks",
     "profile_of",
@@ -120,6 +127,7 @@ __all__ = [
     "reach_interval",
     "reach_summary",
     "resolved",
+    "restore_parked",
     "run_cell",
     "run_grid",
     "run_reach",

@@ -14,7 +14,7 @@ from .cell import check_cell, run_cell
 from .driver import format_plan, profile_of, run_grid, selected
 from .protocol import PROFILES, PROTOCOL, TASKS, smoke_protocol
 from .reach import run_reach
-from .results import Results, set_aside, statuses, summarize_finished
+from .results import Results, park, set_aside, statuses, summarize_finished
 from .verdicts import table
 
 
@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--max-failures", type=int, default=3)
     r.add_argument("--model", help="the model's name or path (e.g. the GGUF file carried to another machine)")
     sub.add_parser("summarize", parents=[common], help="summarize finished cells into --results")
+    sub.add_parser(
+        "park", parents=[common, grid_opts],
+        help="keep the unfinished cells in RESULTS/parked without their weights (run does it as it ends)",
+    )  # fmt: skip
     pk = sub.add_parser("pack", parents=[common], help="tarball of the finished cells (no weights)")
     pk.add_argument("tarball")
     up = sub.add_parser("unpack", parents=[common], help="unpack a tarball into --out and summarize it")
@@ -102,7 +106,7 @@ def _dispatch(a: argparse.Namespace) -> int:
                   f"(zero-shot {row['zero_shot_dev']:.3f}), test {row['test']:.3f} (n = {row['test_n']}), "
                   f"{row['seconds']:.0f} s on {row['device']}")  # fmt: skip
         return 0 if summary["counts"] == {"done": 2} else 1
-    if a.command in ("plan", "run"):
+    if a.command in ("plan", "run", "park"):
         profile = a.profile or profile_of(a.device)
     if a.command == "plan":
         sts, chosen = statuses(protocol, out, Results.load(a.results), profile)
@@ -119,6 +123,10 @@ def _dispatch(a: argparse.Namespace) -> int:
         )  # fmt: skip
         failed = any(v.startswith("failed") for v in summary["outcomes"].values())
         return 1 if failed else 0
+    if a.command == "park":
+        done = park(protocol, out, Results.load(a.results), profile)
+        print(", ".join(f"{k} {len(v)}" for k, v in done.items()))
+        return 1 if done["refused"] else 0
     if a.command == "summarize":
         added = summarize_finished(protocol, out, Results.load(a.results))
         print(f"summarized {len(added)} cell(s) into {a.results}: {', '.join(added) or 'none new'}")

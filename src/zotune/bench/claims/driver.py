@@ -24,9 +24,11 @@ from .results import (
     checkpoint_step,
     done_detail,
     format_lrs,
+    park,
     picks,
     prune_run,
     prune_what,
+    restore_parked,
     set_aside_unstable,
     statuses,
     summarize_cell,
@@ -219,6 +221,8 @@ def run_grid(
                         _prepare_model(model or protocol.model, log)
                         model_ready = True
                     lr = picks(protocol, results).get((st.cell.task, st.cell.row.name), {}).get("lr")
+                    if restore_parked(st.cell.name, out, results):
+                        log(f"[{now:7.0f} s] {st.cell.name}: copied from {results.parked_path(st.cell.name)}")
                     try:
                         running[st.cell.name] = _launch(st, protocol, out, device, lr, model, env)
                     except ValueError as err:  # a config the protocol cannot build (a bad row): named, not run
@@ -231,6 +235,7 @@ def run_grid(
             if not running and not ready:
                 break
             time.sleep(poll)
+        park(protocol, out, results, profile, log)  # unfinished cells outlive this checkout's OUT folder
     final, _ = statuses(protocol, out, results, profile)
     counts: dict[str, int] = {}
     for st in final:

@@ -1,0 +1,175 @@
+"""A stopped ZO run carried without its weights, and the weights rebuilt bit for bit from its update log.
+
+A full-parameter ZO checkpoint is the whole model again (538 MB for SmolLM2-135M), yet all it holds beyond the base
+model is the update log: the step's seeds and projected gradients, a few hundred bytes a step. :func:`light_copy`
+copies a run folder without the weights that the log rebuilds (``trainable.safetensors`` of ``RUN/checkpoints/``
+and ``RUN/best/``): a run stopped part-way fits in a few megabytes and can be kept anywhere, e.g. committed beside
+the results it will add to. :func:`rebuild_weights` writes those files back by replaying the newest checkpoint's own
+log on the run's base model (:func:`zotune.core.replay`, the same floats as the run wrote), then checks each file
+against the sha256 its checkpoint recorded, so the run resumes exactly where it stopped, or the rebuild is refused
+with the file named (another device class, another library version: the run then starts again).
+
+Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run without an update log
+(first-order), and Bilevel ZOFO's (its adapters are first-order; the log rebuilds only the base).
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> light_copy(Path(tempfile.mkdtemp()) / "no-run", Path(tempfile.mkdtemp()) / "copy")
+    Traceback (most recent call last):
+    ...
+    ValueError: ... is not a run folder (no config.yaml)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+
+__all__ = ["light_copy", "rebuild_weights", "rebuildable", "missing_weights"]
+
+MAX_BYTES = 16 * 2**20
+"""The largest file :func:`light_copy` copies (16 MiB): a weight file it cannot rebuild is refused, named."""
+
+
+def _log_method(run: Path) -> str | None:
+    """The method of the update log of ``run``'s newest checkpoint (None: no checkpoint, or no log: first-order)."""
+    newest = ckpt.latest_checkpoint(run)
+    log = ckpt.checkpoint_update_log(newest) if newest is not None else None
+    return None if log is None else str(log.header.get("method"))
+
+
+def rebuildable(run: str | os.PathLike) -> bool:
+    """Whether the weights of ``run``'s checkpoints can be rebuilt from its update log (a ZO run, not Bilevel ZOFO,
+    whose adapters are first-order)."""
+    method = _log_method(Path(run))
+    return method is not None and method != "zofo"
+
+
+def _weight_files(run: Path) -> list[Path]:
+    """The newest checkpoint's and the newest best weights' ``trainable.safetensors`` (the ones a resume reads)."""
+    found = [ckpt.latest_checkpoint(run), ckpt.latest_checkpoint(run, "best")]
+    return [p / ckpt.TENSORS for p in found if p is not None]
+
+
+def light_copy(run: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
+    """Copy the run folder ``run`` to ``dest`` (replaced whole, atomically) without the weights its update log
+    rebuilds; return what was copied and left out.
+
+    Only the newest checkpoint and the newest best weights are kept (what a resume reads); temporary and hidden
+    files are skipped. Any other file larger than ``max_bytes`` is refused (ValueError naming it, nothing written),
+    e.g. a first-order run's weights."""
+    run, dest = Path(run), Path(dest)
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{run} is not a run folder (no config.yaml)")
+    newest = ckpt.latest_checkpoint(run)
+    if newest is None:
+        raise ValueError(f"{run} has no complete checkpoint: there is nothing to resume from")
+    ckpt.verify_checkpoint(newest)
+    keep_dirs = {p.parent for p in _weight_files(run)}
+    left_out = set(_weight_files(run)) if rebuildable(run) else set()
+    files: list[Path] = []
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.parts[0] in ("checkpoints", "best") and (len(rel.parts) != 3 or path.parent not in keep_dirs):
+            continue  # older checkpoints, pruned later anyway
+        if path in left_out:
+            continue
+        size = path.stat().st_size
+        if size > max_bytes:
+            why = "its update log cannot rebuild it" if path.name == ckpt.TENSORS else "too large to carry"
+            raise ValueError(f"{path}: {_size(size)}, over the {_size(max_bytes)} a light copy takes ({why})")
+        files.append(rel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.make_temp_dir(dest.parent, f".tmp-{dest.name}-")
+    try:
+        for rel in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run / rel, tmp / rel)
+        if dest.exists():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "run": str(run),
+        "copy": str(dest),
+        "step": _step(newest),
+        "files": [str(r) for r in files],
+        "bytes": sum((dest / r).stat().st_size for r in files),
+        "rebuilt_by_replay": sorted(str(p.relative_to(run)) for p in left_out),
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _step(folder: Path) -> int:
+    meta = json.loads((folder / ckpt.META).read_text())
+    return int(meta["loop"]["step"] if "loop" in meta else meta["step"])
+
+
+def missing_weights(run: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders of ``run`` (newest checkpoint, newest best) whose weights file is missing."""
+    return [p.parent for p in _weight_files(Path(run)) if not p.exists()]
+
+
+def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Write back the missing ``trainable.safetensors`` of ``run``'s newest checkpoint and best weights by replaying
+    the checkpoint's own update log on the run's base model; each file must match the sha256 its checkpoint
+    recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise, the file not written). Returns the files
+    written (none when nothing was missing)."""
+    import torch
+
+    from ..core import replay
+    from .rundir import load_run_base
+
+    run = Path(run)
+    todo = missing_weights(run)
+    if not todo:
+        return []
+    if not rebuildable(run):
+        raise ValueError(f"{run}: {todo[0] / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
+    newest = ckpt.latest_checkpoint(run)
+    assert newest is not None
+    updates = ckpt.checkpoint_update_log(newest)
+    assert updates is not None
+    model, _, _ = load_run_base(run)
+    base = {n: t.detach().clone() for n, t in ckpt.trainable_tensors(model).items()}
+    written = []
+    for folder in sorted(todo, key=_step):
+        step = _step(folder)
+        if step > len(updates):
+            raise ckpt.CheckpointError(f"{folder}: step {step}, but the update log holds {len(updates)} steps")
+        with torch.no_grad():
+            for n, p in ckpt.trainable_tensors(model).items():
+                p.copy_(base[n])
+        replay(model, updates, steps=step)
+        tmp = folder / f".tmp-{ckpt.TENSORS}"
+        ckpt.save_tensors(tmp, ckpt.trainable_tensors(model))
+        expected = (ckpt._sums(folder) or {}).get(ckpt.TENSORS)
+        if expected is None or ckpt._sha256(tmp) != expected:
+            tmp.unlink()
+            raise ckpt.CheckpointError(
+                f"{folder / ckpt.TENSORS}: the weights replayed from the update log ({step} steps) do not match the "
+                "checksum the run recorded (another device class or library version?): the run cannot resume from "
+                "this copy"
+            )
+        os.replace(tmp, folder / ckpt.TENSORS)
+        written.append(folder / ckpt.TENSORS)
+        log(f"{folder / ckpt.TENSORS}: rebuilt from {step} logged steps (sha256 as recorded)")
+    return written
