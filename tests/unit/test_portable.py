@@ -62,6 +62,11 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
     moved = [n for n in a if not torch.equal(a[n], weights(ckpt.latest_checkpoint(split))[n])]
     assert moved, "the last two steps moved no weight: the comparison below would prove nothing"
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # `--resume true` on a light copy rebuilds the weights itself
+    light_copy(split, tmp_path / "direct")
+    train(run_config_from_dict(config(workdir, tmp_path / "direct", method) | {"resume": True}))
+    c = weights(ckpt.latest_checkpoint(tmp_path / "direct"))
+    assert all(torch.equal(a[n], c[n]) for n in a)
 
 
 def test_weights_that_do_not_replay_to_their_checksum_are_refused_and_not_written(workdir, tmp_path):

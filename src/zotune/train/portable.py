@@ -7,7 +7,8 @@ and ``RUN/best/``): a run stopped part-way fits in a few megabytes and can be ke
 the results it will add to. :func:`rebuild_weights` writes those files back by replaying the newest checkpoint's own
 log on the run's base model (:func:`zotune.core.replay`, the same floats as the run wrote), then checks each file
 against the sha256 its checkpoint recorded, so the run resumes exactly where it stopped, or the rebuild is refused
-with the file named (another device class, another library version: the run then starts again).
+with the file named (another device class, another library version: the run then starts again). Resuming a light
+copy (``zotune train ... --resume true``) rebuilds its weights first by itself.
 
 Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run without an update log
 (first-order), and Bilevel ZOFO's (its adapters are first-order; the log rebuilds only the base).

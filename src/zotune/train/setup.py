@@ -35,7 +35,7 @@ from ..methods.steppers import StepContext, Stepper
 from ..tasks import model_max_length
 from ..tasks.provenance import TASK_COPY, absolute_task_spec, data_digests, snapshot_task
 from . import checkpoint as ckpt
-from . import schedule
+from . import portable, schedule
 from .config import ConfigError, config_diff, config_digest, config_to_dict
 from .data import (
     build_splits,
@@ -540,6 +540,8 @@ def restore(
     optimizer state, so only rank 0 needs the run directory and any number of ranks can resume it."""
     main, loaded, error = zd.is_main(), None, None
     if main:
+        if portable.missing_weights(run):  # a light copy: the weights come back from the update log, sha256-checked
+            portable.rebuild_weights(run, log=logger.info)
         tensors, blobs, meta = ckpt.load_checkpoint(path)
         changed = config_diff(meta["config"], tree) if "config" in meta else meta.get("digest") != config_digest(tree)
         if changed and not cfg.allow_config_change:
