@@ -3,6 +3,8 @@ update log, the run resumes as if it had never stopped, and what the log cannot 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,9 +14,9 @@ from zotune.train import run_config_from_dict, train
 from zotune.train.portable import light_copy, missing_weights, rebuild_weights
 
 
-def config(workdir, out, method="mezo", **train_keys) -> dict:
+def config(workdir, out, method="mezo", model=None, **train_keys) -> dict:
     return {
-        "model": {"name": str(workdir / "model")},
+        "model": {"name": str(workdir / "model")} | (model or {}),
         "data": {"task": str(workdir / "reviews.yaml"), "protocol": "files"},
         "train": {"steps": 4, "batch_size": 4, "eval_every": 1, "checkpoint_every": 2, "progress": False}
         | {"test": False}
@@ -29,11 +31,25 @@ def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["mezo", "packed_lozo_m"])  # in place; packed with deferred updates + momentum
-def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tmp_path, method):
+SENSZOQ = {"peft": "sparse", "sparsity": 0.02, "calibration_tokens": 256, "quantize": "nf4"}
+
+
+@pytest.mark.parametrize(
+    ("method", "model"),
+    [
+        ("mezo", None),  # in place
+        ("packed_lozo_m", None),  # packed, with deferred updates and momentum
+        pytest.param("mezo", SENSZOQ, id="senszoq", marks=pytest.mark.skipif(
+            importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")),
+    ],
+)  # fmt: skip
+def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tmp_path, method, model):
     straight, split, carried = tmp_path / "straight", tmp_path / "split", tmp_path / "elsewhere" / "carried"
-    train(run_config_from_dict(config(workdir, straight, method)))
-    train(run_config_from_dict(config(workdir, split, method, steps=2)))
+    if model is not None:  # SensZOQ: the mask (RUN/mask.safetensors) is carried, the sparse values are replayed
+        (tmp_path / "calib.txt").write_text("the film was good and the play was bad, a fine dull day. " * 40)
+        model = model | {"calibration": str(tmp_path / "calib.txt")}
+    train(run_config_from_dict(config(workdir, straight, method, model)))
+    train(run_config_from_dict(config(workdir, split, method, model, steps=2)))
     (split / "checkpoints" / ".tmp-step-000009-x").mkdir()  # an interrupted save: not carried
     # the tiny model's dev accuracy does not move in 2 steps, so its best weights are the base's (step 0); make them
     # step 2's, as a run whose dev rose there has them: each rebuild must then start again from the base weights
@@ -57,14 +73,14 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
         assert f.read_bytes() == (split / f.relative_to(carried)).read_bytes()
     assert rebuild_weights(carried) == [] and missing_weights(carried) == []
 
-    train(run_config_from_dict(config(workdir, carried, method) | {"resume": True}))
+    train(run_config_from_dict(config(workdir, carried, method, model) | {"resume": True}))
     a, b = weights(ckpt.latest_checkpoint(straight)), weights(ckpt.latest_checkpoint(carried))
     moved = [n for n in a if not torch.equal(a[n], weights(ckpt.latest_checkpoint(split))[n])]
     assert moved, "the last two steps moved no weight: the comparison below would prove nothing"
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     # `--resume true` on a light copy rebuilds the weights itself
     light_copy(split, tmp_path / "direct")
-    train(run_config_from_dict(config(workdir, tmp_path / "direct", method) | {"resume": True}))
+    train(run_config_from_dict(config(workdir, tmp_path / "direct", method, model) | {"resume": True}))
     c = weights(ckpt.latest_checkpoint(tmp_path / "direct"))
     assert all(torch.equal(a[n], c[n]) for n in a)
 
