@@ -175,11 +175,16 @@ def load_for_eval(
 ) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, run config or None)`` for a run directory (its ``weights``: best or last) or any model."""
     from .train import checkpoint as ckpt
+    from .train import portable
 
     path = Path(target)
     if _is_run(path):
         model, tok, cfg = _load_run_base(path, task)
-        ckpt.load_trainable(model, run_weights(path, weights) / "trainable.safetensors")
+        folder = run_weights(path, weights)
+        if (folder / ckpt.TENSORS).exists():
+            ckpt.load_trainable(model, folder / ckpt.TENSORS)
+        else:  # a light copy (zotune.train.portable): the weights come from the update log, sha256-checked
+            portable.replay_checkpoint(model, path, folder)
         return model, tok, cfg
     from .models import load
 

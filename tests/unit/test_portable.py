@@ -4,11 +4,14 @@ update log, the run resumes as if it had never stopped, and what the log cannot 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from zotune.cli import load_for_eval
+from zotune.cli import main as cli
 from zotune.train import checkpoint as ckpt
 from zotune.train import run_config_from_dict, train
 from zotune.train.portable import light_copy, missing_weights, rebuild_weights
@@ -78,8 +81,14 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
     moved = [n for n in a if not torch.equal(a[n], weights(ckpt.latest_checkpoint(split))[n])]
     assert moved, "the last two steps moved no weight: the comparison below would prove nothing"
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    # `--resume true` on a light copy rebuilds the weights itself
+    # `zotune eval` reads a light copy's best weights from its update log (writing nothing); `--resume true` on it
+    # rebuilds the weights itself
     light_copy(split, tmp_path / "direct")
+    assert cli(["eval", str(tmp_path / "direct"), "--split", "dev", "--out", str(tmp_path / "dev.json")]) == 0
+    assert json.loads((tmp_path / "dev.json").read_text())["weights"].endswith(best.name)
+    evaluated = dict(load_for_eval(str(tmp_path / "direct"))[0].named_parameters())
+    assert all(torch.equal(evaluated[n], t) for n, t in weights(best).items())
+    assert len(missing_weights(tmp_path / "direct")) == 2
     train(run_config_from_dict(config(workdir, tmp_path / "direct", method, model) | {"resume": True}))
     c = weights(ckpt.latest_checkpoint(tmp_path / "direct"))
     assert all(torch.equal(a[n], c[n]) for n in a)

@@ -8,7 +8,8 @@ the results it will add to. :func:`rebuild_weights` writes those files back by r
 log on the run's base model (:func:`zotune.core.replay`, the same floats as the run wrote), then checks each file
 against the sha256 its checkpoint recorded, so the run resumes exactly where it stopped, or the rebuild is refused
 with the file named (another device class, another library version: the run then starts again). Resuming a light
-copy (``zotune train ... --resume true``) rebuilds its weights first by itself.
+copy (``zotune train ... --resume true``) rebuilds its weights first by itself, and ``zotune eval`` of a light copy
+replays its weights in memory (:func:`replay_checkpoint`), writing nothing.
 
 Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run without an update log
 (first-order), and Bilevel ZOFO's (its adapters are first-order; the log rebuilds only the base).
@@ -33,7 +34,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 
-__all__ = ["light_copy", "rebuild_weights", "rebuildable", "missing_weights"]
+__all__ = ["light_copy", "missing_weights", "rebuild_weights", "rebuildable", "replay_checkpoint"]
 
 MAX_BYTES = 16 * 2**20
 """The largest file :func:`light_copy` copies (16 MiB): a weight file it cannot rebuild is refused, named."""
@@ -129,14 +130,45 @@ def missing_weights(run: str | os.PathLike) -> list[Path]:
     return [p.parent for p in _weight_files(Path(run)) if not p.exists()]
 
 
-def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = print) -> list[Path]:
-    """Write back the missing ``trainable.safetensors`` of ``run``'s newest checkpoint and best weights by replaying
-    the checkpoint's own update log on the run's base model; each file must match the sha256 its checkpoint
-    recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise, the file not written). Returns the files
-    written (none when nothing was missing)."""
-    import torch
+def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathLike) -> bytes:
+    """Replay ``run``'s update log on ``model`` (holding the run's base weights, :func:`~zotune.train.rundir.
+    load_run_base`) up to the step of the checkpoint ``folder`` (``RUN/checkpoints/step-N`` or ``RUN/best/step-N``);
+    return the bytes of that checkpoint's ``trainable.safetensors``, checked against the sha256 it recorded
+    (:class:`~zotune.train.checkpoint.CheckpointError` otherwise). The model then holds those weights."""
+    import hashlib
+
+    from safetensors.torch import save
 
     from ..core import replay
+
+    run, folder = Path(run), Path(folder)
+    newest = ckpt.latest_checkpoint(run)
+    updates = ckpt.checkpoint_update_log(newest) if newest is not None else None
+    if updates is None or not rebuildable(run):
+        raise ValueError(f"{run}: {folder / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
+    step = _step(folder)
+    if step > len(updates):
+        raise ckpt.CheckpointError(f"{folder}: step {step}, but the update log holds {len(updates)} steps")
+    replay(model, updates, steps=step)
+    data = save({n: t.detach().contiguous().cpu() for n, t in ckpt.trainable_tensors(model).items()})
+    expected = (ckpt._sums(folder) or {}).get(ckpt.TENSORS)
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise ckpt.CheckpointError(
+            f"{folder / ckpt.TENSORS}: the weights replayed from the update log ({step} steps) do not match the "
+            "checksum the run recorded (another device class or library version?): the run cannot resume from "
+            "this copy"
+        )
+    return data
+
+
+def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Write back the missing ``trainable.safetensors`` of ``run``'s newest checkpoint and best weights by replaying
+    the checkpoint's own update log on the run's base model (:func:`replay_checkpoint`); each file must match the
+    sha256 its checkpoint recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise, the file not
+    written). Returns the files written (none when nothing was missing)."""
+    import torch
+
+    from ..core.log import atomic_write_bytes
     from .rundir import load_run_base
 
     run = Path(run)
@@ -145,32 +177,14 @@ def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = prin
         return []
     if not rebuildable(run):
         raise ValueError(f"{run}: {todo[0] / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
-    newest = ckpt.latest_checkpoint(run)
-    assert newest is not None
-    updates = ckpt.checkpoint_update_log(newest)
-    assert updates is not None
     model, _, _ = load_run_base(run)
     base = {n: t.detach().clone() for n, t in ckpt.trainable_tensors(model).items()}
     written = []
     for folder in sorted(todo, key=_step):
-        step = _step(folder)
-        if step > len(updates):
-            raise ckpt.CheckpointError(f"{folder}: step {step}, but the update log holds {len(updates)} steps")
         with torch.no_grad():
             for n, p in ckpt.trainable_tensors(model).items():
                 p.copy_(base[n])
-        replay(model, updates, steps=step)
-        tmp = folder / f".tmp-{ckpt.TENSORS}"
-        ckpt.save_tensors(tmp, ckpt.trainable_tensors(model))
-        expected = (ckpt._sums(folder) or {}).get(ckpt.TENSORS)
-        if expected is None or ckpt._sha256(tmp) != expected:
-            tmp.unlink()
-            raise ckpt.CheckpointError(
-                f"{folder / ckpt.TENSORS}: the weights replayed from the update log ({step} steps) do not match the "
-                "checksum the run recorded (another device class or library version?): the run cannot resume from "
-                "this copy"
-            )
-        os.replace(tmp, folder / ckpt.TENSORS)
-        written.append(folder / ckpt.TENSORS)
-        log(f"{folder / ckpt.TENSORS}: rebuilt from {step} logged steps (sha256 as recorded)")
+        data = replay_checkpoint(model, run, folder)
+        written.append(atomic_write_bytes(folder / ckpt.TENSORS, data))
+        log(f"{folder / ckpt.TENSORS}: rebuilt from {_step(folder)} logged steps (sha256 as recorded)")
     return written
