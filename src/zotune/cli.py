@@ -150,8 +150,8 @@ def run_task_spec(run: Path, cfg: Any) -> str:
 
 
 def _load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, config)`` of a run directory (:func:`zotune.train.rundir.load_run_base`)."""
-    from .train.rundir import load_run_base
+    """``(model, tokenizer, config)`` of a run directory (:func:`zotune.train.setup.load_run_base`)."""
+    from .train.setup import load_run_base
 
     return load_run_base(run, task, cfg)
 

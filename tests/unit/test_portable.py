@@ -15,6 +15,7 @@ from zotune.cli import main as cli
 from zotune.train import checkpoint as ckpt
 from zotune.train import run_config_from_dict, train
 from zotune.train.portable import light_copy, missing_weights, rebuild_weights
+from zotune.train.setup import load_run_base
 
 
 def config(workdir, out, method="mezo", model=None, **train_keys) -> dict:
@@ -70,11 +71,12 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
     assert (carried / "updates.jsonl").read_bytes() == (split / "updates.jsonl").read_bytes()
     assert sorted(p.parent.name for p in missing_weights(carried)) == ["best", "checkpoints"]
 
-    written = rebuild_weights(carried, log=lambda m: None)
+    base = load_run_base(carried)[0]
+    written = rebuild_weights(carried, base, log=lambda m: None)
     assert len(written) == 2
     for f in written:  # the very bytes the run wrote (their sha256 was checked before they were put in place)
         assert f.read_bytes() == (split / f.relative_to(carried)).read_bytes()
-    assert rebuild_weights(carried) == [] and missing_weights(carried) == []
+    assert rebuild_weights(carried, base) == [] and missing_weights(carried) == []
 
     train(run_config_from_dict(config(workdir, carried, method, model) | {"resume": True}))
     a, b = weights(ckpt.latest_checkpoint(straight)), weights(ckpt.latest_checkpoint(carried))
@@ -104,7 +106,7 @@ def test_weights_that_do_not_replay_to_their_checksum_are_refused_and_not_writte
         "".join(("0" * 64 + "  trainable.safetensors" if "trainable" in x else x) + "\n" for x in lines)
     )  # as if the weights had been written on another device class
     with pytest.raises(ckpt.CheckpointError, match=r"replayed from the update log \(2 steps\) do not match"):
-        rebuild_weights(carried, log=lambda m: None)
+        rebuild_weights(carried, load_run_base(carried)[0], log=lambda m: None)
     folder = carried / "checkpoints" / "step-000002"
     assert not (folder / "trainable.safetensors").exists() and not list(folder.glob(".tmp-*"))
 

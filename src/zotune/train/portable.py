@@ -8,8 +8,8 @@ the results it will add to. :func:`rebuild_weights` writes those files back by r
 log on the run's base model (:func:`zotune.core.replay`, the same floats as the run wrote), then checks each file
 against the sha256 its checkpoint recorded, so the run resumes exactly where it stopped, or the rebuild is refused
 with the file named (another device class, another library version: the run then starts again). Resuming a light
-copy (``zotune train ... --resume true``) rebuilds its weights first by itself, and ``zotune eval`` of a light copy
-replays its weights in memory (:func:`replay_checkpoint`), writing nothing.
+copy (``zotune train ... --resume true``, the claims grid's cells) rebuilds its weights first by itself, and
+``zotune eval`` of a light copy replays its weights in memory (:func:`replay_checkpoint`), writing nothing.
 
 Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run without an update log
 (first-order), and Bilevel ZOFO's (its adapters are first-order; the log rebuilds only the base).
@@ -131,10 +131,11 @@ def missing_weights(run: str | os.PathLike) -> list[Path]:
 
 
 def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathLike) -> bytes:
-    """Replay ``run``'s update log on ``model`` (holding the run's base weights, :func:`~zotune.train.rundir.
-    load_run_base`) up to the step of the checkpoint ``folder`` (``RUN/checkpoints/step-N`` or ``RUN/best/step-N``);
-    return the bytes of that checkpoint's ``trainable.safetensors``, checked against the sha256 it recorded
-    (:class:`~zotune.train.checkpoint.CheckpointError` otherwise). The model then holds those weights."""
+    """Replay ``run``'s update log on ``model`` (holding the run's base weights, from
+    :func:`zotune.train.setup.load_run_base`) up to the step of the checkpoint ``folder`` (``RUN/checkpoints/step-N``
+    or ``RUN/best/step-N``); return the bytes of that checkpoint's ``trainable.safetensors``, checked against the
+    sha256 it recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise). The model then holds those
+    weights."""
     import hashlib
 
     from safetensors.torch import save
@@ -161,15 +162,13 @@ def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathL
     return data
 
 
-def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = print) -> list[Path]:
+def rebuild_weights(run: str | os.PathLike, model: Any, *, log: Callable[[str], None] = print) -> list[Path]:
     """Write back the missing ``trainable.safetensors`` of ``run``'s newest checkpoint and best weights by replaying
-    the checkpoint's own update log on the run's base model (:func:`replay_checkpoint`); each file must match the
-    sha256 its checkpoint recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise, the file not
-    written). Returns the files written (none when nothing was missing)."""
-    import torch
-
+    the checkpoint's own update log (:func:`replay_checkpoint`) on ``model``, the run's base model as loaded
+    (:func:`zotune.train.setup.load_run_base`; its trained tensors are put back to the base weights afterwards).
+    Each file must match the sha256 its checkpoint recorded (:class:`~zotune.train.checkpoint.CheckpointError`
+    otherwise, the file not written). Returns the files written (none when nothing was missing)."""
     from ..core.log import atomic_write_bytes
-    from .rundir import load_run_base
 
     run = Path(run)
     todo = missing_weights(run)
@@ -177,14 +176,22 @@ def rebuild_weights(run: str | os.PathLike, *, log: Callable[[str], None] = prin
         return []
     if not rebuildable(run):
         raise ValueError(f"{run}: {todo[0] / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
-    model, _, _ = load_run_base(run)
     base = {n: t.detach().clone() for n, t in ckpt.trainable_tensors(model).items()}
     written = []
-    for folder in sorted(todo, key=_step):
-        with torch.no_grad():
-            for n, p in ckpt.trainable_tensors(model).items():
-                p.copy_(base[n])
-        data = replay_checkpoint(model, run, folder)
-        written.append(atomic_write_bytes(folder / ckpt.TENSORS, data))
-        log(f"{folder / ckpt.TENSORS}: rebuilt from {_step(folder)} logged steps (sha256 as recorded)")
+    try:
+        for folder in sorted(todo, key=_step):
+            _put_back(model, base)  # each replay starts from the base weights
+            data = replay_checkpoint(model, run, folder)
+            written.append(atomic_write_bytes(folder / ckpt.TENSORS, data))
+            log(f"{folder / ckpt.TENSORS}: rebuilt from {_step(folder)} logged steps (sha256 as recorded)")
+    finally:
+        _put_back(model, base)
     return written
+
+
+def _put_back(model: Any, tensors: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for n, p in ckpt.trainable_tensors(model).items():
+            p.copy_(tensors[n])

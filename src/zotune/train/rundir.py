@@ -43,7 +43,6 @@ __all__ = [
     "OpenedRun",
     "export_model",
     "export_size",
-    "load_run_base",
     "prepare_run_dir",
     "read_run_config",
     "run_task_spec",
@@ -240,27 +239,3 @@ def run_task_spec(run: Path, cfg: Any) -> str:
         f"{run}: its task file {spec} is not found from {Path.cwd()} (the run was started in another directory and "
         "keeps no copy of its task): pass --task PATH"
     )
-
-
-def load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head, mask).
-
-    ``task`` (default: the run's own, :func:`run_task_spec`, whose changed data files only warn here) gives a
-    classification head its number of labels; a causal LM does not need it, so a missing task file only warns."""
-    import sys
-
-    from .data import resolve_task
-    from .setup import load_model
-
-    run = Path(run)
-    cfg = cfg or read_run_config(run)
-    if task is None:
-        try:
-            task = resolve_task(run_task_spec(run, cfg), on_change="warn")
-        except (ValueError, FileNotFoundError) as err:
-            if cfg.model.kind == "seq-cls":  # its head's size comes from the task's labels
-                raise
-            print(f"zotune: warning: {err}; the model does not need it", file=sys.stderr)
-    labels = len(task.verbalizer) if task is not None and task.verbalizer else None
-    model, tok, _ = load_model(cfg, cfg.seed, labels, run=run)
-    return model, tok, cfg

@@ -526,6 +526,30 @@ def replace_seed(cfg: Any) -> Any:
     return replace(section, seed=cfg.seed) if hasattr(section, "seed") else section
 
 
+def load_run_base(run: Path, task: Any = None, cfg: Any = None) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, config)`` of a run directory: its base model as the run built it (LoRA, head, mask).
+
+    ``task`` (default: the run's own, :func:`run_task_spec`, whose changed data files only warn here) gives a
+    classification head its number of labels; a causal LM does not need it, so a missing task file only warns."""
+    import sys
+
+    from .data import resolve_task
+    from .rundir import read_run_config, run_task_spec
+
+    run = Path(run)
+    cfg = cfg or read_run_config(run)
+    if task is None:
+        try:
+            task = resolve_task(run_task_spec(run, cfg), on_change="warn")
+        except (ValueError, FileNotFoundError) as err:
+            if cfg.model.kind == "seq-cls":  # its head's size comes from the task's labels
+                raise
+            print(f"zotune: warning: {err}; the model does not need it", file=sys.stderr)
+    labels = len(task.verbalizer) if task is not None and task.verbalizer else None
+    model, tok, _ = load_model(cfg, cfg.seed, labels, run=run)
+    return model, tok, cfg
+
+
 def restore(
     run: Path,
     path: Path,
@@ -541,7 +565,7 @@ def restore(
     main, loaded, error = zd.is_main(), None, None
     if main:
         if portable.missing_weights(run):  # a light copy: the weights come back from the update log, sha256-checked
-            portable.rebuild_weights(run, log=logger.info)
+            portable.rebuild_weights(run, model, log=logger.info)
         tensors, blobs, meta = ckpt.load_checkpoint(path)
         changed = config_diff(meta["config"], tree) if "config" in meta else meta.get("digest") != config_digest(tree)
         if changed and not cfg.allow_config_change:

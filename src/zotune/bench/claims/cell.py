@@ -14,15 +14,16 @@ def run_cell(config: str | Path) -> int:
     """Run (or resume, or leave alone when finished) the cell whose config is ``config``; the exit status.
 
     Built with :func:`zotune.train.run_config_from_dict` (no jsonargparse). A run folder with a checkpoint resumes
-    (a parked copy's weights rebuilt first from its update log, :func:`zotune.train.portable.rebuild_weights`)
-    from it; one without a checkpoint (stopped before its first) starts again; a folder that is not a run folder is
-    refused, untouched. 0: finished; 3: stopped by the watchdog (its results written); 128 + signal: stopped by
-    SIGINT/SIGTERM (resumable from its last checkpoint); 2: a bad config or folder."""
+    from it (a parked copy's weights are rebuilt first from its update log by the trainer's resume); one without a
+    checkpoint (stopped before its first) starts again; a folder that is not a run folder is refused, untouched.
+    0: finished; 3: stopped by the watchdog (its results written); 128 + signal: stopped by SIGINT/SIGTERM
+    (resumable from its last checkpoint); 2: a bad config or folder, or a parked copy whose weights do not rebuild."""
     import logging
 
     import yaml
 
     from ...train import TrainingStopped, run_config_from_dict, train
+    from ...train.checkpoint import CheckpointError
     from ...train.config import ConfigError
 
     tree = yaml.safe_load(Path(config).read_text())
@@ -35,14 +36,6 @@ def run_cell(config: str | Path) -> int:
             print(f"error: {out} exists and is not a run folder (no config.yaml): move it away", file=sys.stderr)
             return 2
         if checkpoint_step(out) is not None:
-            from ...train.checkpoint import CheckpointError
-            from ...train.portable import rebuild_weights
-
-            try:  # a parked copy: the weights come back from the update log, checked against their sha256
-                rebuild_weights(out, log=lambda msg: print(f"[zotune] {msg}", flush=True))
-            except (CheckpointError, ValueError) as err:
-                print(f"error: {err}; move {out} away to start the cell again", file=sys.stderr)
-                return 2
             tree["resume"] = True
         else:
             tree["overwrite"] = True  # stopped before its first checkpoint: nothing to resume
@@ -52,6 +45,9 @@ def run_cell(config: str | Path) -> int:
         results = train(cfg, argv=["python", "-m", "zotune.bench.claims", "cell", str(config)])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:  # e.g. a parked copy whose replayed weights do not match their checksums
+        print(f"error: {err}; move {out} away to start the cell again", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
