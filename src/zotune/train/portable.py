@@ -74,8 +74,9 @@ def light_copy(run: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: in
     if newest is None:
         raise ValueError(f"{run} has no complete checkpoint: there is nothing to resume from")
     ckpt.verify_checkpoint(newest)
-    keep_dirs = {p.parent for p in _weight_files(run)}
-    left_out = set(_weight_files(run)) if rebuildable(run) else set()
+    weights = _weight_files(run)
+    keep_dirs = {p.parent for p in weights}
+    left_out = set(weights) if rebuildable(run) else set()
     files: list[Path] = []
     for path in sorted(run.rglob("*")):
         rel = path.relative_to(run)
