@@ -732,8 +732,8 @@ def test_stability_rule_sets_aside_diverged_seeds_and_moves_the_pick_below(tmp_p
     assert "| MeZO | sequential | 2.5e-05 (diverged at 5e-05) | missing (0 of 3 seeds)" in text
     assert "Runs set aside (left out of every comparison" in text
     assert (
-        "| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | watchdog: the loss 31.1 stayed above 10 | stability rule |"
-        in text
+        "| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | watchdog: the loss 31.1 stayed above 10 | stability rule "
+        "(stopped by the watchdog) |" in text
     )
     # a set-aside row without its config is refused, as any row is
     (results.folder / "configs" / "superseded" / "sst2-mezo-s0-lr5e-05.yaml").unlink()
@@ -747,6 +747,42 @@ def test_stability_rule_sets_aside_diverged_seeds_and_moves_the_pick_below(tmp_p
     assert pick["lr"] is None and pick["unstable"] == [1.25e-5, 2.5e-5, 5e-5]
     sts = {s.cell.name: s for s in cl.statuses(p, tmp_path / "none", on_disk)[0]}
     assert sts["sst2-mezo-s0"].state == "waiting" and "no stable lr" in sts["sst2-mezo-s0"].detail
+
+
+def test_stability_rule_counts_a_training_loss_that_rose_and_drops_a_parked_copy_at_that_lr(tmp_path):
+    """A constant step too long for the budget makes the loss drift up (FZOO's normalized step: × 1.65 over 222
+    steps) without ever reaching the watchdog's 10 × rule: the lr leaves the pick all the same."""
+    p, results = hand_made(tmp_path, {"mezo": [0.70, 0.71, 0.69], "fo-full": [0.87, 0.86, 0.88]})
+    scan = {c.factor: c.name for c in cl.grid(p) if c.phase == "scan" and c.row.name == "mezo"}
+    results.rows[scan[0.5]]["best_dev"] = 0.65
+    falling = [[2 * i, 0.8 - 0.005 * i] for i in range(40)]  # last tenth ÷ first tenth ≈ 0.77
+    for s in (0, 1, 2):
+        results.rows[f"sst2-mezo-s{s}"] |= {
+            "lr": 5e-5,
+            "stopped": "forward-pass budget reached",
+            "curves": {**results.rows[f"sst2-mezo-s{s}"]["curves"], "loss": falling},
+        }
+    mild = [[2 * i, 0.6 * (1 + 0.2 * (i >= 20))] for i in range(40)]  # × 1.20: noise-sized, not unstable
+    results.rows["sst2-mezo-s2"]["curves"]["loss"] = mild
+    assert cl.loss_rise(results.rows["sst2-mezo-s0"]) == pytest.approx(0.6125 / 0.7925)
+    assert cl.loss_rise(results.rows["sst2-mezo-s2"]) == pytest.approx(1.2)
+    assert cl.loss_rise({"curves": {"loss": falling[:9]}}) is None  # too short a curve to say
+    assert cl.unstable_lrs(results, "sst2", "mezo") == [] and cl.set_aside_unstable(p, results, None) == []
+    rising = [[2 * i, 0.6 + 0.01 * i] for i in range(40)]  # first tenth 0.615, last 0.975: × 1.59
+    results.rows["sst2-mezo-s1"]["curves"]["loss"] = rising
+    results.save([c.name for c in cl.grid(p)])
+    parked = results.parked_path("sst2-mezo-s0")  # a light copy of seed 0 at the left-out lr, from another checkout
+    parked.mkdir(parents=True)
+    (parked / "config.yaml").write_text(yaml.safe_dump(cl.expected_config(cell_named(p, "sst2-mezo-s0"), p, 5e-5)))
+    assert cl.unstable_lrs(results, "sst2", "mezo") == [5e-5]
+    assert cl.pick_lr(p, results, "sst2", p.row("mezo"))["lr"] == 2.5e-5
+    assert sorted(cl.set_aside_unstable(p, results, None)) == ["sst2-mezo-s0", "sst2-mezo-s1", "sst2-mezo-s2"]
+    assert not parked.exists()  # restoring it would have resumed the left-out lr
+    text = cl.table(results.folder, p)
+    assert ("| sst2-mezo-s1 | 5e-05 | 0.720 | 0.710 | — | forward-pass budget reached | stability rule (training "
+            "loss rose × 1.59 from its first tenth of steps to its last) |") in text  # fmt: skip
+    assert "| sst2-mezo-s0 | 5e-05 | 0.720 | 0.700 | — | forward-pass budget reached | stability rule (another" in text
+    assert "its training loss ended above 1.25 × its start" in text
 
 
 def test_set_aside_by_hand_moves_a_row_its_config_and_its_run_and_the_cell_runs_again(tmp_path):

@@ -7,8 +7,9 @@ claim tested) and the budgets of :class:`Protocol`. Every grid cell is one ``zot
 * ``scan`` cells: each scanned method's lr × {1/4, 1/2, 1, 2, 4} (TREC: × {1/4, 1/2, 1}) on seed 0 with a short
   budget; the best dev accuracy picks the lr (ties to the smaller lr), recorded in ``RESULTS/lr/TASK-ROW.json``
   with the scan's numbers;
-* ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget. Stability rule: where the watchdog stopped a
-  seed run (its loss diverged), that lr and every larger one leave the pick; the row's seed runs at them are set
+* ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget. Stability rule: where a seed run diverged
+  (the watchdog stopped it, or its training loss ended above 1.25 × its start), that lr and every larger one leave
+  the pick; the row's seed runs at them are set
   aside (``RESULTS/superseded.jsonl``, kept and shown) and its seeds run again at the new pick;
 * ``refs`` cells: FO-LoRA and FO full (AdamW) at their usual budget and lr, the same seeds.
 
@@ -79,6 +80,7 @@ from .results import (
     Results,
     Status,
     expected_config,
+    loss_rise,
     park,
     pick_lr,
     picks,
@@ -87,6 +89,7 @@ from .results import (
     set_aside_unstable,
     statuses,
     summarize_finished,
+    unstable_lrs,
     write_picks,
 )
 from .verdicts import check_results, claims_section, compare, methods_table, table, verdict
@@ -116,6 +119,7 @@ __all__ = [
     "expected_config",
     "format_plan",
     "grid",
+    "loss_rise",
     "main",
     "methods_table",
     "pack",
@@ -133,6 +137,7 @@ __all__ = [
     "run_reach",
     "set_aside",
     "set_aside_unstable",
+    "unstable_lrs",
     "smoke_protocol",
     "statuses",
     "summarize_finished",

@@ -78,12 +78,41 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+LOSS_ROSE = 1.25  # a seed run whose training loss ends this many times above where it began counts as unstable
+
+
+def loss_rise(row: dict[str, Any]) -> float | None:
+    """The mean training loss over a run's last tenth of logged steps ÷ the mean over its first tenth (None without
+    a loss curve of 10 points). Every stable ZO seed run of the grid ends at 0.47-0.85 × its start; a constant step
+    too long for the budget (FZOO's normalized step) makes the loss drift up without ever tripping the watchdog's
+    10 × rule."""
+    losses = [v for _, v in (row.get("curves") or {}).get("loss") or ()]
+    if len(losses) < 10:
+        return None
+    k = len(losses) // 10
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return last / first if first > 0 else None
+
+
 def _diverged(row: dict[str, Any]) -> bool:
-    return str(row.get("stopped") or "").startswith("watchdog")
+    """Watchdog-stopped, or a training loss that rose (:func:`loss_rise` above :data:`LOSS_ROSE`)."""
+    rise = loss_rise(row)
+    return str(row.get("stopped") or "").startswith("watchdog") or (rise is not None and rise > LOSS_ROSE)
+
+
+def instability(row: dict[str, Any]) -> str:
+    """Why the stability rule counts a seed row as diverged ("" when it does not)."""
+    if str(row.get("stopped") or "").startswith("watchdog"):
+        return "stopped by the watchdog"
+    rise = loss_rise(row)
+    if rise is not None and rise > LOSS_ROSE:
+        return f"training loss rose × {rise:.2f} from its first tenth of steps to its last"
+    return ""
 
 
 def unstable_lrs(results: Results, task: str, row: str) -> list[float]:
-    """The lrs at which the watchdog stopped a seed run of (task, row), kept or set aside (the stability rule)."""
+    """The lrs at which a seed run of (task, row), kept or set aside, diverged: stopped by the watchdog or its
+    training loss rose (:func:`instability`; the stability rule)."""
     found = [*results.rows.values(), *results.superseded]
     return sorted({r["lr"] for r in found if r.get("task") == task and r.get("row") == row
                    and r.get("phase") == "seeds" and r.get("lr") is not None and _diverged(r)})  # fmt: skip
@@ -98,8 +127,8 @@ def pick_lr(protocol: Protocol, results: Results, task: str, row: Row) -> dict[s
     smaller lr. None while the scan is unfinished. The record says whether the pick lies on the grid's edge (the
     best lr may then lie outside the grid) and whether any lr beat the zero-shot dev accuracy.
 
-    Stability rule: the lrs at or above one where the watchdog stopped a seed run (:func:`unstable_lrs`; the
-    500-forward scan is too short to show a divergence that 2,000 forwards do) are left out of the pick and listed
+    Stability rule: the lrs at or above one where a seed run diverged (:func:`unstable_lrs`; the 500-forward scan
+    is too short to show a divergence that 2,000 forwards do) are left out of the pick and listed
     under ``unstable``; ``lr`` is None when no lr of the scan is left."""
     scan = [c for c in grid(protocol) if c.task == task and c.row.name == row.name and c.phase == "scan"]
     found = [results.rows.get(c.name) for c in scan]
@@ -125,8 +154,8 @@ def pick_lr(protocol: Protocol, results: Results, task: str, row: Row) -> dict[s
         "beats_zero_shot": best is not None and (zero_shot is None or best["best_dev"] > zero_shot),
     }
     if unstable:
-        pick["rule"] += (f"; stability rule: lrs from {unstable[0]:.3g} up are left out (the watchdog stopped a "
-                         "seed run there)")  # fmt: skip
+        pick["rule"] += (f"; stability rule: lrs from {unstable[0]:.3g} up are left out (a seed run diverged there: "
+                         "stopped by the watchdog, or its training loss rose)")  # fmt: skip
         pick["unstable"] = unstable
     return pick
 
@@ -285,8 +314,8 @@ def format_lrs(pick: dict[str, Any]) -> str:
 
 def done_detail(row: dict[str, Any]) -> str:
     text = f"best dev {row['best_dev']:.3f}, test {row['test']:.3f}" if row.get("test") is not None else "finished"
-    if _diverged(row):
-        text += " (stopped by the watchdog)"
+    if why := instability(row):
+        text += f" ({why})"
     return text
 
 
@@ -383,10 +412,11 @@ def summarize_finished(
 
 
 def set_aside_unstable(protocol: Protocol, results: Results, out: Path | None, busy: Sequence[str] = ()) -> list[str]:
-    """The stability rule's moves: every seed row at an lr at or above one where the watchdog stopped a seed run of
-    its (task, row) goes from ``runs.jsonl`` to ``superseded.jsonl`` (its config to ``configs/superseded/``), and
-    every such seed cell's run folder in ``out`` (finished or not; ``busy`` cells, running now, are left alone) to
-    ``out/superseded/CELL-lrLR``, so the cell runs again, fresh, at the new pick. Returns the cells moved."""
+    """The stability rule's moves: every seed row at an lr at or above one where a seed run of its (task, row)
+    diverged (:func:`unstable_lrs`) goes from ``runs.jsonl`` to ``superseded.jsonl`` (its config to
+    ``configs/superseded/``), every such seed cell's run folder in ``out`` (finished or not; ``busy`` cells, running
+    now, are left alone) to ``out/superseded/CELL-lrLR``, and its parked copy is dropped, so the cell runs again,
+    fresh, at the new pick. Returns the cells moved."""
     moved: list[str] = []
     seed_cells = {c.name: c for c in grid(protocol) if c.phase == "seeds"}
     for name, row in list(results.rows.items()):
@@ -403,17 +433,26 @@ def set_aside_unstable(protocol: Protocol, results: Results, out: Path | None, b
         moved.append(name)
     if moved:
         results.set_aside(moved, [c.name for c in grid(protocol)])
-    for name, cell in seed_cells.items() if out is not None else ():
-        run = out / name
-        if name in busy or not (run / "config.yaml").is_file():
-            continue
-        lr = read_yaml(run / "config.yaml").get(cell.method, {}).get(cell.row.scale[0])
+    for name, cell in seed_cells.items():
         unstable = unstable_lrs(results, cell.task, cell.row.name)
-        if lr is not None and unstable and _at_or_above(lr, unstable[0]):
+        if not unstable or name in busy:
+            continue
+        parked = results.parked_path(name)
+        if _run_lr(parked, cell) is not None and _at_or_above(_run_lr(parked, cell), unstable[0]):
+            shutil.rmtree(parked)  # a light copy of a run at a left-out lr: restoring it would resume that lr
+            moved += [] if name in moved else [name]
+        lr = _run_lr(out / name, cell) if out is not None else None
+        if lr is not None and _at_or_above(lr, unstable[0]):
             _move_run_aside(out, name, lr)
-            if name not in moved:
-                moved.append(name)
+            moved += [] if name in moved else [name]
     return moved
+
+
+def _run_lr(run: Path, cell: Cell) -> float | None:
+    """The scanned lr a run folder's config holds for ``cell``'s row (None without a config)."""
+    if not (run / "config.yaml").is_file():
+        return None
+    return read_yaml(run / "config.yaml").get(cell.method, {}).get(cell.row.scale[0])
 
 
 def _move_run_aside(out: Path, name: str, lr: float) -> None:

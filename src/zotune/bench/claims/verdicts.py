@@ -11,7 +11,7 @@ from typing import Any
 from ...core.log import atomic_write_text
 from .protocol import BEST_ZO, CLAIMS, PROTOCOL, Comparison, Protocol, grid
 from .reach import reach_lines
-from .results import Results, check_cell_config, format_lrs, picks, read_yaml, seed_rows
+from .results import LOSS_ROSE, Results, check_cell_config, format_lrs, instability, picks, read_yaml, seed_rows
 
 
 def verdict(values: Sequence[float]) -> tuple[str, float, float]:
@@ -316,8 +316,8 @@ def _superseded_lines(results: Results) -> list[str]:
         return []
     lines = [
         "Runs set aside (left out of every comparison; each cell runs again under the protocol). Stability rule: "
-        "the watchdog stopped a seed run of the row at this lr or a smaller one, and the row's seeds run again at "
-        "the next pick below:",
+        "a seed run of the row diverged at this lr or a smaller one (the watchdog stopped it, or its training loss "
+        f"ended above {LOSS_ROSE:g} × its start), and the row's seeds run again at the next pick below:",
         "",
         "| cell | lr | best dev | test | forwards | stopped | why |",
         "|---|---|---|---|---|---|---|",
@@ -325,8 +325,13 @@ def _superseded_lines(results: Results) -> list[str]:
     for r in sorted(results.superseded, key=lambda r: (r["cell"], r["lr"])):
         test = f"{r['test']:.3f}" if r.get("test") is not None else "—"
         lines.append(f"| {r['cell']} | {r['lr']:.3g} | {r['best_dev']:.3f} | {test} | {r.get('forwards', '—')} | "
-                     f"{r.get('stopped') or '—'} | {r.get('why') or 'stability rule'} |")  # fmt: skip
+                     f"{r.get('stopped') or '—'} | {r.get('why') or _rule_why(r)} |")  # fmt: skip
     return lines + [""]
+
+
+def _rule_why(row: dict[str, Any]) -> str:
+    own = instability(row)
+    return f"stability rule ({own})" if own else "stability rule (another seed at this lr or below diverged)"
 
 
 def _fo_gap_lines(protocol: Protocol, results: Results) -> list[str]:
