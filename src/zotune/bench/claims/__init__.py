@@ -9,8 +9,8 @@ claim tested) and the budgets of :class:`Protocol`. Every grid cell is one ``zot
   with the scan's numbers;
 * ``seeds`` cells: seeds 0, 1, 2 at the picked lr and the full budget. Stability rule: where a seed run diverged
   (the watchdog stopped it, or its training loss ended above 1.25 × its start), that lr and every larger one leave
-  the pick; the row's seed runs at them are set
-  aside (``RESULTS/superseded.jsonl``, kept and shown) and its seeds run again at the new pick;
+  the pick; the row's seed runs at them are set aside (``RESULTS/superseded.jsonl``, kept and shown) and its seeds
+  run again at the new pick;
 * ``refs`` cells: FO-LoRA and FO full (AdamW) at their usual budget and lr, the same seeds.
 
 A finished row an amendment has since changed is set aside by hand with its reason (``set-aside``): kept, listed in
@@ -137,12 +137,12 @@ __all__ = [
     "run_reach",
     "set_aside",
     "set_aside_unstable",
-    "unstable_lrs",
     "smoke_protocol",
     "statuses",
     "summarize_finished",
     "table",
     "unpack",
+    "unstable_lrs",
     "verdict",
     "write_picks",
 ]

@@ -94,20 +94,19 @@ def loss_rise(row: dict[str, Any]) -> float | None:
     return last / first if first > 0 else None
 
 
-def _diverged(row: dict[str, Any]) -> bool:
-    """Watchdog-stopped, or a training loss that rose (:func:`loss_rise` above :data:`LOSS_ROSE`)."""
-    rise = loss_rise(row)
-    return str(row.get("stopped") or "").startswith("watchdog") or (rise is not None and rise > LOSS_ROSE)
-
-
 def instability(row: dict[str, Any]) -> str:
-    """Why the stability rule counts a seed row as diverged ("" when it does not)."""
+    """Why the stability rule counts a seed row as diverged: stopped by the watchdog, or a training loss that rose
+    (:func:`loss_rise` above :data:`LOSS_ROSE`); "" when it does not."""
     if str(row.get("stopped") or "").startswith("watchdog"):
         return "stopped by the watchdog"
     rise = loss_rise(row)
     if rise is not None and rise > LOSS_ROSE:
         return f"training loss rose × {rise:.2f} from its first tenth of steps to its last"
     return ""
+
+
+def _diverged(row: dict[str, Any]) -> bool:
+    return bool(instability(row))
 
 
 def unstable_lrs(results: Results, task: str, row: str) -> list[float]:
@@ -437,14 +436,14 @@ def set_aside_unstable(protocol: Protocol, results: Results, out: Path | None, b
         unstable = unstable_lrs(results, cell.task, cell.row.name)
         if not unstable or name in busy:
             continue
-        parked = results.parked_path(name)
-        if _run_lr(parked, cell) is not None and _at_or_above(_run_lr(parked, cell), unstable[0]):
+        parked, run = results.parked_path(name), out / name if out is not None else None
+        parked_lr, run_lr = _run_lr(parked, cell), _run_lr(run, cell) if run is not None else None
+        if parked_lr is not None and _at_or_above(parked_lr, unstable[0]):
             shutil.rmtree(parked)  # a light copy of a run at a left-out lr: restoring it would resume that lr
-            moved += [] if name in moved else [name]
-        lr = _run_lr(out / name, cell) if out is not None else None
-        if lr is not None and _at_or_above(lr, unstable[0]):
-            _move_run_aside(out, name, lr)
-            moved += [] if name in moved else [name]
+        if run_lr is not None and _at_or_above(run_lr, unstable[0]):
+            _move_run_aside(out, name, run_lr)
+        if name not in moved and any(v is not None and _at_or_above(v, unstable[0]) for v in (parked_lr, run_lr)):
+            moved.append(name)
     return moved
 
 
