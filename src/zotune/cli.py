@@ -174,6 +174,7 @@ def load_for_eval(
     target: str, *, dtype: str = "float32", device: str = "auto", weights: str = "best", task: Any = None
 ) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, run config or None)`` for a run directory (its ``weights``: best or last) or any model."""
+    from .methods.zofo import lower_adapter_tensor
     from .train import checkpoint as ckpt
     from .train import portable
 
@@ -181,10 +182,12 @@ def load_for_eval(
     if _is_run(path):
         model, tok, cfg = _load_run_base(path, task)
         folder = run_weights(path, weights)
+        # Bilevel ZOFO's checkpoints also hold its lower adapter, which evaluation does not run
+        skip = lower_adapter_tensor if cfg.method == "zofo" else None
         if (folder / ckpt.TENSORS).exists():
-            ckpt.load_trainable(model, folder / ckpt.TENSORS)
+            ckpt.load_trainable(model, folder / ckpt.TENSORS, skip=skip)
         else:  # a light copy (zotune.train.portable): the weights come from the update log, sha256-checked
-            portable.replay_checkpoint(model, path, folder)
+            portable.replay_checkpoint(model, path, folder, skip=skip)
         return model, tok, cfg
     from .models import load
 

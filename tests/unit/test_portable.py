@@ -14,7 +14,7 @@ from zotune.cli import load_for_eval
 from zotune.cli import main as cli
 from zotune.train import checkpoint as ckpt
 from zotune.train import run_config_from_dict, train
-from zotune.train.portable import light_copy, missing_weights, rebuild_weights
+from zotune.train.portable import UNLOGGED, light_copy, missing_weights, rebuild_weights
 from zotune.train.setup import load_run_base
 
 
@@ -26,7 +26,7 @@ def config(workdir, out, method="mezo", model=None, **train_keys) -> dict:
         | {"test": False}
         | train_keys,
         "method": method,
-        method: {"lr": 1e-2, "eps": 1e-2} if method != "adamw" else {"lr": 1e-3},
+        method: {"lr": 1e-3} if method == "adamw" else ZOFO if method == "zofo" else {"lr": 1e-2, "eps": 1e-2},
         "out": str(out),
     }
 
@@ -36,6 +36,8 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 SENSZOQ = {"peft": "sparse", "sparsity": 0.02, "calibration_tokens": 256, "quantize": "nf4"}
+ZOFO = {"lr": 1e-2, "eps": 1e-2, "lr_lower": 1e-2, "lr_upper": 1e-2, "lam": 1.0, "inner_steps": 2}
+LORA = {"peft": "lora", "lora_r": 2, "lora_alpha": 4}
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,7 @@ SENSZOQ = {"peft": "sparse", "sparsity": 0.02, "calibration_tokens": 256, "quant
     [
         ("mezo", None),  # in place
         ("packed_lozo_m", None),  # packed, with deferred updates and momentum
+        ("zofo", LORA),  # the ZO base is replayed, the first-order adapters are carried (unlogged.safetensors)
         pytest.param("mezo", SENSZOQ, id="senszoq", marks=pytest.mark.skipif(
             importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")),
     ],
@@ -67,6 +70,15 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
         [f"best/{best.name}/trainable.safetensors", "checkpoints/step-000002/trainable.safetensors"]
     )
     assert not list(carried.rglob("trainable.safetensors")) and not list(carried.rglob(".tmp-*"))
+    unlogged = sorted(carried.rglob(UNLOGGED))
+    if method == "zofo":  # only the adapters: both of them, nothing of the base
+        assert [p.parent.name for p in unlogged] == [best.name, "step-000002"]
+        for p in unlogged:
+            names = set(load_file(str(p)))
+            assert names and all("lora_" in n for n in names) and any(".lower." in n for n in names), names
+            assert names == {n for n in weights(split / p.parent.relative_to(carried)) if "lora_" in n}
+    else:  # the log rebuilds every tensor of the file
+        assert unlogged == []
     assert info["bytes"] == sum(f.stat().st_size for f in carried.rglob("*") if f.is_file())
     assert (carried / "updates.jsonl").read_bytes() == (split / "updates.jsonl").read_bytes()
     assert sorted(p.parent.name for p in missing_weights(carried)) == ["best", "checkpoints"]
@@ -89,7 +101,8 @@ def test_a_light_copy_resumes_bit_exact_once_its_weights_are_rebuilt(workdir, tm
     assert cli(["eval", str(tmp_path / "direct"), "--split", "dev", "--out", str(tmp_path / "dev.json")]) == 0
     assert json.loads((tmp_path / "dev.json").read_text())["weights"].endswith(best.name)
     evaluated = dict(load_for_eval(str(tmp_path / "direct"))[0].named_parameters())
-    assert all(torch.equal(evaluated[n], t) for n, t in weights(best).items())
+    kept = {n: t for n, t in weights(best).items() if method != "zofo" or ".lower." not in n}  # eval runs the upper
+    assert kept and all(torch.equal(evaluated[n], t) for n, t in kept.items())
     assert len(missing_weights(tmp_path / "direct")) == 2
     train(run_config_from_dict(config(workdir, tmp_path / "direct", method, model) | {"resume": True}))
     c = weights(ckpt.latest_checkpoint(tmp_path / "direct"))

@@ -3,6 +3,7 @@ checkpoints that hold the base, resume, replay of the base, the merged export, a
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,6 +69,9 @@ def test_zofo_export_is_the_base_with_the_upper_adapter_merged(workdir, tmp_path
     merged = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert results["test"] is not None and results["backwards"] == 3 * 4
+    # `zotune eval` runs the base with the upper adapter; the checkpoint's lower adapter is not needed for it
+    assert cli(["eval", str(run), "--split", "test", "--out", str(run.parent / "e.json")]) == 0
+    assert json.loads((run.parent / "e.json").read_text())["accuracy"] == results["test"]
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,30 @@ from .base import SampledZOConfig
 from .registry import Capabilities, register_method
 from .steppers import BatchOrder, StepContext, StepResult
 
-__all__ = ["BilevelStepper", "BilevelZOFO", "ZOFOConfig", "ZOFOStats", "split_penalty"]
+__all__ = [
+    "LOWER",
+    "BilevelStepper",
+    "BilevelZOFO",
+    "ZOFOConfig",
+    "ZOFOStats",
+    "lower_adapter_tensor",
+    "split_penalty",
+]
+
+LOWER = "lower"
+"""The lower (penalty) adapter of a single-task run; its checkpoints hold it beside the model's own (upper) one."""
+
+
+def lower_adapter_tensor(name: str) -> bool:
+    """Whether the tensor ``name`` belongs to a lower adapter, which only training reads: evaluation runs the base
+    with the upper adapter, so a model loaded for it need not have the lower one.
+
+    >>> lower_adapter_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.lower.weight")
+    True
+    >>> lower_adapter_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    False
+    """
+    return f".{LOWER}." in name
 
 
 @dataclass
@@ -165,7 +188,7 @@ class BilevelZOFO:
         safe = [re.sub(r"\W", "_", Path(str(t)).stem if "/" in str(t) else str(t)) for t in tasks or []]
         if len(set(safe)) != len(safe):
             raise ValueError(f"tasks {list(tasks or [])} give the same adapter names {safe}: rename them")
-        names = [(first, "lower")] if tasks is None else [(f"upper_{t}", f"lower_{t}") for t in safe]
+        names = [(first, LOWER)] if tasks is None else [(f"upper_{t}", f"lower_{t}") for t in safe]
         keys: list[str | None] = [None] if tasks is None else list(tasks)
         self.pairs: dict[str | None, tuple[str, str]] = dict(zip(keys, names, strict=True))
         with torch.random.fork_rng(devices=[]):

@@ -39,6 +39,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write_text",
     "checkpoint_update_log",
+    "copy_tensors",
     "decode_blobs",
     "encode_blobs",
     "latest_checkpoint",
@@ -137,23 +139,35 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read ({err}): the file is damaged or incomplete") from None
 
 
-def load_trainable(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_trainable(
+    model: torch.nn.Module, path: str | os.PathLike, *, skip: Callable[[str], bool] | None = None
+) -> None:
     """Copy the tensors saved by :func:`save_tensors` into ``model`` (names and shapes must match).
 
-    When the file sits in a checkpoint folder with a ``SHA256SUMS``, its checksum is verified first."""
+    When the file sits in a checkpoint folder with a ``SHA256SUMS``, its checksum is verified first. ``skip`` names
+    saved tensors a model built for another use need not have (Bilevel ZOFO's lower adapter when evaluating)."""
     path = Path(path)
     if (path.parent / META).exists():  # in a checkpoint folder
         _verify_file(path.parent, path.name)
-    saved = _read_tensors(path)
+    copy_tensors(model, _read_tensors(path), str(path), skip=skip)
+
+
+def copy_tensors(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str, *, skip: Callable[[str], bool] | None = None
+) -> None:
+    """Copy ``tensors`` (by name) into ``model``'s parameters; a name the model lacks or a shape that differs is a
+    ValueError naming ``source``, except the names ``skip`` accepts, which are left out."""
     params = dict(model.named_parameters())
-    missing = sorted(set(saved) - set(params))
+    missing = sorted(n for n in tensors if n not in params and not (skip and skip(n)))
     if missing:
-        raise ValueError(f"{path}: the model has no tensor(s) {missing[:3]} (a checkpoint of another model?)")
+        raise ValueError(f"{source}: the model has no tensor(s) {missing[:3]} (a checkpoint of another model?)")
     with torch.no_grad():
-        for name, t in saved.items():
+        for name, t in tensors.items():
+            if name not in params:
+                continue
             if params[name].shape != t.shape:
                 shape = tuple(params[name].shape)
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {shape}")
+                raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the model's is {shape}")
             params[name].copy_(t)
 
 

@@ -11,8 +11,10 @@ with the file named (another device class, another library version: the run then
 copy (``zotune train ... --resume true``, the claims grid's cells) rebuilds its weights first by itself, and
 ``zotune eval`` of a light copy replays its weights in memory (:func:`replay_checkpoint`), writing nothing.
 
-Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run without an update log
-(first-order), and Bilevel ZOFO's (its adapters are first-order; the log rebuilds only the base).
+Tensors of a weights file that the log does not name, Bilevel ZOFO's first-order adapters (a few MiB against the
+base's 0.5 GB), are carried beside it in ``unlogged.safetensors``; the rebuild joins them to the replayed base before
+the sha256 check. Not rebuilt, so copied as they are (and then subject to ``max_bytes``): the weights of a run
+without an update log (first-order).
 
 Example:
     >>> import tempfile
@@ -32,26 +34,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from . import checkpoint as ckpt
 
-__all__ = ["light_copy", "missing_weights", "rebuild_weights", "rebuildable", "replay_checkpoint"]
+__all__ = ["UNLOGGED", "light_copy", "missing_weights", "rebuild_weights", "rebuildable", "replay_checkpoint"]
 
 MAX_BYTES = 16 * 2**20
 """The largest file :func:`light_copy` copies (16 MiB): a weight file it cannot rebuild is refused, named."""
 
+UNLOGGED = "unlogged.safetensors"
+"""Beside a weights file a light copy leaves out: that file's tensors the update log does not rebuild (Bilevel
+ZOFO's adapters), with the names of all its tensors in the metadata (``names``, a JSON list)."""
 
-def _log_method(run: Path) -> str | None:
-    """The method of the update log of ``run``'s newest checkpoint (None: no checkpoint, or no log: first-order)."""
+
+def _logged_names(run: Path) -> set[str] | None:
+    """The tensors the update log of ``run``'s newest checkpoint updates (None: no checkpoint, or no log: a
+    first-order run)."""
     newest = ckpt.latest_checkpoint(run)
     log = ckpt.checkpoint_update_log(newest) if newest is not None else None
-    return None if log is None else str(log.header.get("method"))
+    return None if log is None else {n for g in log.header["groups"] for n in g["names"]}
 
 
 def rebuildable(run: str | os.PathLike) -> bool:
-    """Whether the weights of ``run``'s checkpoints can be rebuilt from its update log (a ZO run, not Bilevel ZOFO,
-    whose adapters are first-order)."""
-    method = _log_method(Path(run))
-    return method is not None and method != "zofo"
+    """Whether the weights of ``run``'s checkpoints can be rebuilt from its update log (a ZO run; the tensors the
+    log does not update, Bilevel ZOFO's adapters, are carried beside in :data:`UNLOGGED`)."""
+    return _logged_names(Path(run)) is not None
+
+
+def _unlogged(weights: Path, logged: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` of the :data:`UNLOGGED` file for the weights file ``weights``: its tensors outside
+    ``logged`` (empty when the log updates them all) and the names of all its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        names = sorted(f.keys())
+        rest = {n: f.get_tensor(n) for n in names if n not in logged}
+    return rest, {"names": json.dumps(names)}
 
 
 def _weight_files(run: Path) -> list[Path]:
@@ -76,7 +95,8 @@ def light_copy(run: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: in
     ckpt.verify_checkpoint(newest)
     weights = _weight_files(run)
     keep_dirs = {p.parent for p in weights}
-    left_out = set(weights) if rebuildable(run) else set()
+    logged = _logged_names(run)
+    left_out = set(weights) if logged is not None else set()
     files: list[Path] = []
     for path in sorted(run.rglob("*")):
         rel = path.relative_to(run)
@@ -91,12 +111,26 @@ def light_copy(run: str | os.PathLike, dest: str | os.PathLike, *, max_bytes: in
             why = "its update log cannot rebuild it" if path.name == ckpt.TENSORS else "too large to carry"
             raise ValueError(f"{path}: {_size(size)}, over the {_size(max_bytes)} a light copy takes ({why})")
         files.append(rel)
+    unlogged = {}  # the left-out files' tensors the log does not rebuild, carried beside them
+    for path in sorted(left_out):
+        rest, meta = _unlogged(path, logged or set())
+        if rest:
+            size = sum(t.numel() * t.element_size() for t in rest.values())
+            if size > max_bytes:
+                raise ValueError(
+                    f"{path}: {_size(size)} of tensors its update log does not rebuild, over the {_size(max_bytes)} "
+                    "a light copy takes"
+                )
+            unlogged[path.parent.relative_to(run) / UNLOGGED] = (rest, meta)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.make_temp_dir(dest.parent, f".tmp-{dest.name}-")
     try:
         for rel in files:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run / rel, tmp / rel)
+        for rel, (rest, meta) in unlogged.items():
+            save_file(rest, str(tmp / rel), metadata=meta)
+        files += sorted(unlogged)
         if dest.exists():
             old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
             os.replace(dest, old)
@@ -131,14 +165,18 @@ def missing_weights(run: str | os.PathLike) -> list[Path]:
     return [p.parent for p in _weight_files(Path(run)) if not p.exists()]
 
 
-def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathLike) -> bytes:
+def replay_checkpoint(
+    model: Any, run: str | os.PathLike, folder: str | os.PathLike, *, skip: Callable[[str], bool] | None = None
+) -> bytes:
     """Replay ``run``'s update log on ``model`` (holding the run's base weights, from
     :func:`zotune.train.setup.load_run_base`) up to the step of the checkpoint ``folder`` (``RUN/checkpoints/step-N``
     or ``RUN/best/step-N``); return the bytes of that checkpoint's ``trainable.safetensors``, checked against the
     sha256 it recorded (:class:`~zotune.train.checkpoint.CheckpointError` otherwise). The model then holds those
-    weights."""
+    weights: the replayed ones, and the ones carried in ``folder``'s :data:`UNLOGGED` but for those ``skip`` names
+    that the model lacks (Bilevel ZOFO's lower adapter in a model loaded for evaluation)."""
     import hashlib
 
+    from safetensors import safe_open
     from safetensors.torch import save
 
     from ..core import replay
@@ -146,13 +184,24 @@ def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathL
     run, folder = Path(run), Path(folder)
     newest = ckpt.latest_checkpoint(run)
     updates = ckpt.checkpoint_update_log(newest) if newest is not None else None
-    if updates is None or not rebuildable(run):
+    if updates is None:
         raise ValueError(f"{run}: {folder / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
     step = _step(folder)
     if step > len(updates):
         raise ckpt.CheckpointError(f"{folder}: step {step}, but the update log holds {len(updates)} steps")
     replay(model, updates, steps=step)
-    data = save({n: t.detach().contiguous().cpu() for n, t in ckpt.trainable_tensors(model).items()})
+    if (folder / UNLOGGED).exists():  # the file's tensors: the replayed ones by name, and the carried ones
+        with safe_open(str(folder / UNLOGGED), "pt") as f:
+            carried = {n: f.get_tensor(n) for n in f.keys()}
+            names = json.loads((f.metadata() or {}).get("names", "[]"))
+        params = dict(model.named_parameters())
+        lacking = [n for n in names if n not in carried and n not in params]
+        if lacking:
+            raise ValueError(f"{folder / UNLOGGED}: the model has no tensor(s) {lacking[:3]} that the log rebuilds")
+        tensors = {n: carried[n] if n in carried else params[n] for n in names}
+    else:
+        tensors = ckpt.trainable_tensors(model)
+    data = save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
     expected = (ckpt._sums(folder) or {}).get(ckpt.TENSORS)
     if expected is None or hashlib.sha256(data).hexdigest() != expected:
         raise ckpt.CheckpointError(
@@ -160,6 +209,8 @@ def replay_checkpoint(model: Any, run: str | os.PathLike, folder: str | os.PathL
             "checksum the run recorded (another device class or library version?): the run cannot resume from "
             "this copy"
         )
+    if (folder / UNLOGGED).exists():
+        ckpt.copy_tensors(model, carried, str(folder / UNLOGGED), skip=skip)
     return data
 
 
@@ -177,22 +228,26 @@ def rebuild_weights(run: str | os.PathLike, model: Any, *, log: Callable[[str], 
         return []
     if not rebuildable(run):
         raise ValueError(f"{run}: {todo[0] / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
-    base = {n: t.detach().clone() for n, t in ckpt.trainable_tensors(model).items()}
+    # what a replay or a carried file moves: the logged tensors (Bilevel ZOFO's base is frozen) and the trainable
+    logged = _logged_names(run) or set()
+    moved = {n: p for n, p in model.named_parameters() if p.requires_grad or n in logged}
+    base = {n: p.detach().clone() for n, p in moved.items()}
     written = []
     try:
         for folder in sorted(todo, key=_step):
-            _put_back(model, base)  # each replay starts from the base weights
-            data = replay_checkpoint(model, run, folder)
+            _put_back(moved, base)  # each replay starts from the base weights
+            data = replay_checkpoint(model, run, folder, skip=lambda n: True)
             written.append(atomic_write_bytes(folder / ckpt.TENSORS, data))
+            (folder / UNLOGGED).unlink(missing_ok=True)  # now inside the weights file
             log(f"{folder / ckpt.TENSORS}: rebuilt from {_step(folder)} logged steps (sha256 as recorded)")
     finally:
-        _put_back(model, base)
+        _put_back(moved, base)
     return written
 
 
-def _put_back(model: Any, tensors: dict[str, Any]) -> None:
+def _put_back(params: dict[str, Any], tensors: dict[str, Any]) -> None:
     import torch
 
     with torch.no_grad():
-        for n, p in ckpt.trainable_tensors(model).items():
+        for n, p in params.items():
             p.copy_(tensors[n])

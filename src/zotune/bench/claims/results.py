@@ -524,8 +524,9 @@ def park(
     update log rebuilds (a few hundred kB against 0.5 GB; :func:`zotune.train.portable.light_copy`), so that a later
     ``run`` on another checkout resumes it; drop the parked copies of cells that have finished since.
 
-    A parked copy is replaced only by a newer step. A cell whose weights the log cannot rebuild (Bilevel ZOFO's
-    first-order adapters) is named and left out."""
+    A parked copy is replaced only by a newer step. Bilevel ZOFO's first-order adapters, which the log does not
+    rebuild, are carried as they are (a few MiB); a cell with a larger file than a light copy takes is named and left
+    out."""
     from ...train.portable import light_copy
 
     done: dict[str, list[str]] = {"parked": [], "kept": [], "dropped": [], "refused": []}
