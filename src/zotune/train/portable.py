@@ -190,6 +190,7 @@ def replay_checkpoint(
     if step > len(updates):
         raise ckpt.CheckpointError(f"{folder}: step {step}, but the update log holds {len(updates)} steps")
     replay(model, updates, steps=step)
+    carried: dict[str, Any] = {}
     if (folder / UNLOGGED).exists():  # the file's tensors: the replayed ones by name, and the carried ones
         with safe_open(str(folder / UNLOGGED), "pt") as f:
             carried = {n: f.get_tensor(n) for n in f.keys()}
@@ -209,8 +210,7 @@ def replay_checkpoint(
             "checksum the run recorded (another device class or library version?): the run cannot resume from "
             "this copy"
         )
-    if (folder / UNLOGGED).exists():
-        ckpt.copy_tensors(model, carried, str(folder / UNLOGGED), skip=skip)
+    ckpt.copy_tensors(model, carried, str(folder / UNLOGGED), skip=skip)
     return data
 
 
@@ -226,10 +226,10 @@ def rebuild_weights(run: str | os.PathLike, model: Any, *, log: Callable[[str], 
     todo = missing_weights(run)
     if not todo:
         return []
-    if not rebuildable(run):
+    logged = _logged_names(run)
+    if logged is None:
         raise ValueError(f"{run}: {todo[0] / ckpt.TENSORS} is missing and the run has no update log that rebuilds it")
     # what a replay or a carried file moves: the logged tensors (Bilevel ZOFO's base is frozen) and the trainable
-    logged = _logged_names(run) or set()
     moved = {n: p for n, p in model.named_parameters() if p.requires_grad or n in logged}
     base = {n: p.detach().clone() for n, p in moved.items()}
     written = []
