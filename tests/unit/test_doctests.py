@@ -17,6 +17,7 @@ MODULES = [
     "zotune.core.optimizer",
     "zotune.core.lowrank",
     "zotune.core.memory",
+    "zotune.core.svrg",
     "zotune.methods.mezo",
     "zotune.methods.lozo",
     "zotune.methods.svrg",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from tiny import tiny_batch, tiny_model
 
 import zotune
+from zotune.bench.claims.cli import main as claims_main
 from zotune.core import SVRG, Gaussian, micro_batched, replay
+from zotune.core.log import UpdateLog
+from zotune.core.svrg import terms
 
 
 def snapshot(model):
@@ -218,3 +222,43 @@ def test_estimator_registry_and_forward_counts():
     assert est.next_calls() == (0, 4)  # anchor step: 2n anchor calls
     est.count = 1
     assert est.next_calls() == (8, 0)  # 4n minibatch forwards
+
+
+def test_terms_read_both_spsa_terms_and_the_anchor_from_the_update_log(tmp_path, capsys):
+    """``terms`` recovers MeZO's ĝ(θ_t; I), the applied ĝ(θ_t; I) − ĝ(θ̄; I) and g̃ from a saved log alone."""
+    model = tiny_model("llama")
+    opt = tiny_svrg(model, num_directions=2)  # q = 3: steps 0, 3, 6 are anchor steps
+    plain, reduced, anchor = [], [], []
+    for t in range(7):
+        batch = tiny_batch(t)
+        opt.step(lambda batch=batch: model(**batch).loss)
+        est = opt.last_estimate
+        if est.info.get("anchor"):
+            anchor += est.grads
+        else:
+            plain += [(p - m) / (2 * 1e-2) for p, m in est.pairs[0::2]]  # the θ_t pair of each direction
+            reduced += est.grads
+    opt.update_log.save(tmp_path / "run" / "updates.jsonl")
+    got = terms(UpdateLog.load(tmp_path / "run" / "updates.jsonl"))
+    rms = lambda xs: (sum(x * x for x in xs) / len(xs)) ** 0.5  # noqa: E731
+    assert (got["minibatch_steps"], got["anchor_steps"]) == (4, 3)
+    assert got["plain"] == pytest.approx(rms(plain)) and got["reduced"] == pytest.approx(rms(reduced))
+    assert got["anchor"] == pytest.approx(rms(anchor))
+    assert got["reduced"] != pytest.approx(got["plain"], rel=1e-3)  # the θ̄ pair is not the θ_t pair
+
+    assert claims_main(["svrg", str(tmp_path / "run")]) == 0  # the command prints the same, one line per run
+    line = json.loads(capsys.readouterr().out)
+    assert line["cell"] == "run" and line["reduced"] == pytest.approx(got["reduced"])
+
+
+def test_terms_refuse_a_log_of_another_estimator_or_an_odd_loss_count():
+    model = tiny_model("llama")
+    mezo = zotune.MeZO(model.named_parameters(), lr=1e-3)
+    mezo.step(lambda: model(**tiny_batch(0)).loss)
+    with pytest.raises(ValueError, match="not a MeZO-SVRG update log"):
+        terms(mezo.update_log)
+    opt = tiny_svrg(model)
+    run(model, opt, 2)
+    opt.update_log.records[1].losses = opt.update_log.records[1].losses[:3]
+    with pytest.raises(ValueError, match="step 1: 3 losses for 1 direction"):
+        terms(opt.update_log)

@@ -32,10 +32,12 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from .estimators import ESTIMATORS, Closure, Estimate, Estimator, TwoPoint, guarded, perturb, read_loss
+from .log import UpdateLog
 from .samplers import Fn, Op, Scale, Z, merge_ops
 
 
@@ -249,6 +251,50 @@ def micro_batched(loss_fn: Callable[[Any], Any], batches: list[Any]) -> Closure:
         return sum(read_loss(loss_fn(b)) for b in batches) / len(batches)
 
     return anchor
+
+
+def terms(log: UpdateLog) -> dict[str, float | int]:
+    """What variance reduction did in a MeZO-SVRG run, read from its update log.
+
+    Per minibatch step and direction the log keeps the four losses (θ_t ± εz, θ̄ ± εz), so both SPSA terms can be
+    recovered: MeZO's ĝ(θ_t; I) and the variance-reduced coefficient ĝ(θ_t; I) − ĝ(θ̄; I) the step applied along z
+    (the logged grad). Their rms ratio says how much of the minibatch estimate cancelled; the anchor's g̃, re-applied
+    along its own directions at every minibatch step, is compared with what is left.
+
+    Returns rms values over all directions: ``plain`` (ĝ(θ_t; I)), ``reduced`` (ĝ(θ_t; I) − ĝ(θ̄; I)), ``anchor``
+    (g̃), with the step counts ``minibatch_steps`` and ``anchor_steps``.
+
+    Example:
+        >>> import torch, zotune
+        >>> lin, x = torch.nn.Linear(4, 2), torch.randn(32, 4)
+        >>> opt = zotune.MeZOSVRG(lin, lr=1e-2, eps=1e-3, q=4, anchor=lambda: lin(x).pow(2).mean())
+        >>> for t in range(8):
+        ...     _ = opt.step(lambda t=t: lin(x[8 * (t % 4):][:8]).pow(2).mean())
+        >>> t = terms(opt.update_log)
+        >>> (t["minibatch_steps"], t["anchor_steps"], t["reduced"] < t["plain"])
+        (6, 2, True)
+    """
+    if log.header.get("estimator", {}).get("name") != SVRG.name:
+        raise ValueError(f"not a MeZO-SVRG update log (estimator {log.header.get('estimator', {}).get('name')!r})")
+    eps = float(log.header["groups"][0]["eps"])
+    plain, reduced, anchor = [], [], []
+    steps = {"minibatch_steps": 0, "anchor_steps": 0}
+    for r in log.records:
+        n = len(r.seeds)
+        if len(r.losses) == 4 * n:  # per direction: θ_t + εz, θ_t − εz, θ̄ + εz, θ̄ − εz
+            plain += [(r.losses[4 * i] - r.losses[4 * i + 1]) / (2 * eps) for i in range(n)]
+            reduced += r.grads
+            steps["minibatch_steps"] += 1
+        elif len(r.losses) == 2 * n:
+            anchor += r.grads
+            steps["anchor_steps"] += 1
+        else:
+            raise ValueError(f"step {r.step}: {len(r.losses)} losses for {n} direction(s), neither 2n nor 4n")
+
+    def rms(xs: list[float]) -> float:
+        return math.sqrt(sum(v * v for v in xs) / len(xs)) if xs else math.nan
+
+    return steps | {"plain": rms(plain), "reduced": rms(reduced), "anchor": rms(anchor)}
 
 
 ESTIMATORS["svrg"] = SVRG

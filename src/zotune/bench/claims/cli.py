@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...core.log import atomic_write_text
+from ...core.svrg import terms
+from ...train.checkpoint import run_update_log
 from .burst import pack, unpack
 from .cell import check_cell, run_cell
 from .driver import format_plan, profile_of, run_grid, selected
@@ -78,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ck.add_argument("--device", help="where to run (default: the config's device)")
     ck.add_argument("--into", help="the check's run folder (default: a new temporary folder)")
     ck.add_argument("--record", action="store_true", help="append the outcome to RESULTS/checks.jsonl")
+    sv = sub.add_parser("svrg", parents=[common], help="MeZO-SVRG cells' minibatch and anchor terms (update logs)")
+    sv.add_argument("cells", nargs="+", help="cells under --out, or run folders")
     sm = sub.add_parser(
         "smoke", help="the whole path at toy size (a one-lr scan and seed 0 of one row): a machine check"
     )
@@ -149,6 +153,11 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "set-aside":
         row = set_aside(protocol, Results.load(a.results), out, a.cell, a.why)
         print(f"set aside {a.cell} (lr {row['lr']:g}): it runs again under the protocol")
+        return 0
+    if a.command == "svrg":
+        for cell in a.cells:
+            run = Path(cell) if Path(cell).is_dir() else out / cell
+            print(json.dumps({"cell": run.name} | terms(run_update_log(run)[0])))
         return 0
     if a.command == "check":
         import tempfile
