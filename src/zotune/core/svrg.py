@@ -266,6 +266,7 @@ def terms(log: UpdateLog) -> dict[str, float | int]:
 
     Example:
         >>> import torch, zotune
+        >>> _ = torch.manual_seed(0)
         >>> lin, x = torch.nn.Linear(4, 2), torch.randn(32, 4)
         >>> opt = zotune.MeZOSVRG(lin, lr=1e-2, eps=1e-3, q=4, anchor=lambda: lin(x).pow(2).mean())
         >>> for t in range(8):
