@@ -275,8 +275,9 @@ def terms(log: UpdateLog) -> dict[str, float | int]:
         >>> (t["minibatch_steps"], t["anchor_steps"], t["reduced"] < t["plain"])
         (6, 2, True)
     """
-    if log.header.get("estimator", {}).get("name") != SVRG.name:
-        raise ValueError(f"not a MeZO-SVRG update log (estimator {log.header.get('estimator', {}).get('name')!r})")
+    name = log.header.get("estimator", {}).get("name")
+    if name != SVRG.name:
+        raise ValueError(f"not a MeZO-SVRG update log (estimator {name!r})")
     eps = float(log.header["groups"][0]["eps"])
     plain, reduced, anchor = [], [], []
     steps = {"minibatch_steps": 0, "anchor_steps": 0}
