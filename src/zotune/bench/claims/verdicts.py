@@ -129,7 +129,13 @@ def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -
     a, b = seed_rows(protocol, results, task, a_name), seed_rows(protocol, results, task, b_name)
     n = len(protocol.seeds)
     if len(a) < n or len(b) < n:
-        out["missing"] = f"missing: {a_name} {len(a)} of {n} seeds, {b_name} {len(b)} of {n}"
+        by_name = {r.name: r for r in protocol.rows}
+        # A row that only one profile's grid holds (the fp32-base SensZOQ: gpu) stays missing on the other device.
+        lacking = [name for name, got in ((a_name, a), (b_name, b)) if len(got) < n]
+        only = sorted({f"{m} runs in the {by_name[m].profiles[0]} profile only" for m in lacking
+                       if len(by_name[m].profiles) == 1})  # fmt: skip
+        note = f" ({'; '.join(only)})" if only else ""
+        out["missing"] = f"missing: {a_name} {len(a)} of {n} seeds, {b_name} {len(b)} of {n}{note}"
         return out
     seeds = protocol.seeds
     if comp.measure == "test":
