@@ -119,22 +119,20 @@ def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -
     a_name = _best_zo(protocol, results, task) if comp.a == BEST_ZO else comp.a
     b_name = _best_zo(protocol, results, task) if comp.b == BEST_ZO else comp.b
     out: dict[str, Any] = {"a": a_name, "b": b_name}
-    names = {r.name for r in protocol.rows}
+    by_name = {r.name: r for r in protocol.rows}
     if a_name is None or b_name is None:
         out["missing"] = "no pure-ZO row has all its seeds yet"
         return out
-    if a_name not in names or b_name not in names:
+    if a_name not in by_name or b_name not in by_name:
         out["missing"] = "not in this grid"
         return out
     a, b = seed_rows(protocol, results, task, a_name), seed_rows(protocol, results, task, b_name)
     n = len(protocol.seeds)
     if len(a) < n or len(b) < n:
-        by_name = {r.name: r for r in protocol.rows}
         # A row with no seeds that only one profile's grid holds (the fp32-base SensZOQ: gpu) is never run on the
         # other device: say so, rather than leave it looking like work still to do.
-        lacking = [name for name, got in ((a_name, a), (b_name, b)) if not got]
-        only = sorted({f"{m} runs in the {by_name[m].profiles[0]} profile only" for m in lacking
-                       if len(by_name[m].profiles) == 1})  # fmt: skip
+        only = [f"{m} runs in the {by_name[m].profiles[0]} profile only"
+                for m, got in ((a_name, a), (b_name, b)) if not got and len(by_name[m].profiles) == 1]  # fmt: skip
         note = f" ({'; '.join(only)})" if only else ""
         out["missing"] = f"missing: {a_name} {len(a)} of {n} seeds, {b_name} {len(b)} of {n}{note}"
         return out
