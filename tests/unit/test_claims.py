@@ -373,6 +373,7 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     assert cl.summarize_finished(p, out, Results.load(res), log=lambda m: None) == [name]
     got = cl.check_cell(res, name, tmp_path / "check", forwards=6)
     assert got["ok"] and got["same_device"] and got["steps_compared"] == 2 and got["max_abs_loss_diff"] < 1e-5, got
+    assert 0 < got["train_peak_mem_mb"] <= got["peak_mem_mb"], got  # the steps' peak, and the process's
     cli = ["check", name, "--results", str(res), "--forwards", "6", "--into", str(tmp_path / "c"), "--record"]
     assert cl.main(cli) == 0
     (rec,) = [json.loads(line) for line in (res / "checks.jsonl").read_text().splitlines()]
@@ -561,6 +562,30 @@ def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
     (results.folder / "why.yaml").write_text(yaml.safe_dump({"1x/sst2": "?"}))
     with pytest.raises(ValueError, match="unknown key '1x/sst2'"):
         cl.table(results.folder, p)
+
+
+def test_memory_verdict_compares_the_training_phase_peak_from_rows_or_memory_checks(tmp_path):
+    # process peaks that include SensZOQ's set-up (its Fisher pass): 1,700 against 1,400 MiB
+    tests = {"mezo": [0.70, 0.72, 0.71], "senszoq": [0.72, 0.73, 0.74]}
+    p, results = hand_made(tmp_path, tests, peak={"mezo": 1400.0, "senszoq": 1700.0})
+    c3 = next(c for c in p.comparisons if c.id == "3c")
+    got = cl.compare(c3, p, results, "sst2")
+    assert got["missing"].startswith("missing: the training phase's peak of sst2-senszoq-s0, ") and "x" not in got
+    checks = [{"cell": f"sst2-{row}-s{s}", "device": "cpu", "train_peak_mem_mb": peak, "ok": True}
+              for row, peak in (("mezo", 1000.0), ("senszoq", 700.0)) for s in (0, 1, 2)]  # fmt: skip
+    checks.append({"cell": "sst2-senszoq-s2", "device": "cuda:0", "train_peak_mem_mb": 2000.0})  # another device
+    (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks))
+    got = cl.compare(c3, p, Results.load(results.folder), "sst2")
+    assert got["verdict"] == "holds" and got["x"] == pytest.approx([0.3] * 3), got
+    assert got["shown"][2] == "ratio 0.70 ± 0.00 (training phase, from the memory checks)"
+    # rows that log their training phase's peak are compared on it, the checks left aside
+    for row in results.rows.values():
+        if row["phase"] == "seeds":
+            row["train_peak_mem_mb"] = 900.0 if row["row"] == "mezo" else 990.0
+    results.save(list(results.rows))
+    got = cl.compare(c3, p, Results.load(results.folder), "sst2")
+    assert got["x"] == pytest.approx([-0.1] * 3) and "from the rows" in got["shown"][2]
+    assert got["verdict"] == "does not hold at this scale"
 
 
 def test_reach_counts_a_run_stopped_early_at_its_full_budget(tmp_path):

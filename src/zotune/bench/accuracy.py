@@ -90,10 +90,14 @@ def _curves(path: Path) -> dict[str, Any]:
 
     ``dev_seconds`` pairs each dev point with the training seconds spent before it (the sum of the steps'
     ``step_time``; evaluations and checkpoints excluded): ``[[forwards, seconds], ...]``, one per ``dev`` point, for
-    the wall-clock to reach a dev accuracy."""
+    the wall-clock to reach a dev accuracy.
+
+    ``peak_mem_mb`` is the process's peak, set-up included (for SensZOQ the Fisher scores of its mask, a backward
+    through the fp32 model); ``train_peak_mem_mb`` the training phase's alone (its steps and evaluations; None in
+    logs written before it was recorded, and where the peak cannot be reset)."""
     if not path.exists():
         return {}
-    dev, dev_seconds, loss, peak, times, spent = [], [], [], 0.0, [], 0.0
+    dev, dev_seconds, loss, peak, train_peak, times, spent = [], [], [], 0.0, None, [], 0.0
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -105,12 +109,15 @@ def _curves(path: Path) -> dict[str, Any]:
         elif rec.get("kind") == "train":
             loss.append([rec["forwards"], round(rec["loss"], 6)])
             peak = max(peak, rec.get("peak_mem_mb", 0.0))
+            if "train_peak_mem_mb" in rec:
+                train_peak = max(train_peak or 0.0, rec["train_peak_mem_mb"])
             times.append(rec.get("step_time", 0.0))
             spent += rec.get("step_time", 0.0)
     times.sort()
     return {
         "curves": {"dev": dev, "loss": loss, "dev_seconds": dev_seconds},
         "peak_mem_mb": peak,
+        "train_peak_mem_mb": train_peak,
         "median_step_seconds": times[len(times) // 2] if times else None,
     }
 

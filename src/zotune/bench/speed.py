@@ -17,7 +17,6 @@ Example (the committed numbers come from this command):
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import statistics
@@ -30,25 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..core import ZOOptimizer
 from ..core.log import atomic_write_text
-from ..core.memory import release_freed_memory
+from ..core.memory import peak_memory_bytes, reset_peak_memory
 
 
 # ------------------------------------------------------------------------------------------------ memory probes
-def _rss_peak_reset() -> None:
-    gc.collect()
-    release_freed_memory()  # give freed heap back so the new high-water mark starts clean
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def _rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 class PeakMemory:
     """Context manager measuring the peak memory of the code inside (bytes)."""
 
@@ -57,21 +41,14 @@ class PeakMemory:
         self.peak = 0
 
     def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            _rss_peak_reset()
+        if not reset_peak_memory(self.device):
+            raise RuntimeError("cannot reset the peak resident set (/proc/self/clear_refs): needs Linux >= 4.0")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.peak = _rss_peak()
+            torch.cuda.synchronize(self.device)
+        self.peak = peak_memory_bytes(self.device)
 
 
 def machine(device: str) -> dict[str, Any]:

@@ -18,7 +18,6 @@ Example (a tiny random model; real runs go through ``zotune train``)::
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 
 from .. import dist as zd
 from ..core import NonFiniteLossError
+from ..core.memory import peak_memory_bytes, reset_peak_memory
 from ..methods.steppers import StepResult
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -107,6 +107,10 @@ def steps(run: Session) -> str | None:
     n_ranks, device = zd.world(), next(iter(run.trained.values())).device
     stopped, saved, received = None, state.step, None
     began = time.perf_counter()
+    # The set-up (loading, a sparse mask's Fisher scores, the zero-shot evaluation) can peak above the training
+    # itself: keep its peak, then measure the training phase's (its steps and evaluations) on its own.
+    setup_peak = peak_memory_mb(device)
+    phased = reset_peak_memory(device)
     with StopOnSignal() as stop, run.progress():
         if out_of_time(tc, state.seconds):  # resumed with its time budget already spent
             stopped = time_budget_reached(tc, state.seconds)
@@ -131,7 +135,10 @@ def steps(run: Session) -> str | None:
             record["step_time"] = time.perf_counter() - t0
             if n_ranks > 1:  # payload bytes this rank sent + received in the step's collectives
                 record["comm_bytes"] = zd.COUNTER.total - sent0
-            record["peak_mem_mb"] = peak_memory_mb(device)
+            peak = peak_memory_mb(device)
+            record["peak_mem_mb"] = max(setup_peak, peak)  # the process's, set-up included
+            if phased:
+                record["train_peak_mem_mb"] = peak
             record["epoch"] = stepper.epoch(state.step)
             run.metrics.write(record)
             if n_ranks > 1 and (state.step == 1 or state.step % tc.sync_every == 0):
@@ -261,10 +268,9 @@ def finish(run: Session, stopped: str | None, began: float) -> dict[str, Any]:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of the process so far: CUDA ``max_memory_allocated`` or the CPU peak resident set, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak memory since the last reset (or of the process so far): CUDA ``max_memory_allocated`` or the CPU peak
+    resident set, in MiB (:func:`zotune.core.memory.peak_memory_bytes`)."""
+    return peak_memory_bytes(device) / 2**20
 
 
 def watchdog(res: StepResult, state: LoopState, tc: Any) -> str | None:

@@ -73,6 +73,9 @@ def check_cell(
     ε = 1e-3); later steps are reported, not judged. "The same device" includes the instruction set where a
     library picks its kernels by it (bitsandbytes' NF4 on CPUs with and without AVX512: 2.8e-4).
 
+    It also measures the steps' peak memory (``train_peak_mem_mb``; ``peak_mem_mb``: the process's, set-up
+    included), which the claims table's memory comparisons use for rows logged before the training phase's peak was.
+
     Example: ``python -m zotune.bench.claims check sst2-lozo-m-scan-lr1.25e-05 --forwards 20``
     """
     from ...train import run_config_from_dict, train
@@ -100,6 +103,7 @@ def check_cell(
     records = read_metrics(out)
     losses = [(r["forwards"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
     zero_dev = next((r["accuracy"] for r in records if r.get("kind") == "eval" and r.get("split") == "dev"), None)
+    peaks = [r["train_peak_mem_mb"] for r in records if r.get("kind") == "train" and "train_peak_mem_mb" in r]
     committed = {int(f): v for f, v in row["curves"]["loss"]}
     pairs = [(f, v, committed[f]) for f, v in losses if f in committed]
     if not pairs:
@@ -114,4 +118,6 @@ def check_cell(
         "steps_compared": len(pairs), "steps_judged": len(judged), "tolerance": tol, "max_abs_loss_diff": worst,
         "max_abs_loss_diff_all": max(abs(a - b) for _, a, b in pairs), "zero_shot_dev": zero_dev,
         "row_zero_shot_dev": row["zero_shot_dev"], "ok": bool(dev_ok and worst <= tol),
+        "train_peak_mem_mb": max(peaks) if peaks else None,
+        "peak_mem_mb": max((r.get("peak_mem_mb", 0.0) for r in records if r.get("kind") == "train"), default=None),
     }  # fmt: skip

@@ -148,7 +148,10 @@ class Comparison:
       accuracy on seed s and F_s those ``a`` needed to reach the same accuracy (its full budget when it never did,
       also when its run was stopped early: a lower bound, which can only favour the claim);
     * ``step``: x_s = 1 − step(a) ÷ step(b), median seconds per step, the same device for both;
-    * ``memory``: x_s = 1 − peak(a) ÷ peak(b), peak memory of the run (CPU: resident set), the same device.
+    * ``memory``: x_s = 1 − peak(a) ÷ peak(b), the training phase's peak memory (CPU: resident set), the same
+      device: the rows' own (their steps and evaluations) when every seed row of both sides has one, else every
+      cell's memory check (``check --record``: its first forwards' steps) — never the set-up's (model loading, a
+      sparse mask's Fisher scores), which a mask computed elsewhere spares.
     """
 
     id: str

@@ -20,19 +20,21 @@ from .protocol import Cell, Protocol, Row, budget_of, cell_tree, grid, protocol_
 
 @dataclass
 class Results:
-    """``RESULTS/runs.jsonl`` (one row per finished cell), ``RESULTS/configs/`` and ``RESULTS/lr/``."""
+    """``RESULTS/runs.jsonl`` (one row per finished cell), ``RESULTS/configs/``, ``RESULTS/lr/`` and the spot-checks
+    (``RESULTS/checks.jsonl``)."""
 
     folder: Path
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     superseded: list[dict[str, Any]] = field(default_factory=list)  # seed rows set aside by the stability rule
     reach: dict[str, dict[str, Any]] = field(default_factory=dict)  # RESULTS/reach.jsonl, by run name
+    checks: list[dict[str, Any]] = field(default_factory=list)  # RESULTS/checks.jsonl, oldest first
 
     @classmethod
     def load(cls, folder: str | Path) -> Results:
         folder = Path(folder)
         rows = {row.get("cell") or row["run"]: row for row in _read_jsonl(folder / "runs.jsonl")}
         reach = {row["run"]: row for row in _read_jsonl(folder / "reach.jsonl")}
-        return cls(folder, rows, _read_jsonl(folder / "superseded.jsonl"), reach)
+        return cls(folder, rows, _read_jsonl(folder / "superseded.jsonl"), reach, _read_jsonl(folder / "checks.jsonl"))
 
     def config_path(self, cell: str) -> Path:
         return self.folder / "configs" / f"{cell}.yaml"
@@ -340,6 +342,19 @@ def seed_rows(protocol: Protocol, results: Results, task: str, row: str) -> dict
         if r.get("task") == task and r.get("row") == row and r.get("phase") in ("seeds", "refs"):
             out[r["seed"]] = r
     return {s: out[s] for s in protocol.seeds if s in out}
+
+
+def training_peak(results: Results, row: dict[str, Any], *, checked: bool) -> float | None:
+    """A seed row's training-phase peak memory (MiB): the row's own (``checked=False``), or the newest memory check
+    of its cell on the row's device type (``checked=True``); None when there is none."""
+    if not checked:
+        return row.get("train_peak_mem_mb")
+    kind = str(row.get("device", "cpu")).split(":")[0]
+    for check in reversed(results.checks):
+        if check.get("cell") == row["cell"] and str(check.get("device", "cpu")).split(":")[0] == kind:
+            if check.get("train_peak_mem_mb"):
+                return check["train_peak_mem_mb"]
+    return None
 
 
 def summarize_cell(run: Path, cell: Cell) -> dict[str, Any]:

@@ -11,7 +11,17 @@ from typing import Any
 from ...core.log import atomic_write_text
 from .protocol import BEST_ZO, CLAIMS, PROTOCOL, Comparison, Protocol, grid
 from .reach import reach_lines
-from .results import LOSS_ROSE, Results, check_cell_config, format_lrs, instability, picks, read_yaml, seed_rows
+from .results import (
+    LOSS_ROSE,
+    Results,
+    check_cell_config,
+    format_lrs,
+    instability,
+    picks,
+    read_yaml,
+    seed_rows,
+    training_peak,
+)
 
 
 def verdict(values: Sequence[float]) -> tuple[str, float, float]:
@@ -164,20 +174,30 @@ def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -
         out["shown"] = (f"{statistics.fmean(mine):.0f} forwards{note}", f"{statistics.fmean(need):.0f} forwards",
                         f"ratio {_mean_sd(ratios, 2)}")  # fmt: skip
     else:
-        key = "median_step_seconds" if comp.measure == "step" else "peak_mem_mb"
         devices = {r.get("device") for r in [*a.values(), *b.values()]}
         if len(devices) > 1:
             out["missing"] = f"not comparable: ran on different devices ({', '.join(sorted(map(str, devices)))})"
             return out
-        va, vb = [a[s][key] for s in seeds], [b[s][key] for s in seeds]
+        if comp.measure == "step":
+            va, vb = [a[s]["median_step_seconds"] for s in seeds], [b[s]["median_step_seconds"] for s in seeds]
+        else:  # the training phase's peak: the rows' own if all have one, else every cell's memory check
+            both = [*a.values(), *b.values()]
+            checked = any(not r.get("train_peak_mem_mb") for r in both)
+            peak = {r["cell"]: training_peak(results, r, checked=checked) for r in both}
+            if unmeasured := [c for c, v in peak.items() if not v]:
+                out["missing"] = ("missing: the training phase's peak of " + ", ".join(unmeasured) + " (python -m "
+                                  "zotune.bench.claims check CELL --record)")  # fmt: skip
+                return out
+            va, vb = [peak[a[s]["cell"]] for s in seeds], [peak[b[s]["cell"]] for s in seeds]
+            out["source"] = "memory checks" if checked else "rows"
         if any(v is None or v <= 0 for v in vb):
-            out["missing"] = f"{b_name} has no {key}"
+            out["missing"] = f"{b_name} has no {'median step time' if comp.measure == 'step' else 'peak'}"
             return out
         x = [1 - p / q for p, q in zip(va, vb, strict=True)]
-        unit = "s/step" if comp.measure == "step" else "MiB"
-        digits = 3 if comp.measure == "step" else 0
+        unit, digits = ("s/step", 3) if comp.measure == "step" else ("MiB", 0)
+        source = f" (training phase, from the {out['source']})" if "source" in out else ""
         out["shown"] = (f"{_mean_sd(va, digits)} {unit}", f"{_mean_sd(vb, digits)} {unit}",
-                        f"ratio {_mean_sd([p / q for p, q in zip(va, vb, strict=True)], 2)}")  # fmt: skip
+                        f"ratio {_mean_sd([p / q for p, q in zip(va, vb, strict=True)], 2)}{source}")  # fmt: skip
     out["x"] = x
     out["verdict"], out["mean"], out["sd"] = verdict(x)
     return out
