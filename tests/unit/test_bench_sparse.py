@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 import math
 
-from zotune.bench.sparse import bench_kernels, bench_mask, format_kernels
+import pytest
+import torch
+from tiny import save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from zotune.bench.sparse import _objective, bench_kernels, bench_mask, format_kernels
 from zotune.bench.sparse import main as sparse_main
 from zotune.models import load
 
@@ -47,3 +52,19 @@ def test_kernel_bench_times_every_candidate():
     assert len(rows) == 1 and rows[0]["k"] == 26
     assert all(rows[0][f"{n}_s"] > 0 for n in ("bnb", "nf4_fold", "bnb+gather", "bnb+csr", "fp32", "fp32_fold"))
     assert "nf4_fold" in format_kernels(rows)
+
+
+def test_real_workloads_score_every_candidate_of_a_real_training_batch(tmp_path):
+    """SST-2 (MeZO's protocol) scores 2 candidates per example and TREC (k-shot) 6: a near-uniform random model's
+    loss is ln 2 and ln 6, which another task's batch or candidate set would miss."""
+    text = ["Question: What is it ? Answer type: Number Description Entity Human Location Abbreviation"] * 20
+    save_tiny_model(tmp_path / "m", text + ["It was great terrible"] * 20)
+    model, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(tmp_path / "m")
+    for workload, candidates in (("sst2", 2), ("trec", 6)):
+        loss, shape = _objective(model, tok, workload, 4, 0, 0, "answer", torch.device("cpu"))
+        assert float(loss()) == pytest.approx(math.log(candidates), abs=0.05), workload
+        assert shape["tokens"] > 0 and shape["objective"].startswith("classification_loss")
+    with pytest.raises(ValueError, match="never keeps a key/value cache"):
+        loss(use_cache=True)
+    with pytest.raises(ValueError, match="use one of synthetic, sst2, trec"):
+        _objective(model, tok, "sst5", 4, 0, 0, "answer", torch.device("cpu"))

@@ -158,6 +158,9 @@ def _model_parts(model: torch.nn.Module) -> dict[str, int]:
     return parts
 
 
+REAL_WORKLOADS = ("sst2", "trec")  # a real training batch of the claims grid's tasks, under their protocols
+
+
 def _objective(model: torch.nn.Module, tok: Any, workload: str, batch: int, seq: int, seed: int, loss_kind: str,
                dev: torch.device) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:  # fmt: skip
     """``loss(use_cache=False)`` of one training batch, and what it is made of.
@@ -166,28 +169,33 @@ def _objective(model: torch.nn.Module, tok: Any, workload: str, batch: int, seq:
     zotune's classification loss computes only the answer positions) or of every token (``lm``). ``sst2``: zotune's
     training objective itself (:func:`zotune.tasks.classification_loss`, MeZO's protocol and template) on the first
     batch of ``batch`` SST-2 training examples a seed-``seed`` run draws: both candidates of each, in one forward.
+    ``trec``: the same on TREC's k-shot protocol (k = 16 per class, LM-BFF's), all six candidates of each.
     ``use_cache=True`` (synthetic only) lets the model keep its key/value cache as a bare ``model(...)`` call does.
     """
-    if workload == "sst2":
+    if workload in REAL_WORKLOADS:
         from ..methods.steppers import BatchOrder
-        from ..tasks import classification_loss, get_task, mezo_splits
+        from ..tasks import classification_loss, get_task, kshot_splits, mezo_splits
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            splits = mezo_splits(get_task("sst2"), seed=seed, n_train=500, n_dev=200, n_test=1)
+            if workload == "sst2":
+                splits = mezo_splits(get_task("sst2"), seed=seed, n_train=500, n_dev=200, n_test=1)
+            else:
+                splits = kshot_splits(get_task("trec"), k=16, seed=seed, n_test=1)
         examples = BatchOrder(splits["train"], batch_size=batch, seed=seed).batch(0)
         stats: dict[str, Any] = {}
         classification_loss(model, tok, examples, stats=stats)
 
         def task_loss(use_cache: bool = False) -> torch.Tensor:
             if use_cache:
-                raise ValueError("the sst2 objective never keeps a key/value cache")
+                raise ValueError(f"the {workload} objective never keeps a key/value cache")
             return classification_loss(model, tok, examples)
 
         shape = {"rows": stats["n_tokens"] // max(stats.get("n_forward", 1), 1), "tokens": stats["n_tokens"]}
-        return task_loss, shape | {"objective": "classification_loss (MeZO template, both candidates)"}
+        what = "MeZO template, both candidates" if workload == "sst2" else "LM-BFF template, all six candidates"
+        return task_loss, shape | {"objective": f"classification_loss ({what})"}
     if workload != "synthetic":
-        raise ValueError(f"workload {workload!r}: use synthetic or sst2")
+        raise ValueError(f"workload {workload!r}: use one of synthetic, {', '.join(REAL_WORKLOADS)}")
     if loss_kind not in ("answer", "lm"):
         raise ValueError(f"loss_kind={loss_kind!r} is not one of: answer, lm")
     b = make_batch(tok, batch, seq, dev)
@@ -229,10 +237,11 @@ def bench_sparse(
     ``loss_kind`` (synthetic workload): ``"answer"`` (default), the loss zotune trains classification tasks with:
     cross-entropy of the last position's logits only (``logits_to_keep=1``, as
     :func:`zotune.tasks.scoring.classification_loss` computes just the answer positions); ``"lm"``: the LM loss
-    over every token (holds the batch's logits and their log-softmax, 2 × batch·seq·vocab fp32). ``workload="sst2"``:
-    zotune's classification objective on a real SST-2 batch. ``embedding_dtype``: the 16-bit dtype the tied
-    embedding / head is stored in for the last phase (``"float32"``: that phase is skipped). ``versus_full``: also
-    time a full-parameter MeZO step against sparse steps over an fp32 and the NF4 base (two more models loaded).
+    over every token (holds the batch's logits and their log-softmax, 2 × batch·seq·vocab fp32).
+    ``workload="sst2"`` or ``"trec"``: zotune's classification objective on a real batch of that task.
+    ``embedding_dtype``: the 16-bit dtype the tied embedding / head is stored in for the last phase (``"float32"``:
+    that phase is skipped). ``versus_full``: also time a full-parameter MeZO step against sparse steps over an fp32
+    and the NF4 base (two more models loaded).
     """
     from ..methods import MeZO
     from ..models import load
@@ -562,7 +571,7 @@ def format_table(res: dict[str, Any]) -> str:
     what = (
         f"batch {res['batch']} x {res['seq']} tokens"
         if res.get("workload", "synthetic") == "synthetic"
-        else f"SST-2 batch of {res['batch']} examples: {res['rows']} rows, {res['tokens']} tokens"
+        else f"{res['workload'].upper()} batch of {res['batch']} examples: {res['rows']} rows, {res['tokens']} tokens"
     )
     lines = [
         f"{res['model']} ({res['params'] / 1e6:.1f} M params), {what}, {res['objective']}; "
@@ -647,8 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     answer = "answer: the last position's logits only, as zotune's classification loss; lm: every token's"
     p.add_argument("--loss", choices=("answer", "lm"), default="answer", help=answer)
-    work = "synthetic: batch x seq tokens of text; sst2: zotune's classification objective on a real SST-2 batch"
-    p.add_argument("--workload", choices=("synthetic", "sst2"), default="synthetic", help=work)
+    work = (
+        "synthetic: batch x seq tokens of text; sst2, trec: zotune's classification objective on a real batch "
+        "of that task (SST-2: MeZO's protocol; TREC: k-shot, k = 16)"
+    )
+    p.add_argument("--workload", choices=("synthetic", *REAL_WORKLOADS), default="synthetic", help=work)
     emb = "dtype the tied embedding/head is stored in for the last phase (float32: skip it)"
     p.add_argument("--embedding-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help=emb)
     full = "also time a full-parameter MeZO step against sparse steps over an fp32 and the nf4 base (loads 2 models)"
