@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from zotune.bench import claims as cl
@@ -390,6 +391,12 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     results.save([name])
     other = cl.check_cell(res, name, tmp_path / "check4", forwards=6)
     assert not other["same_device"] and (other["steps_judged"], other["tolerance"]) == (1, 1e-2) and other["ok"]
+    # a CPU row logged on another instruction set: judged as from another device
+    assert results.rows[name]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    results.rows[name] |= {"device": "cpu", "cpu_capability": "NO-SIMD"}
+    results.save([name])
+    isa = cl.check_cell(res, name, tmp_path / "check6", forwards=6)
+    assert not isa["same_device"] and isa["steps_judged"] == 1 and isa["row_cpu_capability"] == "NO-SIMD", isa
     results.rows[name]["zero_shot_dev"] += 0.1  # another model or data: caught by the zero-shot dev
     results.save([name])
     assert not cl.check_cell(res, name, tmp_path / "check5", forwards=6)["ok"]

@@ -108,6 +108,7 @@ def test_run_directory_metrics_and_results(workdir, tmp_path):
     assert saved.mezo.lr == 1e-2 and saved.train.steps == 6 and saved.out == str(run)
     env = json.loads((run / "env.json").read_text())
     assert env["versions"]["torch"] == torch.__version__ and env["objective"] == "classification"
+    assert env["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX512, AVX2
     assert env["sizes"] == {"train": 40, "dev": 10, "test": 10}
     steps = records(run, "train")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]

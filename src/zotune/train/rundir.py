@@ -56,7 +56,12 @@ def versions() -> dict[str, str]:
     """Versions of Python, the platform and the packages that decide a run's numbers."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
+    import torch
+
+    # the instruction set torch (and bitsandbytes' NF4) pick their CPU kernels by: a run's losses agree bit for bit
+    # only between machines with the same one
+    out = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
     for pkg in ("zotune", "torch", "transformers", "peft", "safetensors", "tokenizers"):
         try:
             out[pkg] = md.version(pkg)

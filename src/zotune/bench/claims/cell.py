@@ -71,7 +71,9 @@ def check_cell(
     judged, the latter to 1e-2: it is the mean of ℓ(θ ± εz), which differs from ℓ(θ) by about ε² zᵀHz / 2 and so
     with the direction (3.7e-3 between a CUDA and a CPU draw of LOZO's first step, 2.2e-3 of MeZO-SVRG's, at
     ε = 1e-3); later steps are reported, not judged. "The same device" includes the instruction set where a
-    library picks its kernels by it (bitsandbytes' NF4 on CPUs with and without AVX512: 2.8e-4).
+    library picks its kernels by it (bitsandbytes' NF4 on CPUs with and without AVX512: 2.8e-4): a row that logged
+    its CPU's instruction set (``cpu_capability``, torch's) is judged strictly only on a CPU with the same one; older
+    rows do not say it.
 
     It also measures the steps' peak memory (``train_peak_mem_mb``; ``peak_mem_mb``: the process's, set-up
     included), which the claims table's memory comparisons use for rows logged before the training phase's peak was.
@@ -108,13 +110,19 @@ def check_cell(
     pairs = [(f, v, committed[f]) for f, v in losses if f in committed]
     if not pairs:
         raise ValueError(f"{cell}: no step of the check matches a logged step of the row (forwards {losses[:3]} ...)")
-    same = str(row.get("device", "cpu")).split(":")[0] == str(ran_on).split(":")[0]
+    import torch
+
+    kind = str(ran_on).split(":")[0]
+    here = torch.backends.cpu.get_cpu_capability() if kind == "cpu" else None
+    # a CPU row logged with its instruction set is judged strictly only on a CPU with the same one
+    same = str(row.get("device", "cpu")).split(":")[0] == kind and row.get("cpu_capability") in (None, here)
     judged = pairs if same else pairs[:1]
     tol = 1e-5 if same else 1e-2
     worst = max(abs(a - b) for _, a, b in judged)
     dev_ok = zero_dev is not None and abs(zero_dev - row["zero_shot_dev"]) < 1e-9
     return {
         "cell": cell, "device": ran_on, "row_device": row.get("device"), "same_device": same,
+        "cpu_capability": here, "row_cpu_capability": row.get("cpu_capability"),
         "steps_compared": len(pairs), "steps_judged": len(judged), "tolerance": tol, "max_abs_loss_diff": worst,
         "max_abs_loss_diff_all": max(abs(a - b) for _, a, b in pairs), "zero_shot_dev": zero_dev,
         "row_zero_shot_dev": row["zero_shot_dev"], "ok": bool(dev_ok and worst <= tol),

@@ -378,6 +378,7 @@ def summarize_cell(run: Path, cell: Cell) -> dict[str, Any]:
         seed=cfg["seed"],
         lr=section.get(cell.row.scale[0]),
         device=env.get("device") or cfg["model"].get("device"),
+        cpu_capability=env.get("versions", {}).get("cpu_capability"),
         seconds=res.get("seconds"),
         stopped=res.get("stopped"),
         rows_per_forward=cell.row.rows,
