@@ -214,7 +214,7 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
         f"#### {task} (test n = {test_n}; {zs}seeds {', '.join(map(str, protocol.seeds))})",
         "",
         "| method | path | lr | test, mean ± std | per seed | best dev, mean | forwards to MeZO's peak dev | "
-        "seconds to MeZO's peak dev | s/step (median) | peak MiB | device |",
+        "seconds to MeZO's peak dev | s/step (median) | process peak MiB (set-up included) | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in (r for r in protocol.rows if r.runs_on(task)):
