@@ -32,6 +32,9 @@ def test_sparse_bench_writes_sane_json(workdir, tmp_path, capsys):
     assert res["candidates"] == 4608 and res["k"] == 56 and res["sparsity"] == 0.01
     assert res["nf4_model_bytes"] < res["fp32_model_bytes"] and 0 < res["artifact_bytes"] < 10_000
     assert res["command"].startswith("python -m zotune.bench.sparse --model")
+    # where it ran: the instruction set bitsandbytes picks its NF4 kernels by is in the JSON and the header
+    assert res["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and res["threads"] >= 1
+    assert f"cpu ({res['device_name']}, {res['cpu_capability']})" in table
 
 
 def test_bench_masks_select_the_same_number_of_entries_per_tensor(workdir):

@@ -42,7 +42,6 @@ import argparse
 import gc
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -58,7 +57,7 @@ import torch.nn.functional as F
 from ..core.log import atomic_write_text
 from ..core.memory import release_freed_memory
 from .peft_memory import fixed_mmap_threshold
-from .speed import PeakMemory, make_batch, timed
+from .speed import PeakMemory, machine, make_batch, timed
 
 TARGETS = {"peak_sparse_zo_over_fp32_inference": 0.45, "step_over_2fwd": 1.05}
 
@@ -286,10 +285,7 @@ def bench_sparse(
         "mask": mask,
         "k": sum(len(i) for i in indices.values()),
         "candidates": sum(w.numel() for _, w in _candidates(model)),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "reps": reps,
         "loss": loss_kind if workload == "synthetic" else "classification",
         "embedding_dtype": embedding_dtype,
@@ -575,7 +571,8 @@ def format_table(res: dict[str, Any]) -> str:
     )
     lines = [
         f"{res['model']} ({res['params'] / 1e6:.1f} M params), {what}, {res['objective']}; "
-        f"{res['device']} ({res['device_name']}), {res['threads']} threads, torch {res['torch']}",
+        f"{res['device']} ({res['device_name']}, {res.get('cpu_capability') or '?'}), {res['threads']} threads, "
+        f"torch {res['torch']}",
         f"mask {res['mask']}: k = {res['k']:,} of {res['candidates']:,} Linear entries ({100 * res['sparsity']:g} % "
         f"per tensor); artifact {res['artifact_bytes'] / 1e3:,.0f} kB",
         f"weights: fp32 {res['fp32_model_bytes'] * mb:.0f} MiB -> nf4 + sparse {res['nf4_model_bytes'] * mb:.0f} MiB"

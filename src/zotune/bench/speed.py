@@ -52,10 +52,12 @@ class PeakMemory:
 
 
 def machine(device: str) -> dict[str, Any]:
-    """Where a benchmark ran: the device, its name (the GPU's, else the CPU's), torch's threads and version."""
+    """Where a benchmark ran: the device, its name (the GPU's, else the CPU's), torch's threads and version, and
+    the instruction set torch and bitsandbytes pick their CPU kernels by (``ATEN_CPU_CAPABILITY`` lowers it)."""
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
@@ -194,11 +196,8 @@ def bench_speed_memory(
         "params": sum(p.numel() for p in params),
         "batch": batch,
         "seq": seq,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        **machine(device),
         "dtype": dtype,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "reps": reps,
         "random_init": random_init,
     }
