@@ -37,6 +37,23 @@ def test_sparse_bench_writes_sane_json(workdir, tmp_path, capsys):
     assert f"cpu ({res['device_name']}, {res['cpu_capability']})" in table
 
 
+def test_versus_full_splits_each_step_into_its_forwards_and_the_rest(workdir, tmp_path, capsys):
+    out = tmp_path / "sparse.json"
+    argv = ["--model", str(workdir / "model"), "--batch", "2", "--seq", "8", "--reps", "2", "--versus-full"]
+    assert sparse_main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rounds = res["versus_full"]["rounds"]
+    assert set(rounds) == {"full_step", "sparse_fp32_step", "sparse_nf4_step", "fp32_forward_pair", "nf4_forward_pair"}
+    assert all(len(v) == 2 and min(v) > 0 for v in rounds.values())
+    r = res["ratios"]
+    # a step runs two forwards and more: never under its forwards' time (10 % slack for a noisy machine)
+    assert r["full_step_over_2fp32_forward"] > 0.9 and r["nf4_forward_over_fp32_forward"] > 0
+    per_round = sorted(a / b for a, b in zip(rounds["nf4_forward_pair"], rounds["fp32_forward_pair"], strict=True))
+    # the median of two rounds (the rounds are kept to 0.1 ms)
+    assert r["nf4_forward_over_fp32_forward"] == pytest.approx(sum(per_round) / 2, rel=0.02)
+    assert "same rounds: nf4 forward ÷ fp32 forward" in capsys.readouterr().out
+
+
 def test_bench_masks_select_the_same_number_of_entries_per_tensor(workdir):
     model, _ = load(str(workdir / "model"))
     big = bench_mask(model, 0.01, "magnitude")

@@ -370,8 +370,8 @@ def bench_sparse(
         return statistics.median(a / (k * d) for a, d in zip(rounds[num], rounds[den], strict=True))
 
     if versus_full:
-        res["versus_full"] = _versus_full(model_name, device, indices, step, reps, seed, workload, batch, seq,
-                                          loss_kind)  # fmt: skip
+        res["versus_full"] = _versus_full(model_name, device, indices, step, forward_pair, reps, seed, workload,
+                                          batch, seq, loss_kind)  # fmt: skip
     del indices
 
     inf, base = res["peak_fp32_inference_bytes"], rss_start
@@ -403,6 +403,7 @@ def _versus_full(
     device: str,
     indices: dict[str, torch.Tensor],
     nf4_step: Callable[[], None],
+    nf4_forward_pair: Callable[[], None],
     reps: int,
     seed: int,
     workload: str,
@@ -411,7 +412,9 @@ def _versus_full(
     loss_kind: str,
 ) -> dict[str, Any]:
     """SensZOQ's wall-clock claim on this device: interleaved rounds of a full-parameter MeZO step (fp32 model), a
-    sparse MeZO step over an fp32 base (same mask) and one over the NF4 base (``nf4_step``), on the same batch."""
+    sparse MeZO step over an fp32 base (same mask) and one over the NF4 base (``nf4_step``), on the same batch; and,
+    in the same rounds, two forwards of the fp32 model and two of the NF4 one (``nf4_forward_pair``), which split
+    each step into its forwards and the rest (a full step's rest: drawing and applying z over every weight)."""
     from ..methods import MeZO
     from ..models import load
     from ..models.quant import sparse_parameters, sparsify
@@ -424,10 +427,18 @@ def _versus_full(
     sparse_loss, _ = _objective(sparse32, tok, workload, batch, seq, seed, loss_kind, dev)
     full_opt = MeZO(list(full.named_parameters()), lr=1e-7, eps=1e-3, seed=seed)
     sparse_opt = MeZO(list(sparse_parameters(sparse32).items()), lr=1e-7, eps=1e-3, seed=seed)
+
+    def full_forward_pair() -> None:
+        with torch.no_grad():
+            full_loss()
+            full_loss()
+
     steps = {
         "full_step": lambda: full_opt.step(full_loss),
         "sparse_fp32_step": lambda: sparse_opt.step(sparse_loss),
         "sparse_nf4_step": nf4_step,
+        "fp32_forward_pair": full_forward_pair,
+        "nf4_forward_pair": nf4_forward_pair,
     }
     for fn in steps.values():
         fn()
@@ -436,8 +447,8 @@ def _versus_full(
         for k, fn in steps.items():
             rounds[k] += timed(fn, dev, 1)
 
-    def med(num: str) -> float:
-        return statistics.median(a / d for a, d in zip(rounds[num], rounds["full_step"], strict=True))
+    def med(num: str, den: str = "full_step") -> float:
+        return statistics.median(a / d for a, d in zip(rounds[num], rounds[den], strict=True))
 
     return {
         "rounds": {k: [round(t, 4) for t in v] for k, v in rounds.items()},
@@ -445,6 +456,8 @@ def _versus_full(
         "ratios": {
             "sparse_fp32_step_over_full_step": med("sparse_fp32_step"),
             "sparse_nf4_step_over_full_step": med("sparse_nf4_step"),
+            "nf4_forward_over_fp32_forward": med("nf4_forward_pair", "fp32_forward_pair"),
+            "full_step_over_2fp32_forward": med("full_step", "fp32_forward_pair"),
         },
     }
 
@@ -618,6 +631,11 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(
             f"wall clock ÷ full-parameter MeZO step (fp32): sparse step over an fp32 base "
             f"{r['sparse_fp32_step_over_full_step']:.3f}, over the nf4 base {r['sparse_nf4_step_over_full_step']:.3f}"
+        )
+    if "nf4_forward_over_fp32_forward" in r:
+        lines.append(
+            f"same rounds: nf4 forward ÷ fp32 forward {r['nf4_forward_over_fp32_forward']:.3f}; full MeZO step ÷ "
+            f"(2 × fp32 forward) {r['full_step_over_2fp32_forward']:.3f}"
         )
     lines.append("time ratios: median over interleaved rounds; net = (peak − baseline) ÷ (fp32 peak − baseline)")
     for name, parts in res.get("breakdown_mib", {}).items():
