@@ -47,10 +47,12 @@ def test_versus_full_splits_each_step_into_its_forwards_and_the_rest(workdir, tm
     assert all(len(v) == 2 and min(v) > 0 for v in rounds.values())
     r = res["ratios"]
     # a step runs two forwards and more: never under its forwards' time (10 % slack for a noisy machine)
-    assert r["full_step_over_2fp32_forward"] > 0.9 and r["nf4_forward_over_fp32_forward"] > 0
+    assert r["full_step_over_2fp32_forward"] > 0.9
+    # the median of two rounds lies between them (the rounds are kept to 0.1 ms), apart from the forwards timed alone
     per_round = sorted(a / b for a, b in zip(rounds["nf4_forward_pair"], rounds["fp32_forward_pair"], strict=True))
-    # the median of two rounds (the rounds are kept to 0.1 ms)
-    assert r["nf4_forward_over_fp32_forward"] == pytest.approx(sum(per_round) / 2, rel=0.02)
+    same = r["nf4_forward_over_fp32_forward_same_rounds"]
+    assert per_round[0] * 0.9 <= same <= per_round[1] * 1.1, (same, per_round)
+    assert r["nf4_forward_over_fp32_forward"] == pytest.approx(res["forward_s"] / res["fp32_forward_s"])
     assert "same rounds: nf4 forward ÷ fp32 forward" in capsys.readouterr().out
 
 

@@ -27,3 +27,18 @@ def test_freed_heap_pages_go_back_to_the_os():
     after = rss()
     assert before - after > 100 * 2**20, (before, after)
     assert torch.equal(pin, torch.ones(16_000))  # live memory is untouched
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/status")
+def test_resident_set_and_its_peak_follow_a_touched_allocation():
+    from zotune.core.memory import peak_memory_bytes, reset_peak_memory, resident_memory_bytes
+
+    cpu = torch.device("cpu")
+    assert resident_memory_bytes() == rss()
+    assert reset_peak_memory(cpu) is True
+    start = peak_memory_bytes(cpu)
+    block = torch.ones(50 * 2**20 // 4)  # 50 MiB, every page written
+    assert resident_memory_bytes() - rss() < 2**20 and peak_memory_bytes(cpu) - start > 45 * 2**20
+    del block
+    release_freed_memory()
+    assert reset_peak_memory(cpu) and peak_memory_bytes(cpu) - start < 20 * 2**20  # the reset forgets the block

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.log import atomic_write_text
-from ..core.memory import release_freed_memory
+from ..core.memory import release_freed_memory, resident_memory_bytes
 from .peft_memory import fixed_mmap_threshold
 from .speed import PeakMemory, machine, make_batch, timed
 
@@ -64,14 +64,7 @@ TARGETS = {"peak_sparse_zo_over_fp32_inference": 0.45, "step_over_2fwd": 1.05}
 
 def _rss() -> int:
     """Current resident set size (bytes); 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return resident_memory_bytes()
 
 
 def _trim() -> None:
@@ -456,7 +449,7 @@ def _versus_full(
         "ratios": {
             "sparse_fp32_step_over_full_step": med("sparse_fp32_step"),
             "sparse_nf4_step_over_full_step": med("sparse_nf4_step"),
-            "nf4_forward_over_fp32_forward": med("nf4_forward_pair", "fp32_forward_pair"),
+            "nf4_forward_over_fp32_forward_same_rounds": med("nf4_forward_pair", "fp32_forward_pair"),
             "full_step_over_2fp32_forward": med("full_step", "fp32_forward_pair"),
         },
     }
@@ -632,10 +625,10 @@ def format_table(res: dict[str, Any]) -> str:
             f"wall clock ÷ full-parameter MeZO step (fp32): sparse step over an fp32 base "
             f"{r['sparse_fp32_step_over_full_step']:.3f}, over the nf4 base {r['sparse_nf4_step_over_full_step']:.3f}"
         )
-    if "nf4_forward_over_fp32_forward" in r:
+    if "full_step_over_2fp32_forward" in r:
         lines.append(
-            f"same rounds: nf4 forward ÷ fp32 forward {r['nf4_forward_over_fp32_forward']:.3f}; full MeZO step ÷ "
-            f"(2 × fp32 forward) {r['full_step_over_2fp32_forward']:.3f}"
+            f"same rounds: nf4 forward ÷ fp32 forward {r['nf4_forward_over_fp32_forward_same_rounds']:.3f}; "
+            f"full MeZO step ÷ (2 × fp32 forward) {r['full_step_over_2fp32_forward']:.3f}"
         )
     lines.append("time ratios: median over interleaved rounds; net = (peak − baseline) ÷ (fp32 peak − baseline)")
     for name, parts in res.get("breakdown_mib", {}).items():

@@ -77,11 +77,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     ``max_memory_allocated``, else the peak resident set (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def resident_memory_bytes() -> int:
+    """The process's resident set now (``VmRSS``), in bytes; 0 where /proc is missing."""
+    return _status_bytes("VmRSS") or 0
+
+
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes, or None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return None
