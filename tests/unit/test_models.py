@@ -87,6 +87,22 @@ def test_load_folder_gives_identical_weights(tiny_folder):
     assert model(**batch).logits.shape == (1, 3, VOCAB)
 
 
+def test_a_frozen_head_gets_its_kept_positions_as_one_contiguous_matrix(tiny_folder):
+    """``logits_to_keep`` slices the hidden states to a non-contiguous view; with a frozen head torch would then
+    broadcast the weight over a batched product instead of one matrix product. The head sees a contiguous input,
+    and the logits are those of the full forward."""
+    model, _ = load(tiny_folder[0])
+    model.requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        kept = model(input_ids=ids, logits_to_keep=2).logits
+        full = model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -2:], rtol=1e-5, atol=1e-6)
+
+
 def test_load_accepts_pathlike_and_config_json(tiny_folder):
     folder, original = tiny_folder
     assert same_weights(load(folder)[0], original)

@@ -626,8 +626,33 @@ def load(
             model = model.to(target_device)
         except (RuntimeError, AssertionError, ValueError) as exc:
             raise ModelLoadError(f"could not move the model to device '{target_device}': {_short(exc)}") from None
+    contiguous_head_input(model)
     model.eval()
     return model, tokenizer
+
+
+def contiguous_head_input(model: torch.nn.Module) -> None:
+    """Give the output head a contiguous input (a forward pre-hook; a no-op for a head-less model).
+
+    A causal LM called with ``logits_to_keep=k``, as zotune's scoring does, slices its hidden states
+    ``(batch, seq, hidden) -> (batch, k, hidden)``: a view that is not contiguous. For such an input ``torch.matmul``
+    folds the batch into one matrix product only when the weight requires a gradient; with a frozen head (sparse,
+    LoRA and prefix modes) it runs a batched product over the weight broadcast to every row of the batch, which
+    reads the whole ``(vocab, hidden)`` head once per row: on SmolLM2 (49,152 × 576) and a TREC batch of 16, 0.84 s of
+    a 1.9 s forward on one CPU thread against 0.07 s folded. A copy of the k positions costs next to nothing.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return
+
+    def contiguous(module: torch.nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+            return (x.contiguous(), *args[1:])
+        return None
+
+    head.register_forward_pre_hook(contiguous)
 
 
 def _load_hf(
