@@ -375,6 +375,7 @@ def test_check_reruns_a_committed_row_from_its_config(workdir, tmp_path):
     got = cl.check_cell(res, name, tmp_path / "check", forwards=6)
     assert got["ok"] and got["same_device"] and got["steps_compared"] == 2 and got["max_abs_loss_diff"] < 1e-5, got
     assert 0 < got["train_peak_mem_mb"] <= got["peak_mem_mb"], got  # the steps' peak, and the process's
+    assert got["median_step_seconds"] > 0
     cli = ["check", name, "--results", str(res), "--forwards", "6", "--into", str(tmp_path / "c"), "--record"]
     assert cl.main(cli) == 0
     (rec,) = [json.loads(line) for line in (res / "checks.jsonl").read_text().splitlines()]

@@ -76,7 +76,8 @@ def check_cell(
     rows do not say it.
 
     It also measures the steps' peak memory (``train_peak_mem_mb``; ``peak_mem_mb``: the process's, set-up
-    included), which the claims table's memory comparisons use for rows logged before the training phase's peak was.
+    included), which the claims table's memory comparisons use for rows logged before the training phase's peak was,
+    and their median time (``median_step_seconds``, the first step left out; the machine's load included).
 
     Example: ``python -m zotune.bench.claims check sst2-lozo-m-scan-lr1.25e-05 --forwards 20``
     """
@@ -106,6 +107,8 @@ def check_cell(
     losses = [(r["forwards"], r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
     zero_dev = next((r["accuracy"] for r in records if r.get("kind") == "eval" and r.get("split") == "dev"), None)
     peaks = [r["train_peak_mem_mb"] for r in records if r.get("kind") == "train" and "train_peak_mem_mb" in r]
+    steps = [r for r in records if r.get("kind") == "train" and "step_time" in r]
+    times = sorted(r["step_time"] for r in steps[1:])  # the first step also runs the closure's check forward
     committed = {int(f): v for f, v in row["curves"]["loss"]}
     pairs = [(f, v, committed[f]) for f, v in losses if f in committed]
     if not pairs:
@@ -127,5 +130,6 @@ def check_cell(
         "max_abs_loss_diff_all": max(abs(a - b) for _, a, b in pairs), "zero_shot_dev": zero_dev,
         "row_zero_shot_dev": row["zero_shot_dev"], "ok": bool(dev_ok and worst <= tol),
         "train_peak_mem_mb": max(peaks) if peaks else None,
+        "median_step_seconds": times[len(times) // 2] if times else None,
         "peak_mem_mb": max((r.get("peak_mem_mb", 0.0) for r in records if r.get("kind") == "train"), default=None),
     }  # fmt: skip
