@@ -151,6 +151,7 @@ def _model_parts(model: torch.nn.Module) -> dict[str, int]:
 
 
 REAL_WORKLOADS = ("sst2", "trec")  # a real training batch of the claims grid's tasks, under their protocols
+TASK_NAMES = {"sst2": "SST-2", "trec": "TREC"}
 
 
 def _objective(model: torch.nn.Module, tok: Any, workload: str, batch: int, seq: int, seed: int, loss_kind: str,
@@ -573,7 +574,8 @@ def format_table(res: dict[str, Any]) -> str:
     what = (
         f"batch {res['batch']} x {res['seq']} tokens"
         if res.get("workload", "synthetic") == "synthetic"
-        else f"{res['workload'].upper()} batch of {res['batch']} examples: {res['rows']} rows, {res['tokens']} tokens"
+        else f"{TASK_NAMES[res['workload']]} batch of {res['batch']} examples: {res['rows']} rows, "
+        f"{res['tokens']} tokens"
     )
     lines = [
         f"{res['model']} ({res['params'] / 1e6:.1f} M params), {what}, {res['objective']}; "
