@@ -62,11 +62,6 @@ from .speed import PeakMemory, machine, make_batch, timed
 TARGETS = {"peak_sparse_zo_over_fp32_inference": 0.45, "step_over_2fwd": 1.05}
 
 
-def _rss() -> int:
-    """Current resident set size (bytes); 0 where /proc is missing."""
-    return resident_memory_bytes()
-
-
 def _trim() -> None:
     """Free what Python holds, then give glibc's free heap pages back to the OS (else freed fp32 weights stay in
     the RSS and would be counted in every later peak)."""
@@ -249,14 +244,14 @@ def bench_sparse(
 
     dev = torch.device(device)
     _trim()
-    rss_no_bnb = _rss()
+    rss_no_bnb = resident_memory_bytes()
     require_bitsandbytes(dev)  # imported (and its kernels loaded) before the baseline: in both phases alike
     _trim()
-    rss_start = _rss()
+    rss_start = resident_memory_bytes()
     model, tok = load(model_name, dtype=torch.float32, device=device)
     model.eval()
     _trim()
-    rss_loaded = _rss()
+    rss_loaded = resident_memory_bytes()
     loss, shape = _objective(model, tok, workload, batch, seq, seed, loss_kind, dev)
     indices = bench_mask(model, sparsity, mask, seed)
     vocab, hidden = model.get_input_embeddings().weight.shape
@@ -296,21 +291,21 @@ def bench_sparse(
     # (a) fp32 inference: the training closure (no key/value cache), and for comparison a bare call keeping it
     forward_pair()  # warm-up
     _trim()
-    res["rss_fp32_bytes"] = _rss()  # resident between forwards: the process, the model, the batch
+    res["rss_fp32_bytes"] = resident_memory_bytes()  # resident between forwards: the process, the model, the batch
     res["peak_fp32_inference_bytes"] = _peak(dev, forward_pair)
     if workload == "synthetic":
         res["peak_fp32_inference_kv_cache_bytes"] = _peak(dev, lambda: forward_pair(use_cache=True))
     res["fp32_forward_s"] = statistics.median(t / 2 for t in timed(forward_pair, dev, max(1, reps // 2)))
 
     # (b) convert in place, layer by layer; nothing else holds the fp32 weights (load() returned the only model)
-    res["rss_before_convert_bytes"] = _rss()
+    res["rss_before_convert_bytes"] = resident_memory_bytes()
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         sparsify(model, indices, quantize="nf4")
         res["convert_s"] = time.perf_counter() - t0
     res["peak_convert_bytes"] = mem.peak
     _trim()
-    res["rss_after_convert_bytes"] = _rss()
+    res["rss_after_convert_bytes"] = resident_memory_bytes()
     res["nf4_model_bytes"] = _model_bytes(model)
     values = sparse_parameters(model)
     opt = MeZO(list(values.items()), lr=1e-7, eps=1e-3, seed=seed)
@@ -328,7 +323,7 @@ def bench_sparse(
         for warm_up in (forward_pair, base_pair, step):  # kernels, allocator, the optimizer's one-off closure check
             warm_up()
         _trim()
-        res[f"rss_{tag}_bytes"] = _rss()
+        res[f"rss_{tag}_bytes"] = resident_memory_bytes()
         res[f"{tag}_parts_bytes"] = _model_parts(model)
         res[f"peak_{tag}_inference_bytes"] = _peak(dev, forward_pair)
         res[f"peak_{tag}_base_inference_bytes"] = _peak(dev, base_pair)
