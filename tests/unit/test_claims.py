@@ -585,7 +585,7 @@ def test_memory_verdict_compares_the_training_phase_peak_from_rows_or_memory_che
     (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks))
     got = cl.compare(c3, p, Results.load(results.folder), "sst2")
     assert got["verdict"] == "holds" and got["x"] == pytest.approx([0.3] * 3), got
-    assert got["shown"][2] == "ratio 0.70 ± 0.00 (training phase, from the memory checks)"
+    assert got["shown"][2] == "ratio 0.70 ± 0.00 (training phase, from the memory checks on cpu)"
     # rows that log their training phase's peak are compared on it, the checks left aside
     for row in results.rows.values():
         if row["phase"] == "seeds":
@@ -594,6 +594,39 @@ def test_memory_verdict_compares_the_training_phase_peak_from_rows_or_memory_che
     got = cl.compare(c3, p, Results.load(results.folder), "sst2")
     assert got["x"] == pytest.approx([-0.1] * 3) and "from the rows" in got["shown"][2]
     assert got["verdict"] == "does not hold at this scale"
+
+
+def test_step_verdict_prefers_paired_timing_checks_and_compares_across_devices_only_through_them(tmp_path):
+    # the rows' own medians: SensZOQ 1.0 s against MeZO's 0.5 s, on one CPU
+    tests = {"mezo": [0.70, 0.72, 0.71], "senszoq": [0.72, 0.73, 0.74]}
+    p, results = hand_made(tmp_path, tests, step={"mezo": 0.5, "senszoq": 1.0})
+    c3b = next(c for c in p.comparisons if c.id == "3b")
+    got = cl.compare(c3b, p, results, "sst2")
+    assert got["x"] == pytest.approx([-1.0] * 3) and got["shown"][2] == "ratio 2.00 ± 0.00 (from the rows)"
+    # timing checks of every cell on the CPU (one older, superseded by a newer one) decide over the rows
+    checks = [{"cell": f"sst2-{row}-s{s}", "device": "cpu", "median_step_seconds": t}
+              for row, t in (("senszoq", 9.0), ("mezo", 4.0), ("senszoq", 2.0)) for s in (0, 1, 2)]  # fmt: skip
+    (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks[:-1]))
+    got = cl.compare(c3b, p, Results.load(results.folder), "sst2")
+    # seed 2's newest SensZOQ check is still the 9 s one
+    assert got["x"] == pytest.approx([0.5, 0.5, 1 - 9 / 4]) and "from the timing checks on cpu" in got["shown"][2]
+    (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks))
+    got = cl.compare(c3b, p, Results.load(results.folder), "sst2")
+    assert got["x"] == pytest.approx([0.5] * 3) and got["verdict"] == "holds"
+    # rows on different devices are compared only through checks on one device type
+    for row in results.rows.values():
+        if row["row"] == "mezo" and row["phase"] == "seeds":
+            row["device"] = "cuda:0"
+    results.save(list(results.rows))
+    no_mezo = [c for c in checks if "mezo" not in c["cell"]]
+    (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in no_mezo))
+    got = cl.compare(c3b, p, Results.load(results.folder), "sst2")
+    assert got["missing"].startswith("not comparable: ran on different devices (cpu, cuda:0), and not every cell")
+    assert "x" not in got
+    checks.append({"cell": "sst2-mezo-s0", "device": "cuda:0", "median_step_seconds": 0.1})  # another type: unused
+    (results.folder / "checks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks))
+    got = cl.compare(c3b, p, Results.load(results.folder), "sst2")
+    assert got["x"] == pytest.approx([0.5] * 3) and "on cpu" in got["shown"][2]
 
 
 def test_reach_counts_a_run_stopped_early_at_its_full_budget(tmp_path):

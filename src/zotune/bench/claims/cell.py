@@ -77,7 +77,8 @@ def check_cell(
 
     It also measures the steps' peak memory (``train_peak_mem_mb``; ``peak_mem_mb``: the process's, set-up
     included), which the claims table's memory comparisons use for rows logged before the training phase's peak was,
-    and their median time (``median_step_seconds``, the first step left out; the machine's load included).
+    and their median time (``median_step_seconds``, the first step left out; the machine's load included), which its
+    step-time comparisons prefer to the rows' own when every seed cell of both sides has one on one device type.
 
     Example: ``python -m zotune.bench.claims check sst2-lozo-m-scan-lr1.25e-05 --forwards 20``
     """

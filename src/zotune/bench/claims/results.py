@@ -344,16 +344,22 @@ def seed_rows(protocol: Protocol, results: Results, task: str, row: str) -> dict
     return {s: out[s] for s in protocol.seeds if s in out}
 
 
-def training_peak(results: Results, row: dict[str, Any], *, checked: bool) -> float | None:
-    """A seed row's training-phase peak memory (MiB): the row's own (``checked=False``), or the newest memory check
-    of its cell on the row's device type (``checked=True``); None when there is none."""
-    if not checked:
-        return row.get("train_peak_mem_mb")
-    kind = str(row.get("device", "cpu")).split(":")[0]
-    for check in reversed(results.checks):
-        if check.get("cell") == row["cell"] and str(check.get("device", "cpu")).split(":")[0] == kind:
-            if check.get("train_peak_mem_mb"):
-                return check["train_peak_mem_mb"]
+def from_checks(
+    results: Results, cells: Sequence[str], key: str, kinds: Sequence[str]
+) -> tuple[str, dict[str, float]] | None:
+    """The newest check's ``key`` (``median_step_seconds``, ``train_peak_mem_mb``) of every cell in ``cells``, from
+    the first device type in ``kinds`` ("cpu", "cuda") on which each of them has one; None when no type covers all.
+
+    Comparing one type's checks keeps both sides of a comparison on one kind of device even where their rows ran on
+    different ones.
+    """
+    for kind in kinds:
+        got: dict[str, float] = {}
+        for check in reversed(results.checks):
+            if str(check.get("device", "cpu")).split(":")[0] == kind and check.get(key):
+                got.setdefault(check["cell"], float(check[key]))
+        if all(c in got for c in cells):
+            return kind, {c: got[c] for c in cells}
     return None
 
 

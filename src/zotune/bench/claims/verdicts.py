@@ -16,11 +16,11 @@ from .results import (
     Results,
     check_cell_config,
     format_lrs,
+    from_checks,
     instability,
     picks,
     read_yaml,
     seed_rows,
-    training_peak,
 )
 
 
@@ -124,6 +124,38 @@ def load_why(results: Results, protocol: Protocol) -> dict[str, str]:
     return {k: str(v) for k, v in data.items()}
 
 
+def _measured(comp: Comparison, results: Results, a: dict, b: dict) -> dict[str, Any]:
+    """A step-time or memory comparison's value per seed cell, and where it comes from, or why it has none.
+
+    * Step times: the cells' newest timing checks when every cell of both sides has one on one device type. They
+      ran one after the other under the same load and with the code as it is now; the rows' own medians ran
+      alongside whatever the other lane ran then. Else the rows' medians, if the rows ran on one device.
+    * Peaks: the rows' training-phase peaks when the rows ran on one device and all log one (rows before it logged
+      the process's peak only, set-up included); else every cell's newest memory check on one device type.
+    """
+    both = [*a.values(), *b.values()]
+    cells = [r["cell"] for r in both]
+    devices = sorted({str(r.get("device")) for r in both})
+    step = comp.measure == "step"
+    key = "median_step_seconds" if step else "train_peak_mem_mb"
+    kinds = sorted({d.split(":")[0] for d in devices}) + sorted(
+        {str(c.get("device", "cpu")).split(":")[0] for c in results.checks}
+    )
+    checked = from_checks(results, cells, key, list(dict.fromkeys(kinds)))
+    rows_ok = len(devices) == 1 and (step or all(r.get(key) for r in both))
+    what = "timing" if step else "memory"
+    if checked and (step or not rows_ok):
+        return {"value": checked[1], "source": f"{what} checks on {checked[0]}"}
+    if rows_ok:
+        return {"value": {r["cell"]: r.get(key) for r in both}, "source": "rows"}
+    how = "(python -m zotune.bench.claims check CELL --device DEVICE --record)"
+    if len(devices) > 1:
+        return {"missing": f"not comparable: ran on different devices ({', '.join(devices)}), and not every cell has "
+                           f"a {what} check on one device type {how}"}  # fmt: skip
+    unmeasured = [r["cell"] for r in both if not r.get(key)]
+    return {"missing": f"missing: the training phase's peak of {', '.join(unmeasured)} {how}"}
+
+
 def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -> dict[str, Any]:
     """One comparison on one task: the two sides' values, the per-seed x_s and the verdict (or why there is none)."""
     a_name = _best_zo(protocol, results, task) if comp.a == BEST_ZO else comp.a
@@ -174,28 +206,21 @@ def compare(comp: Comparison, protocol: Protocol, results: Results, task: str) -
         out["shown"] = (f"{statistics.fmean(mine):.0f} forwards{note}", f"{statistics.fmean(need):.0f} forwards",
                         f"ratio {_mean_sd(ratios, 2)}")  # fmt: skip
     else:
-        devices = {r.get("device") for r in [*a.values(), *b.values()]}
-        if len(devices) > 1:
-            out["missing"] = f"not comparable: ran on different devices ({', '.join(sorted(map(str, devices)))})"
+        got = _measured(comp, results, a, b)
+        if "missing" in got:
+            out["missing"] = got["missing"]
             return out
-        if comp.measure == "step":
-            va, vb = [a[s]["median_step_seconds"] for s in seeds], [b[s]["median_step_seconds"] for s in seeds]
-        else:  # the training phase's peak: the rows' own if all have one, else every cell's memory check
-            both = [*a.values(), *b.values()]
-            checked = any(not r.get("train_peak_mem_mb") for r in both)
-            peak = {r["cell"]: training_peak(results, r, checked=checked) for r in both}
-            if unmeasured := [c for c, v in peak.items() if not v]:
-                out["missing"] = ("missing: the training phase's peak of " + ", ".join(unmeasured) + " (python -m "
-                                  "zotune.bench.claims check CELL --record)")  # fmt: skip
-                return out
-            va, vb = [peak[a[s]["cell"]] for s in seeds], [peak[b[s]["cell"]] for s in seeds]
-            out["source"] = "memory checks" if checked else "rows"
+        va, vb, out["source"] = (
+            [got["value"][a[s]["cell"]] for s in seeds],
+            [got["value"][b[s]["cell"]] for s in seeds],
+            got["source"],
+        )
         if any(v is None or v <= 0 for v in vb):
             out["missing"] = f"{b_name} has no {'median step time' if comp.measure == 'step' else 'peak'}"
             return out
         x = [1 - p / q for p, q in zip(va, vb, strict=True)]
         unit, digits = ("s/step", 3) if comp.measure == "step" else ("MiB", 0)
-        source = f" (training phase, from the {out['source']})" if "source" in out else ""
+        source = f" ({'training phase, ' if comp.measure != 'step' else ''}from the {out['source']})"
         out["shown"] = (f"{_mean_sd(va, digits)} {unit}", f"{_mean_sd(vb, digits)} {unit}",
                         f"ratio {_mean_sd([p / q for p, q in zip(va, vb, strict=True)], 2)}{source}")  # fmt: skip
     out["x"] = x
