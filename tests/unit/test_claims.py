@@ -90,10 +90,12 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     names = [c.name for c in grid]
     assert len(names) == len(set(names))
     # 11 scanned rows on the CPU profile (7 of the papers' with SensZOQ over NF4, 4 packed) x 5 lrs on SST-2, and
-    # FZOO's grid extended by six lrs above its top edge; on TREC the 6 rows of the papers' claims (the packed
-    # rows and the paper-settings SVRG run on SST-2 only) x 3 lrs, and ZOFO's by one (x 2, in SST-2's grid
-    # already); 3 seeds each; FO refs x 3 seeds x 2 tasks
-    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 6 * 3 + 1 == 80
+    # FZOO's grid extended by six lrs above its top edge and the paper-settings SVRG's by two; on TREC the 6 rows
+    # of the papers' claims (the packed rows and the paper-settings SVRG run on SST-2 only) x 3 lrs, and ZOFO's by
+    # one (x 2, in SST-2's grid already); 3 seeds each; FO refs x 3 seeds x 2 tasks
+    assert sum(c.phase == "scan" for c in grid) == 11 * 5 + 6 + 2 + 6 * 3 + 1 == 82
+    svrg = sorted(c.scan_lr for c in grid if c.phase == "scan" and c.row.name == "mezo-svrg-paper")
+    assert svrg == pytest.approx([2.5e-6, 5e-6, 1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4])
     zofo = {t: sorted(c.scan_lr for c in grid if c.phase == "scan" and c.task == t and c.row.name == "zofo")
             for t in ("sst2", "trec")}  # fmt: skip
     assert zofo == {"sst2": pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4]),
