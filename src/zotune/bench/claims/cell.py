@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .results import Results, checkpoint_step, read_yaml
+from .results import Results, checkpoint_step, device_type, read_yaml
 
 
 def run_cell(config: str | Path) -> int:
@@ -116,10 +116,10 @@ def check_cell(
         raise ValueError(f"{cell}: no step of the check matches a logged step of the row (forwards {losses[:3]} ...)")
     import torch
 
-    kind = str(ran_on).split(":")[0]
+    kind = device_type(ran_on)
     here = torch.backends.cpu.get_cpu_capability() if kind == "cpu" else None
     # a CPU row logged with its instruction set is judged strictly only on a CPU with the same one
-    same = str(row.get("device", "cpu")).split(":")[0] == kind and row.get("cpu_capability") in (None, here)
+    same = device_type(row.get("device", "cpu")) == kind and row.get("cpu_capability") in (None, here)
     judged = pairs if same else pairs[:1]
     tol = 1e-5 if same else 1e-2
     worst = max(abs(a - b) for _, a, b in judged)

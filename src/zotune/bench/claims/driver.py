@@ -22,6 +22,7 @@ from .results import (
     Results,
     Status,
     checkpoint_step,
+    device_type,
     done_detail,
     format_lrs,
     park,
@@ -256,7 +257,7 @@ def run_grid(
 
 def profile_of(device: str) -> str:
     """The profile of a device: ``cpu`` for cpu, ``gpu`` for cuda."""
-    return {v: k for k, v in PROFILES.items()}.get(device.split(":")[0], "cpu")
+    return {v: k for k, v in PROFILES.items()}.get(device_type(device), "cpu")
 
 
 def _prepare_model(name: str, log: Callable[[str], None]) -> None:

@@ -344,6 +344,11 @@ def seed_rows(protocol: Protocol, results: Results, task: str, row: str) -> dict
     return {s: out[s] for s in protocol.seeds if s in out}
 
 
+def device_type(device: Any) -> str:
+    """ "cuda:0" → "cuda", "cpu" → "cpu": the kind of device a row or a check ran on."""
+    return str(device).split(":")[0]
+
+
 def from_checks(
     results: Results, cells: Sequence[str], key: str, kinds: Sequence[str]
 ) -> tuple[str, dict[str, float]] | None:
@@ -356,7 +361,7 @@ def from_checks(
     for kind in kinds:
         got: dict[str, float] = {}
         for check in reversed(results.checks):
-            if str(check.get("device", "cpu")).split(":")[0] == kind and check.get(key):
+            if device_type(check.get("device", "cpu")) == kind and check.get(key):
                 got.setdefault(check["cell"], float(check[key]))
         if all(c in got for c in cells):
             return kind, {c: got[c] for c in cells}

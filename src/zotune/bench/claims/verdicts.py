@@ -15,6 +15,7 @@ from .results import (
     LOSS_ROSE,
     Results,
     check_cell_config,
+    device_type,
     format_lrs,
     from_checks,
     instability,
@@ -138,8 +139,9 @@ def _measured(comp: Comparison, results: Results, a: dict, b: dict) -> dict[str,
     devices = sorted({str(r.get("device")) for r in both})
     step = comp.measure == "step"
     key = "median_step_seconds" if step else "train_peak_mem_mb"
-    kinds = sorted({d.split(":")[0] for d in devices}) + sorted(
-        {str(c.get("device", "cpu")).split(":")[0] for c in results.checks}
+    # the rows' own device types first, then any other that checks ran on
+    kinds = sorted({device_type(d) for d in devices}) + sorted(
+        {device_type(c.get("device", "cpu")) for c in results.checks}
     )
     checked = from_checks(results, cells, key, list(dict.fromkeys(kinds)))
     rows_ok = len(devices) == 1 and (step or all(r.get(key) for r in both))
@@ -468,7 +470,7 @@ def plot_seeds(protocol: Protocol, results: Results) -> list[Path]:
         fig, (ax_f, ax_s) = plt.subplots(1, 2, figsize=(13, 5))
         for i, (name, by_seed) in enumerate(rows.items()):
             colour = f"C{i % 10}"
-            devices = sorted({str(r.get("device", "?")).split(":")[0] for r in by_seed.values()})
+            devices = sorted({device_type(r.get("device", "?")) for r in by_seed.values()})
             devs = [dict(map(tuple, r["curves"]["dev"])) for r in by_seed.values()]  # forwards → dev accuracy
             for r, dev in zip(by_seed.values(), devs, strict=True):
                 secs = dict(map(tuple, r["curves"].get("dev_seconds", [])))
