@@ -136,6 +136,9 @@ def test_cell_configs_follow_the_protocol_and_the_real_grid_is_the_written_one(w
     assert {k: paper["mezo_svrg"][k] for k in ("lr", "anchor_lr", "q", "anneal")} == {
         "lr": 4e-5, "anchor_lr": 4e-4, "q": 2, "anneal": 4.0}  # fmt: skip
     assert paper["train"]["eval_every"] == 33
+    # the loss checked once per epoch, as in the paper: the minibatch steps (1 in q) of one pass over the train set
+    epoch_steps = cl.TASKS["sst2"]["n_train"] / paper["train"]["batch_size"]
+    assert paper["mezo_svrg"]["anneal_every"] == round(epoch_steps * (1 - 1 / paper["mezo_svrg"]["q"]))
     zofo = cl.resolved(cl.cell_tree(cell_named(cl.PROTOCOL, "trec-zofo-s1"), cl.PROTOCOL, out=Path("o"),
                                     device="cuda", lr=1e-4))  # fmt: skip
     assert (zofo["zofo"]["lr"], zofo["zofo"]["lr_lower"], zofo["zofo"]["lr_upper"]) == (1e-4, 2e-3, 2e-3)

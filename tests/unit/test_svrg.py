@@ -156,16 +156,18 @@ def test_annealing_divides_both_rates_when_the_loss_rises_down_to_the_floor():
         lin.named_parameters(), lr=1e-3, anchor_lr=1e-2, q=2, anchor=rising, anneal=3, anneal_every=2,
         anneal_floor=0.05,
     )  # fmt: skip
-    factors, scales = [], []
+    factors, scales, logged = [], [], []
     for _ in range(17):  # minibatch steps are the odd ones (q = 2): a window of 2 ends at steps 3, 7, 11, 15
         opt.step(rising)
         factors.append(opt.estimator.factor)
         scales.append(opt.last_estimate.lr_scale)
+        logged.append(opt.last_estimate.info["anneal_factor"])  # the factor the step ran with, in its metrics
     assert factors[3] == 1.0  # first window: nothing to compare with
     assert factors[7] == pytest.approx(1 / 3) and factors[11] == pytest.approx(1 / 9)
     assert factors[15] == pytest.approx(0.05)  # 1/27 is below the floor
     assert scales[12] == pytest.approx(10 / 9) and scales[13] == pytest.approx(1 / 9)  # η₁ = 10 η₂, both annealed
     assert scales[16] == pytest.approx(0.5)
+    assert logged[:4] == [1.0] * 4 and logged[8] == pytest.approx(1 / 3) and logged[16] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize(

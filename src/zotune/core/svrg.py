@@ -119,6 +119,7 @@ class SVRG(Estimator):
         self.g_tilde = list(est.terms)
         self.redo = {}
         est.lr_scale = self.anchor_lr_scale * self.factor
+        self._log_factor(est)
         self.history = {}
         return est
 
@@ -165,7 +166,14 @@ class SVRG(Estimator):
         est.terms = [(s, g / n) for s, g in zip(seeds, est.grads, strict=True)] + self.g_tilde
         est.loss = sum(est.losses[0::4] + est.losses[1::4]) / (2 * n)  # the minibatch loss at θ_t
         est.lr_scale = self.factor
+        self._log_factor(est)
         return est
+
+    def _log_factor(self, est: Estimate) -> None:
+        """Show the annealing factor this step's learning rate carries in the step's metrics (the logged lr is the
+        configured one)."""
+        if self.anneal > 1:
+            est.info["anneal_factor"] = self.factor
 
     @staticmethod
     def _merged(ops: list[Op]) -> list[Op]:

@@ -58,7 +58,8 @@ class MeZOSVRGConfig(SampledZOConfig):
         anchor_size: training examples in the anchor set (the first ones of the shuffled training split; None: all
             of it), micro-batched at the training batch size. Used by zotune train.
         anneal: divide both learning rates by this when the windowed training loss rises (1: off; paper: 3 to 5).
-        anneal_every: steps per annealing window (the paper uses one epoch).
+        anneal_every: minibatch steps per annealing window (the paper checks once per epoch: train examples ÷
+            batch size × (q − 1) / q, e.g. 16 for 500 examples, batch 16 and q 2; the default 50 is coarser).
         anneal_threshold: relative rise of the windowed loss that triggers annealing (paper: 0.05).
         anneal_floor: smallest factor annealing may reach (paper: 0.1, its floors 1e-5 and 1e-6).
     """
