@@ -571,6 +571,11 @@ def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
                           .split("#")[0])  # fmt: skip
     # forwards to MeZO's peak dev: SVRG 400 on every seed; LOZO-M (same curve as MeZO) 800
     assert "| MeZO-SVRG | sequential | 5e-05 | 0.703 ± 0.100 | 0.800 / 0.600 / 0.710 | 0.730 | 400 | 200 |" in text
+    # a seed whose dev never reaches its MeZO seed's peak: no mean, the count of seeds that did
+    results.rows["sst2-mezo-svrg-s1"]["curves"]["dev"] = [[0, 0.58], [2000, 0.71]]
+    results.save(list(results.rows))
+    text = cl.table(results.folder, p)
+    assert "| 0.730 | reached by 2 of 3 seeds | reached by 2 of 3 seeds |" in text
     # a typo in why.yaml is refused, not dropped
     (results.folder / "why.yaml").write_text(yaml.safe_dump({"1x/sst2": "?"}))
     with pytest.raises(ValueError, match="unknown key '1x/sst2'"):

@@ -274,7 +274,7 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
                 reach_s = f"{statistics.fmean(secs):.0f}" if all(v is not None for v in secs) else "—"
             else:
                 reached = sum(h is not None for h in hits)
-                reach_f = reach_s = f"not reached ({reached} of {n})"
+                reach_f = reach_s = f"reached by {reached} of {n} seeds"
         steps = [r["median_step_seconds"] for r in rows.values() if r.get("median_step_seconds")]
         step = f"{statistics.median(steps):.3f}" if steps and done else "—"
         peak = f"{max(r.get('peak_mem_mb') or 0 for r in rows.values()):.0f}" if done else "—"
