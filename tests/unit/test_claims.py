@@ -561,6 +561,9 @@ def test_claims_table_verdicts_missing_cells_and_why(tmp_path):
     assert "| **does not hold at this scale** | LOZO-M's momentum lags at this lr. |" in text
     assert "missing: senszoq 2 of 3 seeds" in text
     assert "| missing (2 of 3 seeds) | 0.720 / 0.730 / missing | — | — | — | — | — | cpu |" in text
+    # a row of the other profile with no cell run is shown as such, a profile's row with nothing run as unfinished
+    assert "| SensZOQ (0.1 % Fisher, fp32 base) | sequential | not run (gpu profile only) | missing (0 of 3" in text
+    assert "| one probe per example (packed) | packed | scan unfinished | missing (0 of 3 seeds) |" in text
     assert "#### sst2 (test n = 872; zero-shot test 0.516" in text
     assert (
         "Best pure-ZO method on sst2: **LOZO**, test 0.760 ± 0.010" in text
