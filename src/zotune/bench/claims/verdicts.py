@@ -259,8 +259,8 @@ def methods_table(protocol: Protocol, results: Results, task: str, chosen: dict)
             lr = f"{row.hparams[row.scale[0]]:.3g}"
         per = " / ".join(f"{rows[s]['test']:.3f}" if s in rows else "missing" for s in protocol.seeds)
         if not rows:
-            cells = [c.name for c in grid(protocol) if c.row is row and c.task == task]
-            if len(row.profiles) == 1 and not any(name in results.rows for name in cells):
+            ran = any(r.get("row") == row.name and r.get("task") == task for r in results.rows.values())
+            if len(row.profiles) == 1 and not ran:
                 lr = f"not run ({row.profiles[0]} profile only)"  # as in compare(): not work still to do
             lines.append(f"| {row.label} | {row.path_on(task)} | {lr} | missing (0 of {n} seeds) | "
                          "— | — | — | — | — | — | — |")  # fmt: skip
